@@ -1,0 +1,165 @@
+"""The functional API: validate, pick the backend, run. Nothing else happens here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _validate
+from ._dispatch import backend
+
+Array = Any  # a NumPy array or a CUDA array (see the README)
+
+
+def batch_norm(
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    out: Array | None = None,
+) -> Array:
+    """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        float16, float32 or float64; the channel axis is ``axis``, every other axis
+        is reduced.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics. Read in eval mode (required there); updated in place in
+        training mode when given (both or neither):
+        ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased.
+    weight, bias : array of shape (C,), optional
+        Affine scale and shift (1 and 0 when omitted).
+    training : bool
+        Normalize with the batch statistics (True) or the running ones (False).
+    momentum : float in [0, 1]
+        Weight of the current batch in the running-statistics update.
+    eps : float
+        Added to the variance; > 0 in training, >= 0 in eval.
+    axis : int
+        The channel axis (1 for NCHW, -1 for channels-last).
+    out : array, optional
+        Receives the result; same shape and dtype as ``x``; may be ``x`` itself.
+
+    Returns
+    -------
+    y : array
+        ``(x - mean) / sqrt(var + eps) * weight + bias``, with ``x``'s shape and dtype.
+
+    Raises
+    ------
+    TypeError
+        Unsupported dtype or array kind, or host and device arrays mixed.
+    ValueError
+        Bad shapes, axis, eps or momentum, fewer than 2 values per channel in
+        training, eval without running statistics. Nothing is written then.
+    """
+    chk = _validate.batch_norm_args(
+        x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
+    )
+    be = backend(chk.side)
+    if training:
+        y, _, _ = be.forward_train(x, chk, weight, bias, running_mean, running_var, out)
+        return y
+    return be.forward_eval(x, chk, running_mean, running_var, weight, bias, out)
+
+
+def batch_stats(x: Array, *, axis: int = 1) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        float16, float32 or float64.
+    axis : int
+        The channel axis.
+
+    Returns
+    -------
+    mean, var : arrays of shape (C,)
+        float32 for float16/float32 input, float64 for float64 input.
+    """
+    chk = _validate.batch_stats_args(x, axis)
+    return backend(chk.side).batch_stats(x, chk)
+
+
+def batch_norm_forward(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+) -> tuple[Array, Array, Array]:
+    """Training-mode forward that also returns what the backward pass needs.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        float16, float32 or float64, at least 2 values per channel.
+    weight, bias : array of shape (C,), optional
+        Affine scale and shift.
+    eps : float
+        > 0.
+    axis : int
+        The channel axis.
+
+    Returns
+    -------
+    y : array
+        The normalized ``x``.
+    mean, invstd : arrays of shape (C,)
+        Batch mean and ``1 / sqrt(var + eps)`` (biased variance); float32 for
+        float16/float32 input, float64 for float64 input.
+    """
+    chk = _validate.batch_norm_forward_args(x, weight, bias, eps, axis)
+    return backend(chk.side).forward_train(x, chk, weight, bias, None, None, None)
+
+
+def batch_norm_backward(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None = None,
+    *,
+    axis: int = 1,
+    training: bool = True,
+) -> tuple[Array, Array, Array]:
+    """Gradients of batch normalization.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to the output; shape and dtype of ``x``.
+    x : array
+        The forward input.
+    mean, invstd : arrays of shape (C,)
+        The statistics the forward pass normalized with (batch statistics from
+        :func:`batch_norm_forward` in training; running mean and
+        ``1 / sqrt(running_var + eps)`` in eval).
+    weight : array of shape (C,), optional
+        The affine scale (1 when omitted).
+    axis : int
+        The channel axis.
+    training : bool
+        True: the statistics depend on ``x`` (batch statistics). False: they are
+        constants, and ``dx = dy * invstd * weight``.
+
+    Returns
+    -------
+    dx : array
+        Shape and dtype of ``x``.
+    dweight, dbias : arrays of shape (C,)
+        ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` per channel, always
+        returned; float32 for float16/float32 input, float64 for float64.
+    """
+    training = bool(training)
+    chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training)
+    return backend(chk.side).backward(dy, x, chk, mean, invstd, weight, training)

@@ -1,0 +1,163 @@
+"""``BatchNorm``: a stateful layer in the manner of ``torch.nn.BatchNorm2d``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from . import _validate
+from ._dispatch import backend
+
+Array = Any
+
+
+class BatchNorm:
+    """Batch normalization layer with running statistics and a backward pass.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float
+        Added to the variance.
+    momentum : float in [0, 1] or None
+        Weight of each new batch in the running statistics (PyTorch convention:
+        ``r = (1 - momentum) * r + momentum * batch``; Keras' ``momentum=0.99`` is
+        ``0.01`` here). None gives the cumulative average over all batches.
+    affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool
+        Keep ``running_mean`` (zeros) and ``running_var`` (ones). Without them batch
+        statistics are used in both modes.
+    axis : int
+        The channel axis of the inputs.
+    dtype : float dtype
+        dtype of the parameters and running statistics.
+
+    Notes
+    -----
+    Starts in training mode. ``bn(x)`` runs the forward pass and remembers what the
+    backward pass needs; ``bn.backward(dy)`` returns ``dx`` and sets ``weight_grad``
+    and ``bias_grad``. In eval mode the backward pass treats the running statistics
+    as constants (``dx = dy * weight / sqrt(running_var + eps)``).
+    The arrays live where the inputs do: the first CUDA input moves them to the GPU.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        dtype: Any = np.float32,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an integer, got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if momentum is not None:
+            momentum = _validate.check_momentum(momentum)
+        _validate.check_eps(eps, training=False)
+        dtype = np.dtype(dtype)
+        if dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an integer, got {axis!r}")
+        c = int(num_features)
+        self.num_features = c
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.weight: Array | None = np.ones(c, dtype) if affine else None
+        self.bias: Array | None = np.zeros(c, dtype) if affine else None
+        self.running_mean: Array | None = np.zeros(c, dtype) if track_running_stats else None
+        self.running_var: Array | None = np.ones(c, dtype) if track_running_stats else None
+        self.num_batches_tracked = 0
+        self.training = True
+        self.weight_grad: Array | None = None
+        self.bias_grad: Array | None = None
+        self._saved: tuple | None = None
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Switch to training mode (or eval with ``mode=False``)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Switch to eval mode: normalize with the running statistics."""
+        return self.train(False)
+
+    def reset_running_stats(self) -> None:
+        """Running mean to 0, running variance to 1, batch count to 0."""
+        if self.running_mean is not None:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+        self.num_batches_tracked = 0
+
+    def _arrays(self) -> dict[str, Array | None]:
+        return {k: getattr(self, k) for k in ("weight", "bias", "running_mean", "running_var")}
+
+    def _follow(self, x: Array) -> None:
+        """Move the parameters and buffers to the side ``x`` lives on."""
+        side = _validate.describe(x, "x").side
+        be = backend(side)
+        for name, a in self._arrays().items():
+            if a is not None and _validate.describe(a, name).side != side:
+                setattr(self, name, be.from_other_side(a))
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward(x)
+
+    def forward(self, x: Array) -> Array:
+        """Normalize ``x``; in training mode also update the running statistics."""
+        self._follow(x)
+        use_batch = self.training or self.running_mean is None
+        update = self.training and self.running_mean is not None
+        factor = 0.0
+        if update:
+            if self.momentum is None:
+                factor = 1.0 / (self.num_batches_tracked + 1)
+            else:
+                factor = self.momentum
+        rm = self.running_mean if update or not use_batch else None
+        rv = self.running_var if update or not use_batch else None
+        chk = _validate.batch_norm_args(
+            x, rm, rv, self.weight, self.bias, use_batch, factor, self.eps, self.axis, None
+        )
+        be = backend(chk.side)
+        if use_batch:
+            y, mean, invstd = be.forward_train(x, chk, self.weight, self.bias, rm, rv, None)
+            if update:
+                self.num_batches_tracked += 1
+        else:
+            y = be.forward_eval(x, chk, rm, rv, self.weight, self.bias, None)
+            mean = be.copy(rm)
+            invstd = be.running_invstd(rv, self.eps)
+        self._saved = (x, mean, invstd, use_batch)
+        return y
+
+    def backward(self, dy: Array) -> Array:
+        """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward pass first")
+        x, mean, invstd, batch = self._saved
+        chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, self.weight, self.axis, batch)
+        dx, dw, db = backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, batch)
+        if self.affine:
+            self.weight_grad, self.bias_grad = dw, db
+        return dx
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"axis={self.axis}, dtype={self.dtype})"
+        )

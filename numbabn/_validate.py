@@ -1,0 +1,318 @@
+"""Argument checking and memory-layout analysis, shared by both backends.
+
+Everything a public function must refuse is refused here, in plain Python, before a
+backend allocates, launches or writes anything. The backends receive arguments that
+are known to be valid and a :class:`Layout` that says how to view the tensor.
+
+Two canonical views are used by the kernels:
+
+* ``"ncl"``: the array is C-contiguous; it is viewed as ``(N, C, L)`` with ``N`` the
+  product of the axes before the channel axis and ``L`` the product of those after it.
+* ``"mc"``: the channel axis is the innermost one in memory; moving it last gives a
+  C-contiguous array, viewed as ``(M, C)``.
+
+An input that fits neither (sliced, transposed, negative strides, non-native byte
+order) is copied once into the canonical order, which the layout records with
+``copy=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+HOST = "host"
+DEVICE = "device"
+
+
+class ArrayInfo(NamedTuple):
+    """What validation needs to know about an array, whichever side it lives on."""
+
+    side: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    writeable: bool
+
+
+class Layout(NamedTuple):
+    """How the kernels see a tensor whose channel axis is ``axis``.
+
+    For ``kind == "ncl"`` the kernel view is ``(n, c, l)``; for ``kind == "mc"`` it is
+    ``(n, c)`` with ``l == 1``. ``count`` is the number of values per channel.
+    """
+
+    kind: str
+    copy: bool
+    axis: int
+    shape: tuple[int, ...]
+    n: int
+    c: int
+    l: int
+
+    @property
+    def count(self) -> int:
+        return self.n * self.l
+
+
+def _device_interface(a: Any) -> dict | None:
+    try:
+        return a.__cuda_array_interface__
+    except Exception:  # torch raises RuntimeError for tensors that require grad
+        return None
+
+
+def is_device_array(a: Any) -> bool:
+    """True for anything with ``__cuda_array_interface__`` or a numba device array.
+
+    The CUDA simulator's arrays carry only ``__cuda_ndarray__``, so both are checked.
+    """
+    return (
+        getattr(a, "__cuda_ndarray__", False) is True
+        or _device_interface(a) is not None
+    )
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides = []
+    step = itemsize
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
+
+
+def is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """C-contiguity that ignores the strides of axes of extent 1 (as NumPy does)."""
+    if math.prod(shape) == 0:
+        return True
+    expected = _c_strides(shape, itemsize)
+    return all(e == 1 or s == w for e, s, w in zip(shape, strides, expected))
+
+
+def describe(a: Any, name: str) -> ArrayInfo:
+    """Return the :class:`ArrayInfo` of ``a``, or raise TypeError for other objects."""
+    if isinstance(a, np.ndarray):
+        return ArrayInfo(HOST, a.dtype, a.shape, a.strides, a.flags.writeable)
+    cai = _device_interface(a)
+    if cai is not None:
+        shape = tuple(int(s) for s in cai["shape"])
+        dtype = np.dtype(cai["typestr"])
+        strides = cai.get("strides")
+        strides = _c_strides(shape, dtype.itemsize) if strides is None else tuple(strides)
+        readonly = bool(cai["data"][1])
+        return ArrayInfo(DEVICE, dtype, shape, strides, not readonly)
+    if getattr(a, "__cuda_ndarray__", False) is True:
+        return ArrayInfo(DEVICE, np.dtype(a.dtype), tuple(a.shape), tuple(a.strides), True)
+    raise TypeError(
+        f"{name} must be a NumPy array or a CUDA array (an object with "
+        f"__cuda_array_interface__), got {type(a).__module__}.{type(a).__qualname__}"
+    )
+
+
+def _check_float(info: ArrayInfo, name: str) -> None:
+    if info.dtype not in FLOAT_DTYPES or not info.dtype.isnative:
+        hint = ""
+        if info.dtype.kind == "f":
+            hint = f"; convert with .astype('={info.dtype.kind}{info.dtype.itemsize}')"
+        raise TypeError(
+            f"{name} has dtype {info.dtype}; numbabn supports native float16, float32 "
+            f"and float64{hint}"
+        )
+
+
+def _same_side(infos: dict[str, ArrayInfo]) -> str:
+    sides = {info.side for info in infos.values()}
+    if len(sides) > 1:
+        where = ", ".join(f"{k} on {v.side}" for k, v in infos.items())
+        raise TypeError(f"all arrays of one call must live on the same side: {where}")
+    return sides.pop()
+
+
+def normalize_axis(axis: Any, ndim: int) -> int:
+    """Return ``axis`` in ``[0, ndim)``; ValueError if out of range."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of ndim {ndim}")
+    return axis % ndim
+
+
+def _moved_strides(info: ArrayInfo, axis: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    order = [i for i in range(len(info.shape)) if i != axis] + [axis]
+    return tuple(info.shape[i] for i in order), tuple(info.strides[i] for i in order)
+
+
+def fits(info: ArrayInfo, kind: str, axis: int) -> bool:
+    """True when ``info`` can be viewed as ``kind`` (``"ncl"`` or ``"mc"``) with no copy."""
+    if not info.dtype.isnative:
+        return False
+    if kind == "ncl":
+        return is_c_contiguous(info.shape, info.strides, info.dtype.itemsize)
+    shape, strides = _moved_strides(info, axis)
+    return is_c_contiguous(shape, strides, info.dtype.itemsize)
+
+
+def plan_layout(info: ArrayInfo, axis: int) -> Layout:
+    """Choose the kernel view for an array whose channel axis is ``axis``."""
+    shape = info.shape
+    c = shape[axis]
+    n = math.prod(shape[:axis])
+    l = math.prod(shape[axis + 1 :])
+    if l > 1 and fits(info, "ncl", axis):
+        return Layout("ncl", False, axis, shape, n, c, l)
+    if fits(info, "mc", axis):
+        return Layout("mc", False, axis, shape, n * l, c, 1)
+    if l > 1:
+        return Layout("ncl", True, axis, shape, n, c, l)
+    return Layout("mc", True, axis, shape, n, c, 1)
+
+
+def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
+    info = describe(a, name)
+    _check_float(info, name)
+    ndim = len(info.shape)
+    if ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), got shape {info.shape}")
+    return info, normalize_axis(axis, ndim)
+
+
+def _check_channel_vector(
+    a: Any, name: str, c: int, infos: dict[str, ArrayInfo], writeable: bool = False
+) -> None:
+    if a is None:
+        return
+    info = describe(a, name)
+    _check_float(info, name)
+    if len(info.shape) != 1 or info.shape[0] != c:
+        raise ValueError(f"{name} must have shape ({c},) (one value per channel), got {info.shape}")
+    if writeable and not info.writeable:
+        raise ValueError(f"{name} is read-only but must be updated in place")
+    infos[name] = info
+
+
+def _check_out(out: Any, x: ArrayInfo, infos: dict[str, ArrayInfo]) -> None:
+    if out is None:
+        return
+    info = describe(out, "out")
+    if info.dtype != x.dtype:
+        raise TypeError(f"out has dtype {info.dtype} but x has dtype {x.dtype}")
+    if info.shape != x.shape:
+        raise ValueError(f"out has shape {info.shape} but x has shape {x.shape}")
+    if not info.writeable:
+        raise ValueError("out is read-only")
+    infos["out"] = info
+
+
+def check_eps(eps: Any, training: bool) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    eps = float(eps)
+    if not eps >= 0.0 or math.isinf(eps):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    if training and eps == 0.0:
+        raise ValueError("eps must be > 0 when normalizing with batch statistics (eps == 0 is allowed only in eval)")
+    return eps
+
+
+def check_momentum(momentum: Any) -> float:
+    """Return ``momentum`` as a float in [0, 1]."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return momentum
+
+
+def _check_count(layout: Layout, need: int, what: str) -> None:
+    if layout.count < need:
+        raise ValueError(
+            f"{what} needs at least {need} value(s) per channel, got {layout.count} "
+            f"(input shape {layout.shape}, channel axis {layout.axis})"
+        )
+
+
+class Checked(NamedTuple):
+    """The outcome of validation: the side the arrays live on and the tensor layout."""
+
+    side: str
+    layout: Layout
+    eps: float
+    momentum: float
+
+
+def batch_norm_args(
+    x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
+) -> Checked:
+    """Validate the arguments of :func:`numbabn.batch_norm`."""
+    xi, axis = _check_tensor(x, "x", axis)
+    infos = {"x": xi}
+    c = xi.shape[axis]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    training = bool(training)
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(a, name, c, infos, writeable=training)
+    _check_channel_vector(weight, "weight", c, infos)
+    _check_channel_vector(bias, "bias", c, infos)
+    _check_out(out, xi, infos)
+    side = _same_side(infos)
+    eps = check_eps(eps, training)
+    momentum = check_momentum(momentum)
+    layout = plan_layout(xi, axis)
+    if training:
+        _check_count(layout, 2, "training")
+    elif running_mean is None:
+        raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    return Checked(side, layout, eps, momentum)
+
+
+def batch_stats_args(x, axis) -> Checked:
+    """Validate the arguments of :func:`numbabn.batch_stats`."""
+    xi, axis = _check_tensor(x, "x", axis)
+    layout = plan_layout(xi, axis)
+    _check_count(layout, 1, "batch statistics")
+    return Checked(xi.side, layout, 0.0, 0.0)
+
+
+def batch_norm_forward_args(x, weight, bias, eps, axis) -> Checked:
+    """Validate the arguments of :func:`numbabn.batch_norm_forward`."""
+    xi, axis = _check_tensor(x, "x", axis)
+    infos = {"x": xi}
+    c = xi.shape[axis]
+    _check_channel_vector(weight, "weight", c, infos)
+    _check_channel_vector(bias, "bias", c, infos)
+    side = _same_side(infos)
+    eps = check_eps(eps, True)
+    layout = plan_layout(xi, axis)
+    _check_count(layout, 2, "training")
+    return Checked(side, layout, eps, 0.0)
+
+
+def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training) -> Checked:
+    """Validate the arguments of :func:`numbabn.batch_norm_backward`."""
+    xi, axis = _check_tensor(x, "x", axis)
+    dyi = describe(dy, "dy")
+    _check_float(dyi, "dy")
+    if dyi.shape != xi.shape:
+        raise ValueError(f"dy has shape {dyi.shape} but x has shape {xi.shape}")
+    if dyi.dtype != xi.dtype:
+        raise TypeError(f"dy has dtype {dyi.dtype} but x has dtype {xi.dtype}")
+    infos = {"dy": dyi, "x": xi}
+    c = xi.shape[axis]
+    for name, a in (("mean", mean), ("invstd", invstd)):
+        if a is None:
+            raise ValueError(f"{name} is required")
+        _check_channel_vector(a, name, c, infos)
+    _check_channel_vector(weight, "weight", c, infos)
+    side = _same_side(infos)
+    layout = plan_layout(xi, axis)
+    _check_count(layout, 2 if training else 1, "training backward" if training else "backward")
+    return Checked(side, layout, 0.0, 0.0)

@@ -1,0 +1,63 @@
+"""Shapes and layouts the functional tests sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from helpers import ON_DEVICE
+
+# (shape, channel axis): ndim 2 to 5, axis 1, -1 and a middle axis, sizes 1 and primes.
+SHAPES = [
+    ((2, 3), 1),
+    ((7, 1), 1),
+    ((3, 5, 7), 1),
+    ((1, 3, 13), 1),
+    ((2, 3, 5, 7), 1),
+    ((3, 5, 7, 4), -1),
+    ((2, 5, 3, 7), 2),
+    ((2, 3, 2, 5, 3), 1),
+    ((2, 3, 1, 1), 1),
+]
+if not ON_DEVICE:
+    # Large enough to split planes into segments and rows into several chunks.
+    SHAPES += [((2, 3, 9001), 1), ((20011, 3), 1), ((5, 41, 67), -1)]
+else:
+    # Large enough to span several blocks of the small simulator block size.
+    SHAPES += [((3, 2, 67), 1), ((131, 3), 1)]
+
+# How the tensor sits in memory. Each maker takes a C-contiguous host array and the
+# channel axis and returns a view of the same values (maybe with extra data around).
+HOST_LAYOUTS = ["contiguous", "channels_last", "strided", "reversed", "fortran"]
+DEVICE_LAYOUTS = ["contiguous", "strided"]
+LAYOUTS = DEVICE_LAYOUTS if ON_DEVICE else HOST_LAYOUTS
+
+
+def in_layout(x: np.ndarray, axis: int, layout: str) -> np.ndarray:
+    """Return an array equal to x whose memory layout is ``layout`` (host side)."""
+    axis = axis % x.ndim
+    if layout == "contiguous":
+        return x.copy()
+    if layout == "channels_last":
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, axis, -1)), -1, axis)
+    if layout == "strided":
+        big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if layout == "reversed":
+        return np.ascontiguousarray(x[::-1])[::-1]
+    if layout == "fortran":
+        return np.asfortranarray(x)
+    raise ValueError(layout)
+
+
+def on_side(x: np.ndarray, axis: int, layout: str):
+    """The array under test: on the host, or on the device, in ``layout``."""
+    if not ON_DEVICE:
+        return in_layout(x, axis, layout)
+    from numba import cuda
+
+    if layout == "contiguous":
+        return cuda.to_device(x)
+    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    big[..., ::2] = x
+    return cuda.to_device(big)[..., ::2]

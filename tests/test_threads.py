@@ -1,0 +1,28 @@
+"""Calls from several Python threads at once give the same results as serial calls."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import numbabn
+from helpers import ON_DEVICE, random_batch
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="the CUDA simulator is not for thread stress")
+def test_concurrent_calls_agree_with_serial():
+    xs = [random_batch((4, 3, 257), np.float32, seed=s, per_channel_axis=1) for s in range(8)]
+    expected = [numbabn.batch_norm(x, training=True) for x in xs]
+
+    def work(i):
+        x = xs[i % len(xs)]
+        y = numbabn.batch_norm(x, training=True)
+        dx, _, _ = numbabn.batch_norm_backward(x, x, *numbabn.batch_norm_forward(x)[1:])
+        return i, y, dx
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, y, dx in pool.map(work, range(32)):
+            np.testing.assert_array_equal(y, expected[i % len(xs)])
+            assert np.isfinite(dx).all()
