@@ -20,6 +20,9 @@ from ._validate import Checked, Layout
 # above this many elements so the split does not cost more than it saves.
 _TASKS_PER_THREAD = 4
 _MIN_TASK_ELEMENTS = 4096
+# The fused per-channel kernels keep one channel's slab (of every tensor they read) in
+# the core's cache between their two passes; above this many bytes it would spill.
+_FUSE_MAX_BYTES = 1 << 20
 
 
 def stats_dtype(dtype: np.dtype) -> np.dtype:
@@ -131,11 +134,23 @@ def _moments(v: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """float64 mean and biased variance of each channel of a canonical view."""
     shift = _shift(v, layout)
     sums = _reduce(_kernel("stats", layout), (v,), shift, layout)
-    count = layout.count
-    delta = sums[0] / count
-    with np.errstate(invalid="ignore"):  # inf - inf for a channel holding an inf
-        var = np.maximum(sums[1] / count - delta * delta, 0.0)
-    return shift + delta, var
+    mean, var = np.empty(layout.c), np.empty(layout.c)
+    kernels.finish_moments(sums, shift, layout.count, mean, var)
+    return mean, var
+
+
+def _fuse(layout: Layout, slab_bytes: int) -> bool:
+    """Use the per-channel fused backward: NCL, enough channels to share out evenly,
+    and a channel's data (``slab_bytes`` per value) small enough to stay in cache."""
+    threads = numba.get_num_threads()
+    balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
+    return (
+        layout.kind == "ncl"
+        and threads > 1
+        and balanced
+        and layout.n * layout.l * slab_bytes <= _FUSE_MAX_BYTES
+        and layout.n * layout.l >= _MIN_TASK_ELEMENTS
+    )
 
 
 def _as64(a: np.ndarray | None, c: int, default: float) -> np.ndarray:
@@ -182,9 +197,9 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     v = _view(x, layout)
     mean, var = _moments(v, layout)
     invstd = 1.0 / np.sqrt(var + chk.eps)
+    y = _normalize(v, layout, mean, invstd, weight, bias, out, x)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
-    y = _normalize(v, layout, mean, invstd, weight, bias, out, x)
     sd = stats_dtype(x.dtype)
     return y, mean.astype(sd), invstd.astype(sd)
 
@@ -213,9 +228,17 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     w = _as64(weight, c, 1.0)
     xv = _view(x, layout)
     dyv = _view(dy, layout)
-    sums = _reduce(_kernel("grad_sums", layout), (dyv, xv), mean64, layout)
     ctype = stats_dtype(x.dtype)
     dx, dxv = _output(None, x, layout)
+    if _fuse(layout, 2 * x.itemsize):
+        sums = np.empty((2, c))
+        kernels.backward_channels(
+            _kernel_array(dyv), _kernel_array(xv), mean64, invstd64, w, training,
+            np.empty((5, c), ctype), sums, _kernel_array(dxv),
+        )
+        sd = stats_dtype(x.dtype)
+        return dx, (sums[1] * invstd64).astype(sd), sums[0].astype(sd)
+    sums = _reduce(_kernel("grad_sums", layout), (dyv, xv), mean64, layout)
     if training:
         count = layout.count
         params = np.empty((5, c), ctype)
