@@ -22,6 +22,7 @@ def batch_norm(
     *,
     axis: int = 1,
     out: Array | None = None,
+    stream: Any = None,
 ) -> Array:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
@@ -46,6 +47,8 @@ def batch_norm(
         The channel axis (1 for NCHW, -1 for channels-last).
     out : array, optional
         Receives the result; same shape and dtype as ``x``; may be ``x`` itself.
+    stream : numba CUDA stream, optional
+        For CUDA arrays: the stream the kernels run on (default: the default stream).
 
     Returns
     -------
@@ -63,14 +66,14 @@ def batch_norm(
     chk = _validate.batch_norm_args(
         x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
     )
-    be = backend(chk.side)
+    be, kw = backend(chk.side), _validate.stream_kwargs(chk.side, stream)
     if training:
-        y, _, _ = be.forward_train(x, chk, weight, bias, running_mean, running_var, out)
+        y, _, _ = be.forward_train(x, chk, weight, bias, running_mean, running_var, out, **kw)
         return y
-    return be.forward_eval(x, chk, running_mean, running_var, weight, bias, out)
+    return be.forward_eval(x, chk, running_mean, running_var, weight, bias, out, **kw)
 
 
-def batch_stats(x: Array, *, axis: int = 1) -> tuple[Array, Array]:
+def batch_stats(x: Array, *, axis: int = 1, stream: Any = None) -> tuple[Array, Array]:
     """Per-channel mean and biased variance.
 
     Parameters
@@ -86,7 +89,7 @@ def batch_stats(x: Array, *, axis: int = 1) -> tuple[Array, Array]:
         float32 for float16/float32 input, float64 for float64 input.
     """
     chk = _validate.batch_stats_args(x, axis)
-    return backend(chk.side).batch_stats(x, chk)
+    return backend(chk.side).batch_stats(x, chk, **_validate.stream_kwargs(chk.side, stream))
 
 
 def batch_norm_forward(
@@ -96,6 +99,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     *,
     axis: int = 1,
+    stream: Any = None,
 ) -> tuple[Array, Array, Array]:
     """Training-mode forward that also returns what the backward pass needs.
 
@@ -119,7 +123,8 @@ def batch_norm_forward(
         float16/float32 input, float64 for float64 input.
     """
     chk = _validate.batch_norm_forward_args(x, weight, bias, eps, axis)
-    return backend(chk.side).forward_train(x, chk, weight, bias, None, None, None)
+    kw = _validate.stream_kwargs(chk.side, stream)
+    return backend(chk.side).forward_train(x, chk, weight, bias, None, None, None, **kw)
 
 
 def batch_norm_backward(
@@ -131,6 +136,7 @@ def batch_norm_backward(
     *,
     axis: int = 1,
     training: bool = True,
+    stream: Any = None,
 ) -> tuple[Array, Array, Array]:
     """Gradients of batch normalization.
 
@@ -159,7 +165,10 @@ def batch_norm_backward(
     dweight, dbias : arrays of shape (C,)
         ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` per channel, always
         returned; float32 for float16/float32 input, float64 for float64.
+
+    All functions also take ``stream=`` (a numba CUDA stream) for CUDA arrays.
     """
     training = bool(training)
     chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training)
-    return backend(chk.side).backward(dy, x, chk, mean, invstd, weight, training)
+    kw = _validate.stream_kwargs(chk.side, stream)
+    return backend(chk.side).backward(dy, x, chk, mean, invstd, weight, training, **kw)

@@ -316,3 +316,12 @@ def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training) -> Che
     layout = plan_layout(xi, axis)
     _check_count(layout, 2 if training else 1, "training backward" if training else "backward")
     return Checked(side, layout, 0.0, 0.0)
+
+
+def stream_kwargs(side: str, stream: Any) -> dict:
+    """``{"stream": stream}`` for the GPU backend; TypeError for a stream with host arrays."""
+    if stream is None:
+        return {}
+    if side != DEVICE:
+        raise TypeError("stream= applies to CUDA arrays only; these arrays are NumPy arrays")
+    return {"stream": stream}

@@ -20,7 +20,8 @@ SHAPES = [
 ]
 if not ON_DEVICE:
     # Large enough to split planes into segments and rows into several chunks.
-    SHAPES += [((2, 3, 9001), 1), ((20011, 3), 1), ((5, 41, 67), -1)]
+    # (3, 4, 1501) takes the cache-fused per-channel backward on 2 or 4 threads.
+    SHAPES += [((2, 3, 9001), 1), ((20011, 3), 1), ((5, 41, 67), -1), ((3, 4, 1501), 1)]
 else:
     # Large enough to span several blocks of the small simulator block size.
     SHAPES += [((3, 2, 67), 1), ((131, 3), 1)]

@@ -1,0 +1,73 @@
+"""Every GPU kernel compiles to PTX for every dtype (the simulator does no type checks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import ON_DEVICE
+
+pytestmark = pytest.mark.skipif(ON_DEVICE, reason="PTX is compiled in the host test run")
+
+cuda = pytest.importorskip("numba.cuda")
+from numba import types  # noqa: E402
+
+DATA = {"float16": types.float16, "float32": types.float32, "float64": types.float64}
+VECTORS = [types.float32, types.float64]
+CCS = [(8, 0), (9, 0)]
+
+
+def _arr(dtype, ndim):
+    return types.Array(dtype, ndim, "A")
+
+
+def _signatures(data, vec):
+    from numbabn import _gpu_kernels  # noqa: F401  (imported for the kernels below)
+
+    stat = types.float64 if data == types.float64 else types.float32
+    v = _arr(vec, 1)
+    part, counter = _arr(types.float64, 3), _arr(types.int32, 1)
+    st, pc = _arr(stat, 2), _arr(stat, 2)
+    i, f = types.int64, types.float64
+    return {
+        "stats_ncl": (_arr(data, 3), v, v, v, v, i, f, f, part, counter, st, pc),
+        "stats_mc": (_arr(data, 2), v, v, v, v, i, f, f, part, counter, st, pc),
+        "grad_sums_ncl": (_arr(data, 3), _arr(data, 3), v, v, v, i, part, counter, st, pc),
+        "grad_sums_mc": (_arr(data, 2), _arr(data, 2), v, v, v, i, part, counter, st, pc),
+        "normalize_ncl": (_arr(data, 3), pc, stat, _arr(data, 3)),
+        "normalize_mc": (_arr(data, 2), pc, stat, _arr(data, 2)),
+        "grad_input_ncl": (_arr(data, 3), _arr(data, 3), pc, stat, _arr(data, 3)),
+        "grad_input_mc": (_arr(data, 2), _arr(data, 2), pc, stat, _arr(data, 2)),
+        "eval_params": (v, v, v, v, i, f, st, pc),
+    }
+
+
+KERNELS = list(_signatures(types.float32, types.float32))
+
+
+class _Target:
+    """Stands in for the current device: numba-cuda compiles the device functions a
+    kernel calls for the current device's compute capability, and there is no device
+    here. compile_ptx itself takes the capability as an argument."""
+
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("data", list(DATA))
+@pytest.mark.parametrize("vec", VECTORS, ids=str)
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_compiles_to_ptx(name, data, vec, cc, monkeypatch):
+    from numba.cuda import dispatcher
+
+    from numbabn import _gpu_kernels
+
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Target(cc))
+    for fn in vars(_gpu_kernels).values():  # device functions: compile afresh for this cc
+        if isinstance(fn, dispatcher.CUDADispatcher) and fn.targetoptions.get("device"):
+            monkeypatch.setattr(fn, "overloads", {})
+
+    sig = _signatures(DATA[data], vec)[name]
+    ptx, _ = cuda.compile_ptx(getattr(_gpu_kernels, name).py_func, sig, cc=cc)
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    assert ".entry" in ptx
