@@ -3,7 +3,7 @@
 Straightforward, vectorized NumPy with two-pass statistics. With the default
 ``dtype=numpy.float64`` every function computes in float64 whatever the input dtype;
 this is the reference all numbabn kernels are tested against. With ``dtype=None`` it
-computes in the input's dtype, which is what a NumPy user would write, and serves as
+computes in the input's dtype (float16 in float32), which is what a NumPy user would write, and serves as
 the "plain NumPy" baseline in benchmarks.
 
 Nothing here validates arguments or modifies its inputs.
@@ -19,7 +19,9 @@ def _prep(x, axis, dtype):
     reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
-    return np.asarray(x, dtype=dtype or x.dtype), reduce_axes, tuple(shape)
+    if dtype is None:  # the input's dtype, with float16 computed in float32
+        dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    return np.asarray(x, dtype=dtype), reduce_axes, tuple(shape)
 
 
 def _vec(v, c, default, dtype):

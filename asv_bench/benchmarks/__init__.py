@@ -1,0 +1,36 @@
+"""Shared helpers of the numbabn asv suite: seeded inputs, size cases, skips."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (name, logical N, C, H, W). "llc" is larger than the last-level cache of the
+# machines we run on (103 MB of float32 against 32 MB of L3).
+SHAPES = {
+    "small": (8, 16, 8, 8),
+    "resnet": (32, 64, 56, 56),
+    "llc": (64, 128, 56, 56),
+}
+LAYOUTS = ["nchw", "nhwc"]
+DTYPES = ["float16", "float32", "float64"]
+
+
+def batch(shape_name, layout, dtype, seed=0):
+    """Seeded random batch (never zeros) and its channel axis."""
+    n, c, h, w = SHAPES[shape_name]
+    shape, axis = ((n, c, h, w), 1) if layout == "nchw" else ((n, h, w, c), -1)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 1).astype(dtype)
+    return x, axis
+
+
+def requires_cuda():
+    """asv skips a benchmark whose setup raises NotImplementedError."""
+    try:
+        from numba import cuda
+
+        if cuda.is_available():
+            return cuda
+    except Exception:
+        pass
+    raise NotImplementedError("no CUDA device")

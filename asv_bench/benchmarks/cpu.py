@@ -1,0 +1,111 @@
+"""CPU timings of every operation, against a plain NumPy implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import numbabn
+from numbabn import reference
+
+from . import DTYPES, LAYOUTS, SHAPES, batch
+
+
+class Ops:
+    params = [["numbabn", "numpy"], LAYOUTS, list(SHAPES), DTYPES]
+    param_names = ["impl", "layout", "shape", "dtype"]
+    timeout = 300
+
+    def setup(self, impl, layout, shape, dtype):
+        if impl == "numpy" and shape == "llc" and dtype != "float32":
+            raise NotImplementedError("NumPy baseline at the largest size: float32 only")
+        self.x, self.axis = batch(shape, layout, dtype)
+        self.dy, _ = batch(shape, layout, dtype, seed=1)
+        c = self.x.shape[self.axis]
+        self.rm, self.rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        self.w, self.b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        self.lib = numbabn if impl == "numbabn" else _NumpyOps
+        _, self.mean, self.invstd = numbabn.batch_norm_forward(self.x, axis=self.axis)
+        self.lib.batch_norm(self.x, self.rm, self.rv, self.w, self.b, True, axis=self.axis)
+
+    def time_batch_stats(self, *_):
+        self.lib.batch_stats(self.x, axis=self.axis)
+
+    def time_train_forward(self, *_):
+        self.lib.batch_norm(self.x, self.rm, self.rv, self.w, self.b, True, axis=self.axis)
+
+    def time_eval_forward(self, *_):
+        self.lib.batch_norm(self.x, self.rm, self.rv, self.w, self.b, False, axis=self.axis)
+
+    def time_backward(self, *_):
+        self.lib.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w, axis=self.axis)
+
+
+class _NumpyOps:
+    """The reference in the input dtype: what a NumPy user would write."""
+
+    @staticmethod
+    def batch_stats(x, axis):
+        return reference.batch_stats(x, axis, dtype=None)
+
+    @staticmethod
+    def batch_norm(x, rm, rv, w, b, training, axis):
+        return reference.batch_norm(x, rm, rv, w, b, training, axis=axis, dtype=None)
+
+    @staticmethod
+    def batch_norm_backward(dy, x, mean, invstd, w, axis):
+        return reference.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, dtype=None)
+
+
+class Bandwidth:
+    """Achieved memory bandwidth (GB/s) of the main cases, counted in passes moved."""
+
+    params = [LAYOUTS, ["resnet", "llc"]]
+    param_names = ["layout", "shape"]
+    unit = "GB/s"
+    timeout = 300
+
+    def setup(self, layout, shape):
+        self.x, self.axis = batch(shape, layout, "float32")
+        self.dy, _ = batch(shape, layout, "float32", seed=1)
+        self.out = np.empty_like(self.x)
+        _, self.mean, self.invstd = numbabn.batch_norm_forward(self.x, axis=self.axis)
+
+    def _rate(self, fn, passes, repeats=10):
+        import time
+
+        fn()
+        best = min(_timed(fn, time) for _ in range(repeats))
+        return passes * self.x.nbytes / best / 1e9
+
+    def track_train_forward_gbps(self, *_):
+        return self._rate(lambda: numbabn.batch_norm(self.x, training=True, axis=self.axis, out=self.out), 3)
+
+    def track_eval_forward_gbps(self, *_):
+        m, v = self.mean, 1 / self.invstd**2
+        return self._rate(lambda: numbabn.batch_norm(self.x, m, v, axis=self.axis, out=self.out), 2)
+
+    def track_backward_gbps(self, *_):
+        return self._rate(
+            lambda: numbabn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, axis=self.axis), 5
+        )
+
+
+def _timed(fn, time):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Memory:
+    """Peak memory of a call: its outputs only (and nothing with out=)."""
+
+    params = [["fresh", "out"]]
+    param_names = ["output"]
+
+    def setup(self, output):
+        self.x, self.axis = batch("resnet", "nchw", "float32")
+        self.out = np.empty_like(self.x) if output == "out" else None
+        numbabn.batch_norm(self.x, training=True, out=self.out)
+
+    def peakmem_train_forward(self, output):
+        numbabn.batch_norm(self.x, training=True, out=self.out)
