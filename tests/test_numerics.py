@@ -93,6 +93,9 @@ def test_nan_stays_in_its_channel(dtype, shape, axis):
     assert np.isfinite(np.delete(mean, 2)).all() and np.isfinite(np.delete(var, 2)).all()
 
 
+# The CUDA simulator runs kernels as NumPy scalar code, which warns on inf - inf; the
+# GPU (and the CPU kernels) silently give NaN, which is what is checked.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_inf_gives_nan_statistics_for_its_channel_only():
     x = random_batch((3, 3, 8), np.float32, seed=6)
     x[1, 0, 3] = np.inf
