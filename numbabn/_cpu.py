@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from . import _cpu_kernels as kernels
-from ._validate import Checked, Layout
+from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
 # above this many elements so the split does not cost more than it saves.
@@ -24,10 +24,6 @@ _MIN_TASK_ELEMENTS = 4096
 # the core's cache between their two passes; above this many bytes it would spill.
 _FUSE_MAX_BYTES = 1 << 20
 
-
-def stats_dtype(dtype: np.dtype) -> np.dtype:
-    """float32 statistics for float16/float32 data, float64 for float64."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
 def _kernel_array(a: np.ndarray) -> np.ndarray:
@@ -228,7 +224,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     w = _as64(weight, c, 1.0)
     xv = _view(x, layout)
     dyv = _view(dy, layout)
-    ctype = stats_dtype(x.dtype)
+    ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = _output(None, x, layout)
     if _fuse(layout, 2 * x.itemsize):
         sums = np.empty((2, c))
@@ -236,23 +232,21 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
             _kernel_array(dyv), _kernel_array(xv), mean64, invstd64, w, training,
             np.empty((5, c), ctype), sums, _kernel_array(dxv),
         )
-        sd = stats_dtype(x.dtype)
-        return dx, (sums[1] * invstd64).astype(sd), sums[0].astype(sd)
-    sums = _reduce(_kernel("grad_sums", layout), (dyv, xv), mean64, layout)
-    if training:
-        count = layout.count
-        params = np.empty((5, c), ctype)
-        params[0], params[1] = _split_mean(mean64, ctype)
-        params[2] = invstd64 * invstd64 * sums[1] / count
-        params[3] = sums[0] / count
-        params[4] = invstd64 * w
-        _elementwise(_kernel("grad_input", layout), (dyv, xv), params, dxv, layout)
     else:
-        params = np.zeros((4, c), ctype)
-        params[2] = invstd64 * w
-        _elementwise(_kernel("normalize", layout), (dyv,), params, dxv, layout)
-    sd = stats_dtype(x.dtype)
-    return dx, (sums[1] * invstd64).astype(sd), sums[0].astype(sd)
+        sums = _reduce(_kernel("grad_sums", layout), (dyv, xv), mean64, layout)
+        if training:
+            count = layout.count
+            params = np.empty((5, c), ctype)
+            params[0], params[1] = _split_mean(mean64, ctype)
+            params[2] = invstd64 * invstd64 * sums[1] / count
+            params[3] = sums[0] / count
+            params[4] = invstd64 * w
+            _elementwise(_kernel("grad_input", layout), (dyv, xv), params, dxv, layout)
+        else:
+            params = np.zeros((4, c), ctype)
+            params[2] = invstd64 * w
+            _elementwise(_kernel("normalize", layout), (dyv,), params, dxv, layout)
+    return dx, (sums[1] * invstd64).astype(ctype), sums[0].astype(ctype)
 
 
 def copy(a: np.ndarray) -> np.ndarray:

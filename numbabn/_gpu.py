@@ -16,17 +16,13 @@ import numpy as np
 from numba import config, cuda
 
 from . import _gpu_kernels as K
-from ._validate import Checked, Layout, describe
+from ._validate import Checked, Layout, describe, stats_dtype
 
 _SIM = bool(config.ENABLE_CUDASIM)
 _BLOCKS_PER_SM = 4
 _lock = threading.Lock()
 _scratch: dict = {}
 
-
-def stats_dtype(dtype: np.dtype) -> np.dtype:
-    """float32 statistics for float16/float32 data, float64 for float64."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
 # --- arrays ---------------------------------------------------------------------------
@@ -122,14 +118,14 @@ def _like(template, arr):
 
 
 def _vector(a):
-    return None if a is None else _numba_array(a)
-
-
-def _dummy(stream):
+    """A per-channel argument for a kernel; an absent one becomes a placeholder (its
+    flag bit tells the kernel not to read it)."""
+    if a is not None:
+        return _numba_array(a)
     with _lock:
-        if "dummy" not in _scratch:
-            _scratch["dummy"] = cuda.device_array(1, np.float32)
-        return _scratch["dummy"]
+        if "placeholder" not in _scratch:
+            _scratch["placeholder"] = cuda.device_array(1, np.float32)
+        return _scratch["placeholder"]
 
 
 def _counters_and_partials(c, nblocks, stream):
@@ -161,7 +157,7 @@ def _reduce_grid(layout: Layout):
     """(grid, block) of a reduction: S blocks per channel (or per channel tile)."""
     target = _BLOCKS_PER_SM * _sm_count()
     if layout.kind == "ncl":
-        work = max(1, layout.n * layout.l // (K.BLOCK * 8))
+        work = max(1, layout.n * layout.l // K.SEGMENT)
         s = max(1, min(-(-target // layout.c), work, 65535))
         return (layout.c, s), K.BLOCK
     tiles = -(-layout.c // K.TX)
@@ -171,7 +167,7 @@ def _reduce_grid(layout: Layout):
 
 def _elementwise_grid(layout: Layout):
     if layout.kind == "ncl":
-        segs = -(-layout.l // (K.BLOCK * 8))
+        segs = -(-layout.l // K.SEGMENT)
         s = max(1, min(layout.n * segs, 65535))
         return (layout.c, s), K.BLOCK
     tiles = -(-layout.c // K.TX)
@@ -191,6 +187,13 @@ def _flags(weight=None, bias=None, update=False, training=False):
     )
 
 
+def _constants(c, st_rows, dtype, stream):
+    """Per-channel outputs of a finishing step: ``st`` (statistics) and ``pc``
+    (elementwise constants), both in the statistics dtype of ``dtype``."""
+    sd = stats_dtype(dtype)
+    return cuda.device_array((st_rows, c), sd, stream=stream), cuda.device_array((5, c), sd, stream=stream)
+
+
 def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream):
     """Launch the statistics kernel; returns (st rows mean/var/invstd, pc constants, view)."""
     layout = chk.layout
@@ -198,17 +201,14 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream):
     xv = _view(x, "x", layout)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    sd = stats_dtype(xv.dtype)
-    st = cuda.device_array((3, layout.c), sd, stream=stream)
-    pc = cuda.device_array((5, layout.c), sd, stream=stream)
-    d = _dummy(stream)
-    w, b, rm, rv = (_vector(a) for a in (weight, bias, running_mean, running_var))
+    st, pc = _constants(layout.c, 3, xv.dtype, stream)
     flags = _flags(weight, bias, update=running_mean is not None)
     kernel = K.stats_ncl if layout.kind == "ncl" else K.stats_mc
+    # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
+    eps = chk.eps if chk.eps > 0 else 1.0
     kernel[grid, block, stream](
-        xv, w if w is not None else d, b if b is not None else d, rm if rm is not None else d,
-        rv if rv is not None else d, flags, chk.eps if chk.eps > 0 else 1.0, chk.momentum,
-        part, counters, st, pc,
+        xv, *(_vector(a) for a in (weight, bias, running_mean, running_var)), flags, eps,
+        chk.momentum, part, counters, st, pc,
     )
     return st, pc, xv, stream
 
@@ -253,15 +253,11 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, 
 
 def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream):
     c = describe(running_mean, "running_mean").shape[0]
-    sd = stats_dtype(dtype)
-    st = cuda.device_array((2, c), sd, stream=stream)
-    pc = cuda.device_array((5, c), sd, stream=stream)
-    d = _dummy(stream)
-    w, b = _vector(weight), _vector(bias)
+    st, pc = _constants(c, 2, dtype, stream)
     blocks = -(-c // K.BLOCK)
     K.eval_params[blocks, K.BLOCK, stream](
-        _numba_array(running_mean), _numba_array(running_var), w if w is not None else d,
-        b if b is not None else d, _flags(weight, bias), eps, st, pc,
+        *(_vector(a) for a in (running_mean, running_var, weight, bias)), _flags(weight, bias),
+        eps, st, pc,
     )
     return st, pc
 
@@ -281,14 +277,11 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=N
     dyv = _view(dy, "dy", layout)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    sd = stats_dtype(xv.dtype)
-    st = cuda.device_array((2, layout.c), sd, stream=stream)
-    pc = cuda.device_array((5, layout.c), sd, stream=stream)
-    w = _vector(weight)
+    st, pc = _constants(layout.c, 2, xv.dtype, stream)
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     kernel[grid, block, stream](
-        dyv, xv, _numba_array(mean), _numba_array(invstd), w if w is not None else _dummy(stream),
-        _flags(weight, training=training), part, counters, st, pc,
+        dyv, xv, *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
+        part, counters, st, pc,
     )
     dx = _empty(layout, xv.dtype, stream)
     dxv = _view(dx, "dx", layout)

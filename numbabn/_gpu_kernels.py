@@ -31,6 +31,7 @@ from numba import config, cuda, float64, int32
 BLOCK = 16 if config.ENABLE_CUDASIM else 256
 TX = 4 if config.ENABLE_CUDASIM else 32  # channels per block in the MC kernels
 TY = BLOCK // TX
+SEGMENT = BLOCK * 8  # NCL planes longer than this are split into segments (tasks)
 
 # Bits of the ``flags`` argument of the finishing step.
 HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING, TRAINING = 1, 2, 4, 8
@@ -56,6 +57,36 @@ def _is_last(counter, c, nblocks, flag, tid):
         flag[0] = cuda.atomic.add(counter, c, 1) == nblocks - 1
     cuda.syncthreads()
     return flag[0] != 0
+
+
+@cuda.jit(device=True)
+def _accumulate(s1, s2, a, b, k, mode):
+    """One value into a thread's two sums. mode 0 (statistics): d = a - k adds
+    (d, d^2); mode 1 (gradient): adds (a, a * (b - k)) with a = dy, b = x, k = mean."""
+    if mode == 0:
+        d = float64(a) - k
+        return s1 + d, s2 + d * d
+    g = float64(a)
+    return s1 + g, s2 + g * (float64(b) - k)
+
+
+@cuda.jit(device=True)
+def _merge_block(s1, s2, sh1, sh2, tid, width, rows, part, c, write, counter, group, flag):
+    """Merge the block's per-thread sums with a shared-memory tree, store the block's
+    partial of channel c where ``write``, and return, in every thread, whether this
+    block is the last of counter ``group`` (whose counter it resets for the next launch).
+    """
+    sh1[tid] = s1
+    sh2[tid] = s2
+    cuda.syncthreads()
+    _tree_sum2(sh1, sh2, tid, width, rows)
+    if write:
+        part[c, cuda.blockIdx.y, 0] = sh1[tid]
+        part[c, cuda.blockIdx.y, 1] = sh2[tid]
+    last = _is_last(counter, group, cuda.gridDim.y, flag, tid)
+    if last and tid == 0:
+        counter[group] = 0
+    return last
 
 
 @cuda.jit(device=True)
@@ -118,8 +149,23 @@ def _finish_grad(part, c, nblocks, count, mean, invstd, w, flags, st, pc):
 
 
 @cuda.jit(device=True)
-def _task_range(nblocks, s, ntasks):
-    return s * ntasks // nblocks, (s + 1) * ntasks // nblocks
+def _task_range(n_, l_):
+    """(segments per plane, first task, end task) of this block's share of a channel.
+
+    The NCL work of one channel is N * segs tasks (plane, segment); block
+    blockIdx.y of gridDim.y takes a contiguous range of them.
+    """
+    segs = (l_ + SEGMENT - 1) // SEGMENT
+    ntasks = n_ * segs
+    return segs, cuda.blockIdx.y * ntasks // cuda.gridDim.y, (cuda.blockIdx.y + 1) * ntasks // cuda.gridDim.y
+
+
+@cuda.jit(device=True)
+def _segment(t, segs, l_):
+    """(plane, start, stop) of NCL task t."""
+    n = t // segs
+    seg = t - n * segs
+    return n, seg * l_ // segs, (seg + 1) * l_ // segs
 
 
 # --- NCL ----------------------------------------------------------------------------
@@ -133,24 +179,13 @@ def _ncl_sums(a3, b3, c, k, mode, tid):
     Tasks are (n, segment) pairs; each block takes a contiguous range of tasks.
     """
     n_, _, l_ = a3.shape
-    segs = (l_ + BLOCK * 8 - 1) // (BLOCK * 8)
-    t0, t1 = _task_range(cuda.gridDim.y, cuda.blockIdx.y, n_ * segs)
+    segs, t0, t1 = _task_range(n_, l_)
     s1 = 0.0
     s2 = 0.0
     for t in range(t0, t1):
-        n = t // segs
-        seg = t - n * segs
-        lo = seg * l_ // segs
-        hi = (seg + 1) * l_ // segs
+        n, lo, hi = _segment(t, segs, l_)
         for i in range(lo + tid, hi, BLOCK):
-            if mode == 0:
-                d = float64(a3[n, c, i]) - k
-                s1 += d
-                s2 += d * d
-            else:
-                g = float64(a3[n, c, i])
-                s1 += g
-                s2 += g * (float64(b3[n, c, i]) - k)
+            s1, s2 = _accumulate(s1, s2, a3[n, c, i], b3[n, c, i], k, mode)
     return s1, s2
 
 
@@ -163,14 +198,9 @@ def stats_ncl(x3, w, b, rm, rv, flags, eps, momentum, part, counter, st, pc):
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     k = float64(x3[0, c, 0])
-    sh1[tid], sh2[tid] = _ncl_sums(x3, x3, c, k, 0, tid)
-    cuda.syncthreads()
-    _tree_sum2(sh1, sh2, tid, 1, BLOCK)
-    if tid == 0:
-        part[c, cuda.blockIdx.y, 0] = sh1[0]
-        part[c, cuda.blockIdx.y, 1] = sh2[0]
-    if _is_last(counter, c, cuda.gridDim.y, flag, tid) and tid == 0:
-        counter[c] = 0
+    s1, s2 = _ncl_sums(x3, x3, c, k, 0, tid)
+    last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
+    if last and tid == 0:
         count = float64(x3.shape[0] * x3.shape[2])
         _finish_stats(part, c, cuda.gridDim.y, k, count, w, b, rm, rv, flags, eps, momentum, st, pc)
 
@@ -183,14 +213,9 @@ def grad_sums_ncl(dy3, x3, mean, invstd, w, flags, part, counter, st, pc):
     flag = cuda.shared.array(1, int32)
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    sh1[tid], sh2[tid] = _ncl_sums(dy3, x3, c, float64(mean[c]), 1, tid)
-    cuda.syncthreads()
-    _tree_sum2(sh1, sh2, tid, 1, BLOCK)
-    if tid == 0:
-        part[c, cuda.blockIdx.y, 0] = sh1[0]
-        part[c, cuda.blockIdx.y, 1] = sh2[0]
-    if _is_last(counter, c, cuda.gridDim.y, flag, tid) and tid == 0:
-        counter[c] = 0
+    s1, s2 = _ncl_sums(dy3, x3, c, float64(mean[c]), 1, tid)
+    last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
+    if last and tid == 0:
         count = float64(x3.shape[0] * x3.shape[2])
         _finish_grad(part, c, cuda.gridDim.y, count, mean, invstd, w, flags, st, pc)
 
@@ -205,12 +230,10 @@ def normalize_ncl(x3, pc, ct, y3):
     m_lo = pc[1, c]
     a = pc[2, c]
     b = pc[3, c]
-    segs = (l_ + BLOCK * 8 - 1) // (BLOCK * 8)
-    t0, t1 = _task_range(cuda.gridDim.y, cuda.blockIdx.y, n_ * segs)
+    segs, t0, t1 = _task_range(n_, l_)
     for t in range(t0, t1):
-        n = t // segs
-        seg = t - n * segs
-        for i in range(seg * l_ // segs + tid, (seg + 1) * l_ // segs, BLOCK):
+        n, lo, hi = _segment(t, segs, l_)
+        for i in range(lo + tid, hi, BLOCK):
             y3[n, c, i] = ((x3[n, c, i] + ct - m_hi) - m_lo) * a + b
 
 
@@ -225,12 +248,10 @@ def grad_input_ncl(dy3, x3, pc, ct, dx3):
     k2 = pc[2, c]
     mdy = pc[3, c]
     k1 = pc[4, c]
-    segs = (l_ + BLOCK * 8 - 1) // (BLOCK * 8)
-    t0, t1 = _task_range(cuda.gridDim.y, cuda.blockIdx.y, n_ * segs)
+    segs, t0, t1 = _task_range(n_, l_)
     for t in range(t0, t1):
-        n = t // segs
-        seg = t - n * segs
-        for i in range(seg * l_ // segs + tid, (seg + 1) * l_ // segs, BLOCK):
+        n, lo, hi = _segment(t, segs, l_)
+        for i in range(lo + tid, hi, BLOCK):
             xmu = (x3[n, c, i] + ct - m_hi) - m_lo
             dx3[n, c, i] = (dy3[n, c, i] + ct - mdy - xmu * k2) * k1
 
@@ -245,14 +266,7 @@ def _mc_sums(a2, b2, c, k, mode, ty):
     s1 = 0.0
     s2 = 0.0
     for r in range(cuda.blockIdx.y * TY + ty, m, TY * cuda.gridDim.y):
-        if mode == 0:
-            d = float64(a2[r, c]) - k
-            s1 += d
-            s2 += d * d
-        else:
-            g = float64(a2[r, c])
-            s1 += g
-            s2 += g * (float64(b2[r, c]) - k)
+        s1, s2 = _accumulate(s1, s2, a2[r, c], b2[r, c], k, mode)
     return s1, s2
 
 
@@ -268,19 +282,13 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, st, pc):
     c = cuda.blockIdx.x * TX + tx
     active = c < x2.shape[1]
     k = float64(x2[0, c]) if active else 0.0
+    s1 = 0.0
+    s2 = 0.0
     if active:
-        sh1[tid], sh2[tid] = _mc_sums(x2, x2, c, k, 0, ty)
-    else:
-        sh1[tid] = 0.0
-        sh2[tid] = 0.0
-    cuda.syncthreads()
-    _tree_sum2(sh1, sh2, tid, TX, TY)
-    if ty == 0 and active:
-        part[c, cuda.blockIdx.y, 0] = sh1[tx]
-        part[c, cuda.blockIdx.y, 1] = sh2[tx]
-    if _is_last(counter, cuda.blockIdx.x, cuda.gridDim.y, flag, tid) and ty == 0 and active:
-        if tx == 0:
-            counter[cuda.blockIdx.x] = 0
+        s1, s2 = _mc_sums(x2, x2, c, k, 0, ty)
+    write = ty == 0 and active
+    last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
+    if last and write:
         _finish_stats(part, c, cuda.gridDim.y, k, float64(x2.shape[0]), w, b, rm, rv,
                       flags, eps, momentum, st, pc)
 
@@ -296,19 +304,13 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, st, pc):
     tid = ty * TX + tx
     c = cuda.blockIdx.x * TX + tx
     active = c < x2.shape[1]
+    s1 = 0.0
+    s2 = 0.0
     if active:
-        sh1[tid], sh2[tid] = _mc_sums(dy2, x2, c, float64(mean[c]), 1, ty)
-    else:
-        sh1[tid] = 0.0
-        sh2[tid] = 0.0
-    cuda.syncthreads()
-    _tree_sum2(sh1, sh2, tid, TX, TY)
-    if ty == 0 and active:
-        part[c, cuda.blockIdx.y, 0] = sh1[tx]
-        part[c, cuda.blockIdx.y, 1] = sh2[tx]
-    if _is_last(counter, cuda.blockIdx.x, cuda.gridDim.y, flag, tid) and ty == 0 and active:
-        if tx == 0:
-            counter[cuda.blockIdx.x] = 0
+        s1, s2 = _mc_sums(dy2, x2, c, float64(mean[c]), 1, ty)
+    write = ty == 0 and active
+    last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
+    if last and write:
         _finish_grad(part, c, cuda.gridDim.y, float64(x2.shape[0]), mean, invstd, w, flags, st, pc)
 
 

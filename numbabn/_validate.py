@@ -60,6 +60,12 @@ class Layout(NamedTuple):
         return self.n * self.l
 
 
+def stats_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of statistics and per-channel gradients: float32 for float16/float32
+    data, float64 for float64 data."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
 def _device_interface(a: Any) -> dict | None:
     try:
         return a.__cuda_array_interface__
