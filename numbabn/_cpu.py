@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from . import _cpu_kernels as kernels
+from ._channel import as64, grad_constants, norm_constants, update_running
 from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
@@ -51,6 +52,16 @@ def _view(a: np.ndarray, layout: Layout) -> np.ndarray:
     if layout.kind == "ncl":
         return np.ascontiguousarray(a).reshape(layout.n, layout.c, layout.l)
     return np.ascontiguousarray(np.moveaxis(a, layout.axis, -1)).reshape(layout.n, layout.c)
+
+
+def _in_order(a: np.ndarray, layout: Layout) -> np.ndarray:
+    """``a`` itself if its canonical view needs no copy, else a copy (same shape) in
+    canonical memory order, so that a multi-pass operation copies a strided input once."""
+    if _canonical(a, layout) is not None:
+        return a
+    if layout.kind == "ncl":
+        return np.ascontiguousarray(a)
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, layout.axis, -1)), -1, layout.axis)
 
 
 def _empty(layout: Layout, dtype: np.dtype) -> np.ndarray:
@@ -149,24 +160,12 @@ def _fuse(layout: Layout, slab_bytes: int) -> bool:
     )
 
 
-def _as64(a: np.ndarray | None, c: int, default: float) -> np.ndarray:
-    return np.full(c, default) if a is None else np.asarray(a, dtype=np.float64)
-
-
-def _split_mean(mean: np.ndarray, ctype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """mean = hi + lo with hi, lo in the compute type (lo = 0 for float64)."""
-    hi = mean.astype(ctype)
-    return hi, (mean - hi).astype(ctype)
-
-
-def _normalize(v, layout, mean, invstd, weight, bias, out, x):
-    ctype = stats_dtype(x.dtype)
-    params = np.empty((4, layout.c), ctype)
-    params[0], params[1] = _split_mean(mean, ctype)
-    params[2] = invstd * _as64(weight, layout.c, 1.0)
-    params[3] = _as64(bias, layout.c, 0.0)
+def _normalize(x, layout, mean, invstd, weight, bias, out):
+    """y from ``x`` with the given float64 mean and invstd; any count, even 0."""
     y, yv = _output(out, x, layout)
-    _elementwise(_kernel("normalize", layout), (v,), params, yv, layout)
+    if layout.count * layout.c:
+        params = norm_constants(mean, invstd, weight, bias, stats_dtype(x.dtype))
+        _elementwise(_kernel("normalize", layout), (_view(x, layout),), params, yv, layout)
     return _finish_output(y, out)
 
 
@@ -177,23 +176,16 @@ def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(sd), var.astype(sd)
 
 
-def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
-    """r = (1 - momentum) * r + momentum * batch value; the variance unbiased."""
-    unbiased = var * (count / (count - 1))
-    for r, value in ((running_mean, mean), (running_var, unbiased)):
-        r[...] = (1.0 - momentum) * r.astype(np.float64) + momentum * value
-
-
 def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out):
     """Normalize with batch statistics; update running statistics if given.
 
     Returns ``(y, mean, invstd)`` with the statistics in :func:`stats_dtype`.
     """
     layout = chk.layout
-    v = _view(x, layout)
-    mean, var = _moments(v, layout)
+    xo = _in_order(x, layout)
+    mean, var = _moments(_view(xo, layout), layout)
     invstd = 1.0 / np.sqrt(var + chk.eps)
-    y = _normalize(v, layout, mean, invstd, weight, bias, out, x)
+    y = _normalize(xo, layout, mean, invstd, weight, bias, out)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
@@ -207,46 +199,79 @@ def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
     """Normalize with the running statistics."""
-    layout = chk.layout
-    if layout.count * layout.c == 0:
-        return _finish_output(_empty(layout, x.dtype), out)
     mean = running_mean.astype(np.float64)
-    invstd = running_invstd(running_var, chk.eps)
-    return _normalize(_view(x, layout), layout, mean, invstd, weight, bias, out, x)
+    return _normalize(x, chk.layout, mean, running_invstd(running_var, chk.eps), weight, bias, out)
 
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     """Gradients (dx, dweight, dbias); see the API contract for the formulas."""
     layout = chk.layout
-    c = layout.c
     mean64 = mean.astype(np.float64)
     invstd64 = invstd.astype(np.float64)
-    w = _as64(weight, c, 1.0)
-    xv = _view(x, layout)
-    dyv = _view(dy, layout)
+    dy, x = _in_order(dy, layout), _in_order(x, layout)
+    if not _fuse(layout, 2 * x.itemsize):
+        sums = local_grad_sums(dy, x, chk, mean64)
+        return grad_input(dy, x, chk, mean64, invstd64, weight, sums, layout.count, training)
+    c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = _output(None, x, layout)
-    if _fuse(layout, 2 * x.itemsize):
-        sums = np.empty((2, c))
-        kernels.backward_channels(
-            _kernel_array(dyv), _kernel_array(xv), mean64, invstd64, w, training,
-            np.empty((5, c), ctype), sums, _kernel_array(dxv),
-        )
-    else:
-        sums = _reduce(_kernel("grad_sums", layout), (dyv, xv), mean64, layout)
-        if training:
-            count = layout.count
-            params = np.empty((5, c), ctype)
-            params[0], params[1] = _split_mean(mean64, ctype)
-            params[2] = invstd64 * invstd64 * sums[1] / count
-            params[3] = sums[0] / count
-            params[4] = invstd64 * w
-            _elementwise(_kernel("grad_input", layout), (dyv, xv), params, dxv, layout)
-        else:
-            params = np.zeros((4, c), ctype)
-            params[2] = invstd64 * w
-            _elementwise(_kernel("normalize", layout), (dyv,), params, dxv, layout)
+    sums = np.empty((2, c))
+    kernels.backward_channels(
+        _kernel_array(_view(dy, layout)), _kernel_array(_view(x, layout)), mean64, invstd64,
+        as64(weight, c, 1.0), training, np.empty((5, c), ctype), sums, _kernel_array(dxv),
+    )
     return dx, (sums[1] * invstd64).astype(ctype), sums[0].astype(ctype)
+
+
+# --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
+
+
+def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (mean, sum of squared deviations) of this array's values (zeros if none)."""
+    layout = chk.layout
+    if layout.count == 0:
+        return np.zeros(layout.c), np.zeros(layout.c)
+    mean, var = _moments(_view(x, layout), layout)
+    return mean, var * layout.count
+
+
+def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
+    """Normalize with given float64 statistics (those of the whole distributed batch)."""
+    return _normalize(x, chk.layout, mean, 1.0 / np.sqrt(var + chk.eps), weight, bias, out)
+
+
+def local_grad_sums(dy, x, chk: Checked, mean) -> np.ndarray:
+    """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C)."""
+    layout = chk.layout
+    if layout.count == 0:
+        return np.zeros((2, layout.c))
+    views = (_view(dy, layout), _view(x, layout))
+    return _reduce(_kernel("grad_sums", layout), views, mean, layout)
+
+
+def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training):
+    """(dx, dweight, dbias) from the sums over ``count`` values per channel."""
+    layout = chk.layout
+    ctype = stats_dtype(x.dtype)
+    dx, dxv = _output(None, x, layout)
+    if layout.count * layout.c:
+        params = grad_constants(mean, invstd, weight, sums, count, training, ctype)
+        dyv = _view(dy, layout)
+        if training:
+            _elementwise(_kernel("grad_input", layout), (dyv, _view(x, layout)), params, dxv, layout)
+        else:
+            _elementwise(_kernel("normalize", layout), (dyv,), params, dxv, layout)
+    return dx, (sums[1] * invstd).astype(ctype), sums[0].astype(ctype)
+
+
+def to_host(a) -> np.ndarray:
+    """A per-channel vector as float64 NumPy."""
+    return np.asarray(a, dtype=np.float64)
+
+
+def from_host(a: np.ndarray, like) -> np.ndarray:
+    """A host per-channel vector on this side (as the kind of array ``like`` is)."""
+    return a
 
 
 def copy(a: np.ndarray) -> np.ndarray:

@@ -15,7 +15,9 @@ import threading
 import numpy as np
 from numba import config, cuda
 
+from . import _channel
 from . import _gpu_kernels as K
+from ._channel import grad_constants
 from ._validate import Checked, Layout, describe, stats_dtype
 
 _SIM = bool(config.ENABLE_CUDASIM)
@@ -187,21 +189,22 @@ def _flags(weight=None, bias=None, update=False, training=False):
     )
 
 
-def _constants(c, st_rows, dtype, stream):
-    """Per-channel outputs of a finishing step: ``st`` (statistics) and ``pc``
-    (elementwise constants), both in the statistics dtype of ``dtype``."""
+def _constants(c, st_rows, dtype, stream, st_dtype=None):
+    """Per-channel outputs of a finishing step: ``st`` (statistics, in ``st_dtype``) and
+    ``pc`` (elementwise constants), by default both in the statistics dtype of ``dtype``."""
     sd = stats_dtype(dtype)
-    return cuda.device_array((st_rows, c), sd, stream=stream), cuda.device_array((5, c), sd, stream=stream)
+    st = cuda.device_array((st_rows, c), st_dtype or sd, stream=stream)
+    return st, cuda.device_array((5, c), sd, stream=stream)
 
 
-def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream):
+def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, st_dtype=None):
     """Launch the statistics kernel; returns (st rows mean/var/invstd, pc constants, view)."""
     layout = chk.layout
     stream = _stream(stream)
     xv = _view(x, "x", layout)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    st, pc = _constants(layout.c, 3, xv.dtype, stream)
+    st, pc = _constants(layout.c, 3, xv.dtype, stream, st_dtype)
     flags = _flags(weight, bias, update=running_mean is not None)
     kernel = K.stats_ncl if layout.kind == "ncl" else K.stats_mc
     # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
@@ -269,20 +272,23 @@ def running_invstd(running_var, eps: float, stream=None):
     return _like(running_var, st[1])
 
 
-def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None):
-    """Gradients (dx, dweight, dbias)."""
+def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, st_dtype=None):
+    """Launch the gradient reduction; st rows (dweight, dbias), pc the dx constants."""
     layout = chk.layout
-    stream = _stream(stream)
     xv = _view(x, "x", layout)
     dyv = _view(dy, "dy", layout)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    st, pc = _constants(layout.c, 2, xv.dtype, stream)
+    st, pc = _constants(layout.c, 2, xv.dtype, stream, st_dtype)
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     kernel[grid, block, stream](
         dyv, xv, *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
         part, counters, st, pc,
     )
+    return st, pc, dyv, xv
+
+
+def _grad_elementwise(dyv, xv, layout: Layout, pc, training, stream):
     dx = _empty(layout, xv.dtype, stream)
     dxv = _view(dx, "dx", layout)
     egrid, eblock = _elementwise_grid(layout)
@@ -293,7 +299,83 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=N
     else:
         kernel = K.normalize_ncl if layout.kind == "ncl" else K.normalize_mc
         kernel[egrid, eblock, stream](dyv, pc, ct, dxv)
+    return dx
+
+
+def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None):
+    """Gradients (dx, dweight, dbias)."""
+    stream = _stream(stream)
+    st, pc, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream)
+    dx = _grad_elementwise(dyv, xv, chk.layout, pc, training, stream)
     return _like(x, dx), _like(x, st[0]), _like(x, st[1])
+
+
+# --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
+# Per-channel vectors are staged through host memory: they are C values each.
+
+
+def _host(a):
+    return None if a is None else _numba_array(a).copy_to_host()
+
+
+def to_host(a) -> np.ndarray:
+    """A per-channel device vector as float64 NumPy."""
+    return _host(a).astype(np.float64)
+
+
+def from_host(a: np.ndarray, like):
+    """A host per-channel vector on the device, as the kind of array ``like`` is."""
+    return _like(like, cuda.to_device(a))
+
+
+def local_moments(x, chk: Checked, stream=None):
+    """float64 (mean, sum of squared deviations) of this array's values, on the host."""
+    layout = chk.layout
+    if layout.count == 0:
+        return np.zeros(layout.c), np.zeros(layout.c)
+    st, _, _, _ = _stats(x, chk, None, None, None, None, _stream(stream), np.float64)
+    mean, var, _ = st.copy_to_host()
+    return mean, var * layout.count
+
+
+def normalize_global(x, chk: Checked, mean, var, weight, bias, out, stream=None):
+    """Normalize with given float64 host statistics (those of the whole batch)."""
+    return forward_eval(x, chk, cuda.to_device(mean), cuda.to_device(var), weight, bias, out, stream)
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """The running-statistics update of ``_channel``, staged through the host."""
+    rm, rv = _host(running_mean), _host(running_var)
+    _channel.update_running(rm, rv, mean, var, count, momentum)
+    _numba_array(running_mean).copy_to_device(rm)
+    _numba_array(running_var).copy_to_device(rv)
+
+
+def local_grad_sums(dy, x, chk: Checked, mean, stream=None):
+    """float64 (sum dy, sum dy * (x - mean)) per channel on the host, shape (2, C)."""
+    layout = chk.layout
+    if layout.count == 0:
+        return np.zeros((2, layout.c))
+    ones = cuda.to_device(np.ones(layout.c))  # dweight = sum dy * (x - mean) * 1
+    st, _, _, _ = _grad_sums(dy, x, chk, cuda.to_device(mean), ones, None, True, _stream(stream), np.float64)
+    dweight, dbias = st.copy_to_host()
+    return np.stack([dbias, dweight])
+
+
+def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, stream=None):
+    """(dx, dweight, dbias) from host sums over ``count`` values per channel."""
+    layout = chk.layout
+    stream = _stream(stream)
+    sd = stats_dtype(describe(x, "x").dtype)
+    if layout.count * layout.c:
+        pc = grad_constants(mean, invstd, _host(weight), sums, count, training, sd)
+        dx = _grad_elementwise(_view(dy, "dy", layout), _view(x, "x", layout), layout,
+                               cuda.to_device(pc, stream=stream), training, stream)
+    else:
+        dx = _empty(layout, describe(x, "x").dtype, stream)
+    dweight = cuda.to_device((sums[1] * invstd).astype(sd), stream=stream)
+    dbias = cuda.to_device(sums[0].astype(sd), stream=stream)
+    return _like(x, dx), _like(x, dweight), _like(x, dbias)
 
 
 def copy(a):

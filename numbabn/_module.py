@@ -127,30 +127,46 @@ class BatchNorm:
                 factor = 1.0 / (self.num_batches_tracked + 1)
             else:
                 factor = self.momentum
-        rm = self.running_mean if update or not use_batch else None
-        rv = self.running_var if update or not use_batch else None
-        chk = _validate.batch_norm_args(
-            x, rm, rv, self.weight, self.bias, use_batch, factor, self.eps, self.axis, None
-        )
-        be = backend(chk.side)
         if use_batch:
-            y, mean, invstd = be.forward_train(x, chk, self.weight, self.bias, rm, rv, None)
+            rm = self.running_mean if update else None
+            rv = self.running_var if update else None
+            y, mean, invstd = self._batch_forward(x, rm, rv, factor)
             if update:
                 self.num_batches_tracked += 1
         else:
+            rm, rv = self.running_mean, self.running_var
+            chk = _validate.batch_norm_args(
+                x, rm, rv, self.weight, self.bias, False, 0.0, self.eps, self.axis, None
+            )
+            be = backend(chk.side)
             y = be.forward_eval(x, chk, rm, rv, self.weight, self.bias, None)
             mean = be.copy(rm)
             invstd = be.running_invstd(rv, self.eps)
         self._saved = (x, mean, invstd, use_batch)
         return y
 
+    def _batch_forward(self, x, rm, rv, factor):
+        """(y, mean, invstd) with batch statistics; updates rm/rv when given."""
+        chk = _validate.batch_norm_args(
+            x, rm, rv, self.weight, self.bias, True, factor, self.eps, self.axis, None
+        )
+        return backend(chk.side).forward_train(x, chk, self.weight, self.bias, rm, rv, None)
+
+    def _batch_backward(self, dy, x, mean, invstd):
+        """(dx, dweight, dbias) through batch statistics."""
+        chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, self.weight, self.axis, True)
+        return backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, True)
+
     def backward(self, dy: Array) -> Array:
         """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward pass first")
         x, mean, invstd, batch = self._saved
-        chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, self.weight, self.axis, batch)
-        dx, dw, db = backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, batch)
+        if batch:
+            dx, dw, db = self._batch_backward(dy, x, mean, invstd)
+        else:
+            chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, self.weight, self.axis, False)
+            dx, dw, db = backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, False)
         if self.affine:
             self.weight_grad, self.bias_grad = dw, db
         return dx

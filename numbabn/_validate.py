@@ -255,9 +255,13 @@ class Checked(NamedTuple):
 
 
 def batch_norm_args(
-    x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
+    x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out, min_count=2
 ) -> Checked:
-    """Validate the arguments of :func:`numbabn.batch_norm`."""
+    """Validate the arguments of :func:`numbabn.batch_norm`.
+
+    ``min_count`` is the number of values per channel training needs in ``x``; the
+    distributed functions pass 0 and check the count of the whole batch themselves.
+    """
     xi, axis = _check_tensor(x, "x", axis)
     infos = {"x": xi}
     c = xi.shape[axis]
@@ -274,21 +278,21 @@ def batch_norm_args(
     momentum = check_momentum(momentum)
     layout = plan_layout(xi, axis)
     if training:
-        _check_count(layout, 2, "training")
+        _check_count(layout, min_count, "training")
     elif running_mean is None:
         raise ValueError("eval mode (training=False) needs running_mean and running_var")
     return Checked(side, layout, eps, momentum)
 
 
-def batch_stats_args(x, axis) -> Checked:
+def batch_stats_args(x, axis, min_count=1) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_stats`."""
     xi, axis = _check_tensor(x, "x", axis)
     layout = plan_layout(xi, axis)
-    _check_count(layout, 1, "batch statistics")
+    _check_count(layout, min_count, "batch statistics")
     return Checked(xi.side, layout, 0.0, 0.0)
 
 
-def batch_norm_forward_args(x, weight, bias, eps, axis) -> Checked:
+def batch_norm_forward_args(x, weight, bias, eps, axis, min_count=2) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_forward`."""
     xi, axis = _check_tensor(x, "x", axis)
     infos = {"x": xi}
@@ -298,11 +302,11 @@ def batch_norm_forward_args(x, weight, bias, eps, axis) -> Checked:
     side = _same_side(infos)
     eps = check_eps(eps, True)
     layout = plan_layout(xi, axis)
-    _check_count(layout, 2, "training")
+    _check_count(layout, min_count, "training")
     return Checked(side, layout, eps, 0.0)
 
 
-def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training) -> Checked:
+def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_count=None) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_backward`."""
     xi, axis = _check_tensor(x, "x", axis)
     dyi = describe(dy, "dy")
@@ -320,7 +324,9 @@ def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training) -> Che
     _check_channel_vector(weight, "weight", c, infos)
     side = _same_side(infos)
     layout = plan_layout(xi, axis)
-    _check_count(layout, 2 if training else 1, "training backward" if training else "backward")
+    if min_count is None:
+        min_count = 2 if training else 1
+    _check_count(layout, min_count, "training backward" if training else "backward")
     return Checked(side, layout, 0.0, 0.0)
 
 

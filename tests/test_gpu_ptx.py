@@ -26,7 +26,8 @@ def _signatures(data, vec):
     stat = types.float64 if data == types.float64 else types.float32
     v = _arr(vec, 1)
     part, counter = _arr(types.float64, 3), _arr(types.int32, 1)
-    st, pc = _arr(stat, 2), _arr(stat, 2)
+    # The distributed path asks for float64 statistics rows whatever the data dtype.
+    st, pc = _arr(types.float64 if vec == types.float64 else stat, 2), _arr(stat, 2)
     i, f = types.int64, types.float64
     return {
         "stats_ncl": (_arr(data, 3), v, v, v, v, i, f, f, part, counter, st, pc),
