@@ -10,10 +10,13 @@ Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
 from . import _cpu_kernels as kernels
+from . import _stream
 from ._channel import as64, grad_constants, norm_constants, update_running
 from ._validate import Checked, Layout, stats_dtype
 
@@ -21,11 +24,23 @@ from ._validate import Checked, Layout, stats_dtype
 # above this many elements so the split does not cost more than it saves.
 _TASKS_PER_THREAD = 4
 _MIN_TASK_ELEMENTS = 4096
-# The fused per-channel backward re-reads one channel's slab of dy and x right after
-# reducing it, from the core's L2 or the shared L3. Measured on the 2-core development
-# machine (1 MiB L2, 32 MiB L3): slabs of 1.6 MB (64x128x56x56 float32) take 22-24 ms
-# fused against 29 ms unfused; larger slabs would stop fitting the L3 share of a core.
-_FUSE_MAX_BYTES = 4 << 20
+# The fused per-channel passes (train forward, backward) reduce one channel's slab and
+# then re-read it from the core's L2 or the shared L3 instead of memory. Measured on the
+# 2-core development machine (1 MiB L2, 32 MiB L3), float32:
+# - backward (dy and x slabs): 1.6 MB slabs (64x128x56x56) 22-24 ms fused against
+#   29 ms unfused; forward (x slab): 0.4 MB slabs 1.3x faster, 3.2 MB no gain;
+# - both lose (0.7x) on short planes (256x256x14x14, 784-byte rows): a slab is then
+#   many short rows far apart in memory, which the prefetcher does not follow, while
+#   the unfused passes walk memory in order. So rows must be long, or the whole tensor
+#   small enough to sit in cache anyway.
+_FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
+_FUSE_MIN_ROW_BYTES = 4096
+# Elements per span of the MC elementwise passes (a multiple of the kernels' grain).
+_MC_SPAN = 1024
+_ALIGN = 64
+# Up to this many values an operation runs on the calling thread (the "small" kernels):
+# waking the pool costs more than the work.
+_SMALL_VALUES = 1 << 15
 
 
 
@@ -66,13 +81,25 @@ def _in_order(a: np.ndarray, layout: Layout) -> np.ndarray:
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, layout.axis, -1)), -1, layout.axis)
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty`` on a cache-line boundary when the kernels may stream into it
+    (large ``malloc`` blocks start 16 bytes past a page boundary)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _stream.MIN_BYTES:
+        return np.empty(shape, dtype)
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _empty(layout: Layout, dtype: np.dtype) -> np.ndarray:
     """An output in the memory order of the layout (channels-last stays channels-last)."""
     if layout.kind == "ncl":
-        return np.empty(layout.shape, dtype)
+        return _aligned_empty(layout.shape, dtype)
     shape = layout.shape
     moved = shape[: layout.axis] + shape[layout.axis + 1 :] + (shape[layout.axis],)
-    return np.moveaxis(np.empty(moved, dtype), -1, layout.axis)
+    return np.moveaxis(_aligned_empty(moved, dtype), -1, layout.axis)
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
@@ -125,8 +152,39 @@ def _reduce(kernel, arrays, per_channel: np.ndarray, layout: Layout) -> np.ndarr
     return part.sum(axis=0)
 
 
+def _streamed(result: np.ndarray, layout: Layout) -> bool:
+    """Write with non-temporal stores: the output is too large to stay in cache, and
+    every work piece starts on a vector boundary (an aligned output, and for NCL planes
+    of whole vectors), so that no cache line is written partly streamed."""
+    vector = _stream.VECTOR_BYTES
+    return (
+        result.nbytes >= _stream.MIN_BYTES
+        and result.ctypes.data % vector == 0
+        and (layout.kind == "mc" or layout.l * result.itemsize % vector == 0)
+    )
+
+
+def _tiled(params: np.ndarray, layout: Layout) -> np.ndarray:
+    """MC kernels take per-channel constants tiled over a span (see ``_cpu_kernels``)."""
+    if layout.kind == "ncl":
+        return params
+    reps = -(-(_MC_SPAN + layout.c - 1) // layout.c)
+    return np.ascontiguousarray(np.tile(params, (1, reps))[:, : _MC_SPAN + layout.c - 1])
+
+
+def _chunks(tasks: int) -> int:
+    """Contiguous runs of tasks the elementwise NCL passes deal out to the threads."""
+    threads = numba.get_num_threads()
+    return max(1, min(tasks, _TASKS_PER_THREAD * threads if threads > 1 else 1))
+
+
 def _elementwise(kernel, arrays, params: np.ndarray, result: np.ndarray, layout: Layout) -> None:
-    kernel(*(_kernel_array(a) for a in arrays), params, _split(layout), _kernel_array(result))
+    split = _split(layout)
+    work = (split, _chunks(layout.n * layout.c * split)) if layout.kind == "ncl" else (split,)
+    kernel(
+        *(_kernel_array(a) for a in arrays), _tiled(params, layout), *work,
+        _streamed(result, layout), _kernel_array(result),
+    )
 
 
 def _kernel(name: str, layout: Layout):
@@ -139,8 +197,17 @@ def _shift(v: np.ndarray, layout: Layout) -> np.ndarray:
     return first.astype(np.float64)
 
 
+def _small(layout: Layout) -> bool:
+    """Few enough values that the calling thread alone is faster than the thread pool."""
+    return 0 < layout.count * layout.c <= _SMALL_VALUES
+
+
 def _moments(v: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """float64 mean and biased variance of each channel of a canonical view."""
+    if _small(layout):
+        stats = np.empty((2, layout.c))
+        _kernel("stats_small", layout)(_kernel_array(v), stats)
+        return stats[0], stats[1]
     shift = _shift(v, layout)
     sums = _reduce(_kernel("stats", layout), (v,), shift, layout)
     mean, var = np.empty(layout.c), np.empty(layout.c)
@@ -148,17 +215,20 @@ def _moments(v: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def _fuse(layout: Layout, slab_bytes: int) -> bool:
-    """Use the per-channel fused backward: NCL, enough channels to share out evenly,
-    and a channel's data (``slab_bytes`` per value) small enough to stay in cache."""
+def _fuse(layout: Layout, value_bytes: int, which: str) -> bool:
+    """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
+    channels to share out evenly, a channel's data (``value_bytes`` per value) small
+    enough to stay in cache, and long rows or a tensor that fits the cache."""
     threads = numba.get_num_threads()
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
+    slab = layout.n * layout.l * value_bytes
     return (
         layout.kind == "ncl"
         and threads > 1
         and balanced
-        and layout.n * layout.l * slab_bytes <= _FUSE_MAX_BYTES
+        and slab <= _FUSE_MAX_BYTES[which]
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
+        and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 2)
     )
 
 
@@ -167,7 +237,10 @@ def _normalize(x, layout, mean, invstd, weight, bias, out):
     y, yv = _output(out, x, layout)
     if layout.count * layout.c:
         params = norm_constants(mean, invstd, weight, bias, stats_dtype(x.dtype))
-        _elementwise(_kernel("normalize", layout), (_view(x, layout),), params, yv, layout)
+        if _small(layout):
+            _kernel("normalize_small", layout)(_kernel_array(_view(x, layout)), params, _kernel_array(yv))
+        else:
+            _elementwise(_kernel("normalize", layout), (_view(x, layout),), params, yv, layout)
     return _finish_output(y, out)
 
 
@@ -185,9 +258,26 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     """
     layout = chk.layout
     xo = _in_order(x, layout)
-    mean, var = _moments(_view(xo, layout), layout)
-    invstd = 1.0 / np.sqrt(var + chk.eps)
-    y = _normalize(xo, layout, mean, invstd, weight, bias, out)
+    small = _small(layout)
+    if small or _fuse(layout, xo.itemsize, "forward"):
+        y, yv = _output(out, xo, layout)
+        stats = np.empty((2, layout.c))
+        args = (
+            _kernel_array(_view(xo, layout)), as64(weight, layout.c, 1.0),
+            as64(bias, layout.c, 0.0), chk.eps, np.empty((4, layout.c), stats_dtype(x.dtype)),
+            stats,
+        )
+        if small:
+            _kernel("forward_small", layout)(*args, _kernel_array(yv))
+        else:
+            kernels.forward_channels(*args, _streamed(yv, layout), _kernel_array(yv))
+        y = _finish_output(y, out)
+        mean, var = stats
+        invstd = 1.0 / np.sqrt(var + chk.eps)
+    else:
+        mean, var = _moments(_view(xo, layout), layout)
+        invstd = 1.0 / np.sqrt(var + chk.eps)
+        y = _normalize(xo, layout, mean, invstd, weight, bias, out)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
@@ -211,17 +301,22 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     mean64 = mean.astype(np.float64)
     invstd64 = invstd.astype(np.float64)
     dy, x = _in_order(dy, layout), _in_order(x, layout)
-    if not _fuse(layout, 2 * x.itemsize):
+    small = _small(layout)
+    if not (small or _fuse(layout, 2 * x.itemsize, "backward")):
         sums = local_grad_sums(dy, x, chk, mean64)
         return grad_input(dy, x, chk, mean64, invstd64, weight, sums, layout.count, training)
     c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = _output(None, x, layout)
     sums = np.empty((2, c))
-    kernels.backward_channels(
+    args = (
         _kernel_array(_view(dy, layout)), _kernel_array(_view(x, layout)), mean64, invstd64,
-        as64(weight, c, 1.0), training, np.empty((5, c), ctype), sums, _kernel_array(dxv),
+        as64(weight, c, 1.0), training, np.empty((5, c), ctype), sums,
     )
+    if small:
+        _kernel("backward_small", layout)(*args, _kernel_array(dxv))
+    else:
+        kernels.backward_channels(*args, _streamed(dxv, layout), _kernel_array(dxv))
     return dx, (sums[1] * invstd64).astype(ctype), sums[0].astype(ctype)
 
 

@@ -6,7 +6,11 @@ Two views of a tensor (see ``_validate.Layout``):
   ``N * C * nseg`` equal tasks, each one segment of one ``(n, c)`` plane, so a batch
   with fewer channels than threads still keeps every core busy.
 * ``mc``: ``x2`` of shape ``(M, C)``, C-contiguous. Work is split into ``nchunk``
-  chunks of rows; the inner loop runs along the contiguous channels.
+  chunks of rows. The reductions run along the contiguous channels of each row. The
+  elementwise passes walk the tensor as flat spans of ``w`` elements, whatever C is,
+  so the inner loop is long and contiguous even for a small C: the per-channel
+  constants come tiled (``params[k, j]`` is channel ``j % C``'s, ``w + C - 1``
+  columns), and a span starting at flat index p reads them from column ``p % C``.
 
 Reductions write one partial per task into ``part[t, k, c]`` (``k`` = which sum);
 the caller adds the partials over ``t`` in a fixed order, so results are
@@ -20,6 +24,10 @@ type (float32 for float16/float32 data, float64 for float64). The mean is passed
 an unevaluated sum ``hi + lo`` so that ``(x - hi) - lo`` subtracts it with more than
 float32 precision: a channel with mean 1e4 and std 1e-2 keeps its digits.
 
+Elementwise passes over tensors larger than the cache take ``streamed=True``: the
+aligned middle of each span is written with non-temporal stores (``_stream``), which
+skip reading the destination lines before writing them.
+
 ``backward_channels`` is the cache-fused backward for ``ncl``: one task per channel
 reduces the channel's slab of dy and x, then computes dx from it while it is still in
 the core's cache, so dy and x come from memory once instead of twice. (The same
@@ -32,8 +40,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
+from . import _stream
 from ._half import load, store
 
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
@@ -68,17 +78,48 @@ def _grad_sums_row(gr, xr, mu):
     return s1, s2
 
 
-@njit(**_ELEM)
-def _normalize_row(xr, m_hi, m_lo, a, b, yr):
-    for i in range(xr.size):
-        yr[i] = store(((load(xr[i]) - m_hi) - m_lo) * a + b, yr)
+def at(p, i):
+    """``p[i]`` for a per-element parameter array, ``p`` itself for a scalar."""
+
+
+@overload(at, inline="always")
+def _at(p, i):
+    if isinstance(p, types.Array):
+        return lambda p, i: p[i]
+    return lambda p, i: p
+
+
+@njit(inline="always", **_ELEM)
+def _normalize_plain(xr, hi, lo, a, b, yr, i0, i1):
+    for i in range(i0, i1):
+        yr[i] = store(((load(xr[i]) - at(hi, i)) - at(lo, i)) * at(a, i) + at(b, i), yr)
+
+
+@njit(inline="always", **_ELEM)
+def _grad_input_plain(gr, xr, hi, lo, k2, mdy, k1, dr, i0, i1):
+    for i in range(i0, i1):
+        xmu = (load(xr[i]) - at(hi, i)) - at(lo, i)
+        dr[i] = store((load(gr[i]) - at(mdy, i) - xmu * at(k2, i)) * at(k1, i), dr)
 
 
 @njit(**_ELEM)
-def _grad_input_row(gr, xr, m_hi, m_lo, k2, mdy, k1, dr):
-    for i in range(xr.size):
-        xmu = (load(xr[i]) - m_hi) - m_lo
-        dr[i] = store((load(gr[i]) - mdy - xmu * k2) * k1, dr)
+def _normalize_span(xr, hi, lo, a, b, yr, streamed):
+    """y = ((x - hi) - lo) * a + b over a contiguous span; hi, lo, a, b scalars (one
+    channel) or arrays indexed like the span (tiled channels). ``streamed``: write the
+    aligned middle with non-temporal stores (``_stream``)."""
+    i0, i1 = _stream.bounds(yr) if streamed else (yr.size, yr.size)
+    _normalize_plain(xr, hi, lo, a, b, yr, 0, i0)
+    _stream.normalize(xr, yr, i0, i1, hi, lo, a, b)
+    _normalize_plain(xr, hi, lo, a, b, yr, i1, yr.size)
+
+
+@njit(**_ELEM)
+def _grad_input_span(gr, xr, hi, lo, k2, mdy, k1, dr, streamed):
+    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over a span, as ``_normalize_span``."""
+    i0, i1 = _stream.bounds(dr) if streamed else (dr.size, dr.size)
+    _grad_input_plain(gr, xr, hi, lo, k2, mdy, k1, dr, 0, i0)
+    _stream.grad_input(gr, xr, dr, i0, i1, hi, lo, k2, mdy, k1)
+    _grad_input_plain(gr, xr, hi, lo, k2, mdy, k1, dr, i1, dr.size)
 
 
 @njit(**_SUM)
@@ -102,26 +143,6 @@ def _grad_sums_rows_mc(dy2, x2, lo, hi, mean, s1, s2):
             s2[c] += g * (np.float64(load(xr[c])) - mean[c])
 
 
-@njit(**_ELEM)
-def _normalize_rows_mc(x2, lo, hi, m_hi, m_lo, a, b, y2):
-    for r in range(lo, hi):
-        xr = x2[r]
-        yr = y2[r]
-        for c in range(xr.size):
-            yr[c] = store(((load(xr[c]) - m_hi[c]) - m_lo[c]) * a[c] + b[c], yr)
-
-
-@njit(**_ELEM)
-def _grad_input_rows_mc(dy2, x2, lo, hi, m_hi, m_lo, k2, mdy, k1, dx2):
-    for r in range(lo, hi):
-        gr = dy2[r]
-        xr = x2[r]
-        dr = dx2[r]
-        for c in range(xr.size):
-            xmu = (load(xr[c]) - m_hi[c]) - m_lo[c]
-            dr[c] = store((load(gr[c]) - mdy[c] - xmu * k2[c]) * k1[c], dr)
-
-
 # --- per-channel arithmetic shared by the drivers and the fused kernels -------------
 
 
@@ -142,6 +163,19 @@ def finish_moments(sums, shift, count, mean, var):
 # --- work splitting ------------------------------------------------------------------
 
 
+# Cuts between work pieces fall on multiples of this many elements (64 bytes or more),
+# so that when the output is aligned every piece starts on a vector boundary.
+_GRAIN = 16
+
+
+@njit(inline="always")
+def _cut(k, parts, total):
+    """Start of piece k of ``parts`` near-equal pieces of ``total`` elements."""
+    if k >= parts:
+        return total
+    return k * total // parts // _GRAIN * _GRAIN
+
+
 @njit(inline="always")
 def _segment(task, nseg, c, length):
     """Split a task number into (n, c, segment, start, stop) of one plane segment."""
@@ -149,11 +183,12 @@ def _segment(task, nseg, c, length):
     seg = task - plane * nseg
     n = plane // c
     ch = plane - n * c
-    return n, ch, seg, seg * length // nseg, (seg + 1) * length // nseg
+    return n, ch, seg, _cut(seg, nseg, length), _cut(seg + 1, nseg, length)
 
 
 @njit(inline="always")
 def _rows(chunk, nchunk, m):
+    """[first, end) of chunk ``chunk`` of ``nchunk`` near-equal chunks of ``m`` items."""
     return chunk * m // nchunk, (chunk + 1) * m // nchunk
 
 
@@ -170,14 +205,21 @@ def stats_ncl(x3, shift, nseg, part):
 
 
 @njit(**_PAR)
-def normalize_ncl(x3, params, nseg, y3):
-    """y = ((x - hi) - lo) * a + b with params rows (hi, lo, a, b)."""
+def normalize_ncl(x3, params, nseg, nchunk, streamed, y3):
+    """y = ((x - hi) - lo) * a + b with params rows (hi, lo, a, b); the tasks are dealt
+    out in ``nchunk`` contiguous runs (one fence per run when streamed)."""
     n_, c_, l_ = x3.shape
-    for task in prange(np.int64(n_ * c_ * nseg)):
-        n, c, s, lo, hi = _segment(np.int64(task), nseg, c_, l_)
-        _normalize_row(
-            x3[n, c, lo:hi], params[0, c], params[1, c], params[2, c], params[3, c], y3[n, c, lo:hi]
-        )
+    ntasks = np.int64(n_ * c_ * nseg)
+    for t in prange(np.int64(nchunk)):
+        first, end = _rows(np.int64(t), nchunk, ntasks)
+        for task in range(first, end):
+            n, c, s, lo, hi = _segment(task, nseg, c_, l_)
+            _normalize_span(
+                x3[n, c, lo:hi], params[0, c], params[1, c], params[2, c], params[3, c],
+                y3[n, c, lo:hi], streamed,
+            )
+        if streamed:
+            _stream.fence()
 
 
 @njit(**_PAR)
@@ -192,45 +234,189 @@ def grad_sums_ncl(dy3, x3, mean, nseg, part):
 
 
 @njit(**_PAR)
-def grad_input_ncl(dy3, x3, params, nseg, dx3):
-    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with params rows (hi, lo, k2, mdy, k1)."""
+def grad_input_ncl(dy3, x3, params, nseg, nchunk, streamed, dx3):
+    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with params rows (hi, lo, k2, mdy, k1);
+    tasks dealt out as in ``normalize_ncl``."""
     n_, c_, l_ = x3.shape
-    for task in prange(np.int64(n_ * c_ * nseg)):
-        n, c, s, lo, hi = _segment(np.int64(task), nseg, c_, l_)
-        _grad_input_row(
-            dy3[n, c, lo:hi], x3[n, c, lo:hi], params[0, c], params[1, c], params[2, c],
-            params[3, c], params[4, c], dx3[n, c, lo:hi],
+    ntasks = np.int64(n_ * c_ * nseg)
+    for t in prange(np.int64(nchunk)):
+        first, end = _rows(np.int64(t), nchunk, ntasks)
+        for task in range(first, end):
+            n, c, s, lo, hi = _segment(task, nseg, c_, l_)
+            _grad_input_span(
+                dy3[n, c, lo:hi], x3[n, c, lo:hi], params[0, c], params[1, c], params[2, c],
+                params[3, c], params[4, c], dx3[n, c, lo:hi], streamed,
+            )
+        if streamed:
+            _stream.fence()
+
+
+# --- per-channel fused passes ----------------------------------------------------------
+# One channel at a time: reduce its slab, then the elementwise pass over it while it is
+# in cache. The parallel kernels take channels in parallel. The "small" kernels run
+# on the calling thread, for inputs too small to pay for waking the thread pool.
+
+
+@njit(cache=True)
+def _norm_params(c, mean, var, weight, bias, eps, params, stats):
+    """Channel c's statistics into ``stats`` and normalize constants into ``params``."""
+    stats[0, c] = mean
+    stats[1, c] = var
+    params[0, c] = mean
+    params[1, c] = mean - params[0, c]
+    params[2, c] = 1.0 / math.sqrt(var + eps) * weight[c]
+    params[3, c] = bias[c]
+
+
+@njit(cache=True)
+def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, sums):
+    """Channel c's gradient sums into ``sums`` and dx constants into ``params``
+    (eval mode: (0, 0, k1, 0, k1), so that normalize gives dx = dy * k1)."""
+    sums[0, c] = s1
+    sums[1, c] = s2
+    params[4, c] = invstd[c] * weight[c]
+    params[0, c] = mean[c] if training else 0.0
+    params[1, c] = mean[c] - params[0, c] if training else 0.0
+    params[2, c] = invstd[c] * invstd[c] * s2 / count if training else params[4, c]
+    params[3, c] = s1 / count if training else 0.0
+
+
+@njit(cache=True)
+def _channel_moments(x3, c):
+    """float64 mean and biased variance of channel c, shifted by its first value."""
+    n_, _, l_ = x3.shape
+    k = np.float64(load(x3[0, c, 0]))
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(n_):
+        a1, a2 = _sums_row(x3[n, c], k)
+        s1 += a1
+        s2 += a2
+    return moments(s1, s2, k, n_ * l_)
+
+
+@njit(cache=True)
+def _forward_channel(x3, c, weight, bias, eps, params, stats, streamed, y3):
+    mean, var = _channel_moments(x3, c)
+    _norm_params(c, mean, var, weight, bias, eps, params, stats)
+    for n in range(x3.shape[0]):
+        _normalize_span(
+            x3[n, c], params[0, c], params[1, c], params[2, c], params[3, c], y3[n, c], streamed
         )
+    if streamed:
+        _stream.fence()
+
+
+@njit(cache=True)
+def _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, streamed, dx3):
+    n_, _, l_ = x3.shape
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(n_):
+        a1, a2 = _grad_sums_row(dy3[n, c], x3[n, c], mean[c])
+        s1 += a1
+        s2 += a2
+    _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, sums)
+    for n in range(n_):
+        if training:
+            _grad_input_span(
+                dy3[n, c], x3[n, c], params[0, c], params[1, c], params[2, c],
+                params[3, c], params[4, c], dx3[n, c], streamed,
+            )
+        else:
+            _normalize_span(
+                dy3[n, c], params[0, c], params[1, c], params[2, c], params[3, c],
+                dx3[n, c], streamed,
+            )
+    if streamed:
+        _stream.fence()
 
 
 @njit(**_PAR)
-def backward_channels(dy3, x3, mean, invstd, weight, training, params, sums, dx3):
-    """Fused backward: per channel, the two sums then dx (float64 per-channel inputs)."""
-    n_, c_, l_ = x3.shape
-    count = n_ * l_
-    for c in prange(c_):
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(n_):
-            a1, a2 = _grad_sums_row(dy3[n, c], x3[n, c], mean[c])
-            s1 += a1
-            s2 += a2
-        sums[0, c] = s1
-        sums[1, c] = s2
-        params[4, c] = invstd[c] * weight[c]
+def forward_channels(x3, weight, bias, eps, params, stats, streamed, y3):
+    """Fused train forward: float64 weight and bias in; float64 mean and biased
+    variance out in ``stats``; ``params`` receives the normalize constants."""
+    for c in prange(x3.shape[1]):
+        _forward_channel(x3, c, weight, bias, eps, params, stats, streamed, y3)
+
+
+@njit(**_PAR)
+def backward_channels(dy3, x3, mean, invstd, weight, training, params, sums, streamed, dx3):
+    """Fused backward: float64 per-channel inputs; ``sums`` receives (sum dy,
+    sum dy * (x - mean)) and ``params`` the dx constants."""
+    for c in prange(x3.shape[1]):
+        _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, streamed, dx3)
+
+
+@njit(cache=True)
+def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
+    for c in range(x3.shape[1]):
+        _forward_channel(x3, c, weight, bias, eps, params, stats, False, y3)
+
+
+@njit(cache=True)
+def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, sums, dx3):
+    for c in range(x3.shape[1]):
+        _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, False, dx3)
+
+
+@njit(cache=True)
+def stats_small_ncl(x3, stats):
+    for c in range(x3.shape[1]):
+        stats[0, c], stats[1, c] = _channel_moments(x3, c)
+
+
+@njit(cache=True)
+def normalize_small_ncl(x3, params, y3):
+    for n in range(x3.shape[0]):
+        for c in range(x3.shape[1]):
+            _normalize_span(
+                x3[n, c], params[0, c], params[1, c], params[2, c], params[3, c], y3[n, c], False
+            )
+
+
+@njit(cache=True)
+def stats_small_mc(x2, stats):
+    m, c_ = x2.shape
+    shift = np.empty(c_)
+    for c in range(c_):
+        shift[c] = load(x2[0, c])
+    s1 = np.zeros(c_)
+    s2 = np.zeros(c_)
+    _sums_rows_mc(x2, 0, m, shift, s1, s2)
+    for c in range(c_):
+        stats[0, c], stats[1, c] = moments(s1[c], s2[c], shift[c], m)
+
+
+@njit(**_ELEM)
+def normalize_small_mc(x2, params, y2):
+    for r in range(x2.shape[0]):
+        _normalize_plain(x2[r], params[0], params[1], params[2], params[3], y2[r], 0, x2.shape[1])
+
+
+@njit(**_ELEM)
+def forward_small_mc(x2, weight, bias, eps, params, stats, y2):
+    stats_small_mc(x2, stats)
+    for c in range(x2.shape[1]):
+        _norm_params(c, stats[0, c], stats[1, c], weight, bias, eps, params, stats)
+    normalize_small_mc(x2, params, y2)
+
+
+@njit(**_ELEM)
+def backward_small_mc(dy2, x2, mean, invstd, weight, training, params, sums, dx2):
+    m, c_ = x2.shape
+    s1 = np.zeros(c_)
+    s2 = np.zeros(c_)
+    _grad_sums_rows_mc(dy2, x2, 0, m, mean, s1, s2)
+    for c in range(c_):
+        _grad_params(c, s1[c], s2[c], m, mean, invstd, weight, training, params, sums)
+    for r in range(m):
         if training:
-            params[0, c] = mean[c]
-            params[1, c] = mean[c] - params[0, c]
-            params[2, c] = invstd[c] * invstd[c] * s2 / count
-            params[3, c] = s1 / count
-            for n in range(n_):
-                _grad_input_row(
-                    dy3[n, c], x3[n, c], params[0, c], params[1, c], params[2, c],
-                    params[3, c], params[4, c], dx3[n, c],
-                )
+            _grad_input_plain(
+                dy2[r], x2[r], params[0], params[1], params[2], params[3], params[4], dx2[r], 0, c_
+            )
         else:
-            for n in range(n_):
-                _normalize_row(dy3[n, c], 0.0, 0.0, params[4, c], 0.0, dx3[n, c])
+            _normalize_plain(dy2[r], params[0], params[1], params[2], params[3], dx2[r], 0, c_)
 
 
 # --- mc kernels ----------------------------------------------------------------------
@@ -247,12 +433,24 @@ def stats_mc(x2, shift, nchunk, part):
 
 
 @njit(**_PAR)
-def normalize_mc(x2, params, nchunk, y2):
-    """y = ((x - hi) - lo) * a + b with params rows (hi, lo, a, b)."""
-    m = x2.shape[0]
+def normalize_mc(x2, params, nchunk, streamed, y2):
+    """y = ((x - hi) - lo) * a + b with params rows (hi, lo, a, b) tiled (see top)."""
+    c_ = x2.shape[1]
+    total = x2.size
+    w = params.shape[1] - c_ + 1
+    xf = x2.reshape(-1)
+    yf = y2.reshape(-1)
     for t in prange(np.int64(nchunk)):
-        lo, hi = _rows(np.int64(t), nchunk, m)
-        _normalize_rows_mc(x2, lo, hi, params[0], params[1], params[2], params[3], y2)
+        for p in range(_cut(t, nchunk, total), _cut(t + 1, nchunk, total), w):
+            q = min(p + w, _cut(t + 1, nchunk, total))
+            ph = p % c_
+            k = ph + q - p
+            _normalize_span(
+                xf[p:q], params[0, ph:k], params[1, ph:k], params[2, ph:k], params[3, ph:k],
+                yf[p:q], streamed,
+            )
+        if streamed:
+            _stream.fence()
 
 
 @njit(**_PAR)
@@ -266,11 +464,23 @@ def grad_sums_mc(dy2, x2, mean, nchunk, part):
 
 
 @njit(**_PAR)
-def grad_input_mc(dy2, x2, params, nchunk, dx2):
-    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with params rows (hi, lo, k2, mdy, k1)."""
-    m = x2.shape[0]
+def grad_input_mc(dy2, x2, params, nchunk, streamed, dx2):
+    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with params rows (hi, lo, k2, mdy, k1)
+    tiled (see top)."""
+    c_ = x2.shape[1]
+    total = x2.size
+    w = params.shape[1] - c_ + 1
+    gf = dy2.reshape(-1)
+    xf = x2.reshape(-1)
+    df = dx2.reshape(-1)
     for t in prange(np.int64(nchunk)):
-        lo, hi = _rows(np.int64(t), nchunk, m)
-        _grad_input_rows_mc(
-            dy2, x2, lo, hi, params[0], params[1], params[2], params[3], params[4], dx2
-        )
+        for p in range(_cut(t, nchunk, total), _cut(t + 1, nchunk, total), w):
+            q = min(p + w, _cut(t + 1, nchunk, total))
+            ph = p % c_
+            k = ph + q - p
+            _grad_input_span(
+                gf[p:q], xf[p:q], params[0, ph:k], params[1, ph:k], params[2, ph:k],
+                params[3, ph:k], params[4, ph:k], df[p:q], streamed,
+            )
+        if streamed:
+            _stream.fence()

@@ -19,9 +19,10 @@ SHAPES = [
     ((2, 3, 1, 1), 1),
 ]
 if not ON_DEVICE:
-    # Large enough to split planes into segments and rows into several chunks.
-    # (3, 4, 1501) takes the cache-fused per-channel backward on 2 or 4 threads.
-    SHAPES += [((2, 3, 9001), 1), ((20011, 3), 1), ((5, 41, 67), -1), ((3, 4, 1501), 1)]
+    # Above the single-thread limit for small inputs (2**15 values): planes split into
+    # segments, rows into several chunks; (3, 4, 3001) takes the cache-fused
+    # per-channel passes on 2 or 4 threads. (5, 41, 67) is a small channels-last case.
+    SHAPES += [((2, 3, 9001), 1), ((20011, 3), 1), ((5, 41, 67), -1), ((3, 4, 3001), 1)]
 else:
     # Large enough to span several blocks of the small simulator block size.
     SHAPES += [((3, 2, 67), 1), ((131, 3), 1)]

@@ -11,7 +11,9 @@ from helpers import DTYPES, ON_DEVICE, random_batch, to_host, to_side
 
 LAYOUT_CASES = [((4, 3, 5, 7), 1), ((4, 5, 7, 3), -1)]
 if not ON_DEVICE:
-    LAYOUT_CASES.append(((2, 3, 9001), 1))
+    # The multi-threaded kernels: split planes, the fused per-channel passes, row chunks
+    # (the cases above are small enough to run on the calling thread).
+    LAYOUT_CASES += [((2, 3, 9001), 1), ((4, 4, 3001), 1), ((9001, 5), 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,0 +1,122 @@
+"""The CPU kernels' streamed (non-temporal store) path and output alignment.
+
+Streaming normally starts at tensors of half the last-level cache; these tests lower
+that threshold to 0 so that small tensors take it, and check that it gives bitwise
+the results of plain stores, which the functional tests check against the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numbabn
+import numbabn.reference as ref
+from helpers import ON_DEVICE, DTYPES, assert_close, channel_vector, random_batch
+
+pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
+
+if not ON_DEVICE:
+    from numbabn import _cpu, _cpu_kernels, _stream, _validate
+
+# NCL planes of whole vectors for every dtype (streamed), planes that are not (plain),
+# channels-last with a channel count that is no divisor of the span, a single channel.
+CASES = [
+    ((3, 4, 1504), 1),
+    ((2, 3, 96), 1),
+    ((2, 5, 1501), 1),
+    ((1001, 24), 1),
+    ((67, 5, 7), -1),
+    ((13, 3, 11, 29), -1),
+    ((4, 1, 640), 1),
+]
+
+
+def _run(x, axis, threshold, monkeypatch):
+    monkeypatch.setattr(_stream, "MIN_BYTES", threshold)
+    c = x.shape[axis]
+    w = channel_vector(c, np.float32, 1)
+    b = channel_vector(c, np.float32, 2, -1, 1)
+    rm = channel_vector(c, np.float32, 3, -1, 1)
+    rv = channel_vector(c, np.float32, 4)
+    dy = random_batch(x.shape, x.dtype, seed=5)
+    y, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis)
+    ye = numbabn.batch_norm(x, rm, rv, w, b, training=False, axis=axis)
+    grads = numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    grads_eval = numbabn.batch_norm_backward(dy, x, rm, invstd, w, axis=axis, training=False)
+    return (y, ye, *grads, *grads_eval)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_streamed_equals_plain(shape, axis, dtype, monkeypatch):
+    x = random_batch(shape, dtype, seed=0, per_channel_axis=axis)
+    if axis == -1:
+        x = np.ascontiguousarray(x)
+    plain = _run(x, axis, 1 << 62, monkeypatch)
+    streamed = _run(x, axis, 0, monkeypatch)
+    for p, s in zip(plain, streamed):
+        np.testing.assert_array_equal(s, p)
+    yref, _, _ = ref.batch_norm_forward(x, channel_vector(x.shape[axis], np.float32, 1),
+                                        channel_vector(x.shape[axis], np.float32, 2, -1, 1),
+                                        axis=axis)
+    assert_close(streamed[0], yref, dtype, factor=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["ncl", "mc"])
+def test_kernels_stream_when_asked(layout, dtype):
+    """The elementwise kernels with streamed=True on aligned outputs, offsets included."""
+    rng = np.random.default_rng(7)
+    c = 6
+    kshape = (2, c, 992) if layout == "ncl" else (1001, c)
+    x = rng.standard_normal(kshape).astype(dtype)
+    dy = rng.standard_normal(kshape).astype(dtype)
+    ctype = np.float64 if dtype == np.float64 else np.float32
+    params = rng.uniform(0.5, 1.5, (5, c)).astype(ctype)
+    results = []
+    for streamed in (False, True):
+        y = _cpu._aligned_empty(kshape, dtype)
+        dx = _cpu._aligned_empty(kshape, dtype)
+        k = _cpu._kernel_array
+        if layout == "ncl":
+            _cpu_kernels.normalize_ncl(k(x), params, 2, 3, streamed, k(y))
+            _cpu_kernels.grad_input_ncl(k(dy), k(x), params, 2, 3, streamed, k(dx))
+        else:
+            tiled = np.ascontiguousarray(np.tile(params, (1, 60))[:, : 64 + c - 1])
+            _cpu_kernels.normalize_mc(k(x), tiled, 3, streamed, k(y))
+            _cpu_kernels.grad_input_mc(k(dy), k(x), tiled, 3, streamed, k(dx))
+        results.append((y, dx))
+    for p, s in zip(*results):
+        np.testing.assert_array_equal(s, p)
+    # and the plain results are the formula (checked in float64 against the inputs)
+    x64, dy64, p64 = x.astype(np.float64), dy.astype(np.float64), params.astype(np.float64)
+    shape = (1, c, 1) if layout == "ncl" else (1, c)
+    hi, lo, a, b, k1 = (p64[i].reshape(shape) for i in range(5))
+    assert_close(results[0][0], (x64 - hi - lo) * a + b, dtype, factor=4)
+    assert_close(results[0][1], (dy64 - b - (x64 - hi - lo) * a) * k1, dtype, factor=8)
+
+
+def test_fresh_outputs_are_aligned(monkeypatch):
+    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    for shape, axis in [((3, 5, 7), 1), ((4, 6, 5), -1), ((2, 1), 1)]:
+        x = random_batch(shape, np.float32)
+        y = numbabn.batch_norm(x, None, None, training=True, axis=axis)
+        assert y.__array_interface__["data"][0] % 64 == 0
+        assert y.flags.writeable
+
+
+def test_streaming_needs_alignment(monkeypatch):
+    """A misaligned ``out=`` takes the plain path and is still right."""
+    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    x = random_batch((3, 4, 1504), np.float32, per_channel_axis=1)
+    raw = np.empty(x.nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64 + 4
+    out = raw[start : start + x.nbytes].view(np.float32).reshape(x.shape)
+    layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
+    assert _cpu._streamed(_cpu._aligned_empty(x.shape, x.dtype), layout)
+    assert not _cpu._streamed(out, layout)
+    y = numbabn.batch_norm(x, None, None, training=True, out=out)
+    assert y is out
+    yref, _, _ = ref.batch_norm_forward(x)
+    assert_close(out, yref, np.float32, factor=2)
