@@ -10,6 +10,7 @@ eval forward is two (a C-thread kernel for the constants, then the elementwise p
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -34,7 +35,27 @@ def _numba_array(a):
     """A numba device array over the same memory (no copy)."""
     if getattr(a, "__cuda_ndarray__", False) is True:
         return a
+    if _SIM:
+        return _simulator_array(a)
     return cuda.as_cuda_array(a)
+
+
+def _simulator_array(a):
+    """Under the CUDA simulator, "device" memory is host memory and there is no
+    ``as_cuda_array``: wrap the memory that ``__cuda_array_interface__`` points to."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    info = describe(a, "array")
+    pointer = a.__cuda_array_interface__["data"][0]
+    extents = [(e - 1) * s for e, s in zip(info.shape, info.strides) if e > 0]
+    low = sum(min(0, x) for x in extents)
+    size = sum(max(0, x) for x in extents) - low + info.dtype.itemsize
+    if len(extents) < len(info.shape):  # an empty array
+        return FakeCUDAArray(np.empty(info.shape, info.dtype))
+    memory = (ctypes.c_char * size).from_address(pointer + low)
+    return FakeCUDAArray(
+        np.ndarray(info.shape, info.dtype, buffer=memory, offset=-low, strides=info.strides)
+    )
 
 
 def _strided(a, shape, strides):
@@ -82,13 +103,62 @@ def _view_geometry(info, layout: Layout):
 
 
 def _view(a, name, layout: Layout):
+    """The kernel view of an array whose strides allow one (see ``_view_geometry``)."""
+    return _strided(a, *_view_geometry(describe(a, name), layout))
+
+
+def _input_view(a, name, layout: Layout, stream):
+    """The kernel view of an input; if its strides cannot be walked as (N, C, L) or
+    (M, C), the view of a device copy in the layout's memory order."""
     geometry = _view_geometry(describe(a, name), layout)
-    if geometry is None:
-        raise ValueError(
-            f"{name}'s strides cannot be walked as (N, C, L) or (M, C) without a copy; "
-            "pass a contiguous CUDA array"
-        )
-    return _strided(a, *geometry)
+    if geometry is not None:
+        return _strided(a, *geometry)
+    tmp = _empty(layout, describe(a, name).dtype, stream)
+    _copy(_numba_array(a), tmp, stream)
+    return _view(tmp, name, layout)
+
+
+def _output_view(out, layout: Layout, dtype, stream):
+    """(kernel view to write, array to copy it into afterwards or None) for ``out``."""
+    geometry = _view_geometry(describe(out, "out"), layout)
+    if geometry is not None:
+        return _strided(out, *geometry), None
+    tmp = _empty(layout, dtype, stream)
+    return _view(tmp, "out", layout), tmp
+
+
+def _compress(shape, *strides):
+    """Drop axes of extent 1 and merge neighbours that every stride set walks as one."""
+    axes = [(e, *st) for e, *st in zip(shape, *strides) if e != 1]
+    merged = []
+    for e, *st in axes:
+        if merged and all(p == q * e for p, q in zip(merged[-1][1:], st)):
+            last = merged.pop()
+            merged.append((last[0] * e, *st))
+        else:
+            merged.append((e, *st))
+    return merged
+
+
+def _copy(src, dst, stream) -> None:
+    """dst[...] = src[...] on the device, any strides (numba device arrays)."""
+    axes = _compress(src.shape, src.strides, dst.strides)
+    if len(axes) > 4:  # rare: peel the leading axis
+        for i in range(src.shape[0]):
+            _copy(src[i], dst[i], stream)
+        return
+    axes = [(1, 0, 0)] * (4 - len(axes)) + axes
+    shape = tuple(a[0] for a in axes)
+    total = 1
+    for e in shape:
+        total *= e
+    if total == 0:
+        return
+    blocks = max(1, min(-(-total // K.BLOCK), 65535))
+    K.copy_4d[blocks, K.BLOCK, stream](
+        _strided(src, shape, tuple(a[1] for a in axes)),
+        _strided(dst, shape, tuple(a[2] for a in axes)),
+    )
 
 
 def _empty(layout: Layout, dtype, stream):
@@ -189,58 +259,61 @@ def _flags(weight=None, bias=None, update=False, training=False):
     )
 
 
-def _constants(c, st_rows, dtype, stream, st_dtype=None):
-    """Per-channel outputs of a finishing step: ``st`` (statistics, in ``st_dtype``) and
-    ``pc`` (elementwise constants), by default both in the statistics dtype of ``dtype``."""
-    sd = stats_dtype(dtype)
-    st = cuda.device_array((st_rows, c), st_dtype or sd, stream=stream)
-    return st, cuda.device_array((5, c), sd, stream=stream)
+def _chan(c, dtype, stream, chan_dtype=None):
+    """The packed per-channel array of an operation (rows: see ``_gpu_kernels``), by
+    default in the statistics dtype of data of ``dtype``."""
+    return cuda.device_array((K.ROWS, c), chan_dtype or stats_dtype(dtype), stream=stream)
 
 
-def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, st_dtype=None):
-    """Launch the statistics kernel; returns (st rows mean/var/invstd, pc constants, view)."""
+def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, chan_dtype=None):
+    """Launch the statistics kernel; returns (chan, the kernel view of x)."""
     layout = chk.layout
-    stream = _stream(stream)
-    xv = _view(x, "x", layout)
+    xv = _input_view(x, "x", layout, stream)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    st, pc = _constants(layout.c, 3, xv.dtype, stream, st_dtype)
+    chan = _chan(layout.c, xv.dtype, stream, chan_dtype)
     flags = _flags(weight, bias, update=running_mean is not None)
     kernel = K.stats_ncl if layout.kind == "ncl" else K.stats_mc
     # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
     eps = chk.eps if chk.eps > 0 else 1.0
     kernel[grid, block, stream](
         xv, *(_vector(a) for a in (weight, bias, running_mean, running_var)), flags, eps,
-        chk.momentum, part, counters, st, pc,
+        chk.momentum, part, counters, chan,
     )
-    return st, pc, xv, stream
+    return chan, xv
 
 
-def _normalize(x, xv, layout: Layout, pc, out, stream):
+def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
+    """Launch an elementwise kernel into ``out`` (or a fresh array of ``like``'s kind)."""
+    dtype = inputs[0].dtype
     if out is not None:
-        yv = _view(out, "out", layout)
+        view, tmp = _output_view(out, layout, dtype, stream)
         result = out
     else:
-        y = _empty(layout, xv.dtype, stream)
-        yv = _view(y, "y", layout)
-        result = _like(x, y)
+        tmp = None
+        y = _empty(layout, dtype, stream)
+        view = _view(y, "y", layout)
+        result = _like(like, y)
     grid, block = _elementwise_grid(layout)
-    kernel = K.normalize_ncl if layout.kind == "ncl" else K.normalize_mc
-    kernel[grid, block, stream](xv, pc, pc.dtype.type(0), yv)
+    kernel = getattr(K, f"{kernel_name}_{layout.kind}")
+    kernel[grid, block, stream](*inputs, chan, chan.dtype.type(0), view)
+    if tmp is not None:
+        _copy(tmp, _numba_array(out), stream)
     return result
 
 
 def batch_stats(x, chk: Checked, stream=None):
     """Per-channel mean and biased variance."""
-    st, _, _, _ = _stats(x, chk, None, None, None, None, stream)
-    return _like(x, st[0]), _like(x, st[1])
+    chan, _ = _stats(x, chk, None, None, None, None, _stream(stream))
+    return _like(x, chan[0]), _like(x, chan[1])
 
 
 def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out, stream=None):
     """Normalize with batch statistics; update running statistics if given."""
-    st, pc, xv, stream = _stats(x, chk, weight, bias, running_mean, running_var, stream)
-    y = _normalize(x, xv, chk.layout, pc, out, stream)
-    return y, _like(x, st[0]), _like(x, st[2])
+    stream = _stream(stream)
+    chan, xv = _stats(x, chk, weight, bias, running_mean, running_var, stream)
+    y = _elementwise("normalize", (xv,), chk.layout, chan, out, x, stream)
+    return y, _like(x, chan[0]), _like(x, chan[2])
 
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, stream=None):
@@ -249,65 +322,59 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, 
     stream = _stream(stream)
     if layout.count * layout.c == 0:
         return out if out is not None else _like(x, _empty(layout, describe(x, "x").dtype, stream))
-    xv = _view(x, "x", layout)
-    st, pc = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream)
-    return _normalize(x, xv, layout, pc, out, stream)
+    xv = _input_view(x, "x", layout, stream)
+    chan = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream)
+    return _elementwise("normalize", (xv,), layout, chan, out, x, stream)
 
 
 def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream):
     c = describe(running_mean, "running_mean").shape[0]
-    st, pc = _constants(c, 2, dtype, stream)
+    chan = _chan(c, dtype, stream)
     blocks = -(-c // K.BLOCK)
     K.eval_params[blocks, K.BLOCK, stream](
         *(_vector(a) for a in (running_mean, running_var, weight, bias)), _flags(weight, bias),
-        eps, st, pc,
+        eps, chan,
     )
-    return st, pc
+    return chan
 
 
 def running_invstd(running_var, eps: float, stream=None):
     """1 / sqrt(running_var + eps) on the device (stats dtype of running_var)."""
     rv = _numba_array(running_var)
-    st, _ = _eval_constants(rv, rv, None, None, eps, rv.dtype, _stream(stream))
-    return _like(running_var, st[1])
+    chan = _eval_constants(rv, rv, None, None, eps, rv.dtype, _stream(stream))
+    return _like(running_var, chan[1])
 
 
-def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, st_dtype=None):
-    """Launch the gradient reduction; st rows (dweight, dbias), pc the dx constants."""
+def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, chan_dtype=None):
+    """Launch the gradient reduction; returns (chan: rows dweight, dbias and the dx
+    constants; the kernel views of dy and x)."""
     layout = chk.layout
-    xv = _view(x, "x", layout)
-    dyv = _view(dy, "dy", layout)
+    xv = _input_view(x, "x", layout, stream)
+    dyv = _input_view(dy, "dy", layout, stream)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    st, pc = _constants(layout.c, 2, xv.dtype, stream, st_dtype)
+    chan = _chan(layout.c, xv.dtype, stream, chan_dtype)
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     kernel[grid, block, stream](
         dyv, xv, *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
-        part, counters, st, pc,
+        part, counters, chan,
     )
-    return st, pc, dyv, xv
+    return chan, dyv, xv
 
 
-def _grad_elementwise(dyv, xv, layout: Layout, pc, training, stream):
-    dx = _empty(layout, xv.dtype, stream)
-    dxv = _view(dx, "dx", layout)
-    egrid, eblock = _elementwise_grid(layout)
-    ct = pc.dtype.type(0)
+def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream):
+    """dx from the packed constants: the gradient kernel, or in eval mode dy * k1."""
     if training:
-        kernel = K.grad_input_ncl if layout.kind == "ncl" else K.grad_input_mc
-        kernel[egrid, eblock, stream](dyv, xv, pc, ct, dxv)
-    else:
-        kernel = K.normalize_ncl if layout.kind == "ncl" else K.normalize_mc
-        kernel[egrid, eblock, stream](dyv, pc, ct, dxv)
-    return dx
+        return _elementwise("grad_input", (dyv, xv), layout, chan, None, like, stream)
+    return _elementwise("normalize", (dyv,), layout, chan, None, like, stream)
 
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None):
     """Gradients (dx, dweight, dbias)."""
     stream = _stream(stream)
-    st, pc, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream)
-    dx = _grad_elementwise(dyv, xv, chk.layout, pc, training, stream)
-    return _like(x, dx), _like(x, st[0]), _like(x, st[1])
+    chan, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream)
+    dx = _grad_elementwise(dyv, xv, chk.layout, chan, training, x, stream)
+    return dx, _like(x, chan[0]), _like(x, chan[1])
 
 
 # --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
@@ -333,8 +400,8 @@ def local_moments(x, chk: Checked, stream=None):
     layout = chk.layout
     if layout.count == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
-    st, _, _, _ = _stats(x, chk, None, None, None, None, _stream(stream), np.float64)
-    mean, var, _ = st.copy_to_host()
+    chan, _ = _stats(x, chk, None, None, None, None, _stream(stream), np.float64)
+    mean, var = chan.copy_to_host()[:2]
     return mean, var * layout.count
 
 
@@ -357,8 +424,8 @@ def local_grad_sums(dy, x, chk: Checked, mean, stream=None):
     if layout.count == 0:
         return np.zeros((2, layout.c))
     ones = cuda.to_device(np.ones(layout.c))  # dweight = sum dy * (x - mean) * 1
-    st, _, _, _ = _grad_sums(dy, x, chk, cuda.to_device(mean), ones, None, True, _stream(stream), np.float64)
-    dweight, dbias = st.copy_to_host()
+    chan, _, _ = _grad_sums(dy, x, chk, cuda.to_device(mean), ones, None, True, _stream(stream), np.float64)
+    dweight, dbias = chan.copy_to_host()[:2]
     return np.stack([dbias, dweight])
 
 
@@ -368,14 +435,17 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
     stream = _stream(stream)
     sd = stats_dtype(describe(x, "x").dtype)
     if layout.count * layout.c:
-        pc = grad_constants(mean, invstd, _host(weight), sums, count, training, sd)
-        dx = _grad_elementwise(_view(dy, "dy", layout), _view(x, "x", layout), layout,
-                               cuda.to_device(pc, stream=stream), training, stream)
+        chan = np.zeros((K.ROWS, layout.c), sd)
+        chan[K.HI :] = grad_constants(mean, invstd, _host(weight), sums, count, training, sd)
+        dx = _grad_elementwise(
+            _input_view(dy, "dy", layout, stream), _input_view(x, "x", layout, stream), layout,
+            cuda.to_device(chan, stream=stream), training, x, stream,
+        )
     else:
-        dx = _empty(layout, describe(x, "x").dtype, stream)
+        dx = _like(x, _empty(layout, describe(x, "x").dtype, stream))
     dweight = cuda.to_device((sums[1] * invstd).astype(sd), stream=stream)
     dbias = cuda.to_device(sums[0].astype(sd), stream=stream)
-    return _like(x, dx), _like(x, dweight), _like(x, dbias)
+    return dx, _like(x, dweight), _like(x, dbias)
 
 
 def copy(a):

@@ -10,11 +10,12 @@ finishes last for a channel (an atomic counter per channel, ``counter[c]``) adds
 partials in block order, so results are bitwise reproducible, and writes the
 per-channel results. No floating-point atomics.
 
-Per-channel outputs: ``st`` (rows of statistics in the statistics dtype) and ``pc``
-(rows of constants for the elementwise kernel, in the compute dtype: float32 for
-float16/float32 data, float64 for float64). ``pc`` rows for the forward: mean hi,
-mean lo (``mean = hi + lo`` in more than float32 precision), scale, shift; for the
-backward: mean hi, mean lo, k2, mean(dy), k1.
+Per-channel values travel packed in one array, ``chan`` of shape ``(ROWS, C)`` in
+the statistics dtype (float32 for float16/float32 data, float64 for float64): rows
+0-2 are what an operation returns per channel (mean, variance, invstd; or dweight,
+dbias; or, for eval, mean and invstd), rows HI.. the constants of the elementwise
+kernels: mean hi, mean lo (``mean = hi + lo`` in more than float32 precision),
+scale, shift for normalize; mean hi, mean lo, k2, mean(dy), k1 for the gradient.
 
 ``ct`` is a zero of the compute dtype; ``x + ct`` widens float16 data to float32 and
 leaves float64 data in float64.
@@ -35,6 +36,9 @@ SEGMENT = BLOCK * 8  # NCL planes longer than this are split into segments (task
 
 # Bits of the ``flags`` argument of the finishing step.
 HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING, TRAINING = 1, 2, 4, 8
+# Rows of ``chan``: three returned values, then the elementwise constants.
+HI, LO, A, B, K1 = 3, 4, 5, 6, 7
+ROWS = 8
 
 
 @cuda.jit(device=True)
@@ -100,7 +104,7 @@ def _add_partials(part, c, nblocks):
 
 
 @cuda.jit(device=True)
-def _finish_stats(part, c, nblocks, shift, count, w, b, rm, rv, flags, eps, momentum, st, pc):
+def _finish_stats(part, c, nblocks, shift, count, w, b, rm, rv, flags, eps, momentum, chan):
     """Channel c's mean, variance, invstd, running statistics and normalize constants."""
     s1, s2 = _add_partials(part, c, nblocks)
     delta = s1 / count
@@ -109,43 +113,43 @@ def _finish_stats(part, c, nblocks, shift, count, w, b, rm, rv, flags, eps, mome
     if var < 0.0:
         var = 0.0
     invstd = 1.0 / math.sqrt(var + eps)
-    st[0, c] = mean
-    st[1, c] = var
-    st[2, c] = invstd
+    chan[0, c] = mean
+    chan[1, c] = var
+    chan[2, c] = invstd
     scale = invstd
     if flags & HAS_WEIGHT:
         scale *= float64(w[c])
-    pc[0, c] = mean
-    pc[1, c] = mean - float64(pc[0, c])
-    pc[2, c] = scale
-    pc[3, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+    chan[HI, c] = mean
+    chan[LO, c] = mean - float64(chan[HI, c])
+    chan[A, c] = scale
+    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
     if flags & UPDATE_RUNNING:
         rm[c] = (1.0 - momentum) * float64(rm[c]) + momentum * mean
         rv[c] = (1.0 - momentum) * float64(rv[c]) + momentum * var * (count / (count - 1.0))
 
 
 @cuda.jit(device=True)
-def _finish_grad(part, c, nblocks, count, mean, invstd, w, flags, st, pc):
+def _finish_grad(part, c, nblocks, count, mean, invstd, w, flags, chan):
     """Channel c's dweight, dbias and the constants of the dx kernel."""
     s1, s2 = _add_partials(part, c, nblocks)
     inv = float64(invstd[c])
-    st[0, c] = s2 * inv
-    st[1, c] = s1
+    chan[0, c] = s2 * inv
+    chan[1, c] = s1
     k1 = inv
     if flags & HAS_WEIGHT:
         k1 *= float64(w[c])
     mu = float64(mean[c])
     if flags & TRAINING:
-        pc[0, c] = mu
-        pc[1, c] = mu - float64(pc[0, c])
-        pc[2, c] = inv * inv * s2 / count
-        pc[3, c] = s1 / count
+        chan[HI, c] = mu
+        chan[LO, c] = mu - float64(chan[HI, c])
+        chan[A, c] = inv * inv * s2 / count
+        chan[B, c] = s1 / count
     else:  # dx = dy * k1: the constants of "normalize" with mean 0 and no shift
-        pc[0, c] = 0.0
-        pc[1, c] = 0.0
-        pc[2, c] = k1
-        pc[3, c] = 0.0
-    pc[4, c] = k1
+        chan[HI, c] = 0.0
+        chan[LO, c] = 0.0
+        chan[A, c] = k1
+        chan[B, c] = 0.0
+    chan[K1, c] = k1
 
 
 @cuda.jit(device=True)
@@ -190,7 +194,7 @@ def _ncl_sums(a3, b3, c, k, mode, tid):
 
 
 @cuda.jit
-def stats_ncl(x3, w, b, rm, rv, flags, eps, momentum, part, counter, st, pc):
+def stats_ncl(x3, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
     """Statistics of channel blockIdx.x; the last block also finishes the channel."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
@@ -202,11 +206,11 @@ def stats_ncl(x3, w, b, rm, rv, flags, eps, momentum, part, counter, st, pc):
     last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last and tid == 0:
         count = float64(x3.shape[0] * x3.shape[2])
-        _finish_stats(part, c, cuda.gridDim.y, k, count, w, b, rm, rv, flags, eps, momentum, st, pc)
+        _finish_stats(part, c, cuda.gridDim.y, k, count, w, b, rm, rv, flags, eps, momentum, chan)
 
 
 @cuda.jit
-def grad_sums_ncl(dy3, x3, mean, invstd, w, flags, part, counter, st, pc):
+def grad_sums_ncl(dy3, x3, mean, invstd, w, flags, part, counter, chan):
     """sum(dy) and sum(dy * (x - mean)) of channel blockIdx.x; the last block finishes."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
@@ -217,19 +221,19 @@ def grad_sums_ncl(dy3, x3, mean, invstd, w, flags, part, counter, st, pc):
     last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last and tid == 0:
         count = float64(x3.shape[0] * x3.shape[2])
-        _finish_grad(part, c, cuda.gridDim.y, count, mean, invstd, w, flags, st, pc)
+        _finish_grad(part, c, cuda.gridDim.y, count, mean, invstd, w, flags, chan)
 
 
 @cuda.jit
-def normalize_ncl(x3, pc, ct, y3):
+def normalize_ncl(x3, chan, ct, y3):
     """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x."""
     n_, _, l_ = x3.shape
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    m_hi = pc[0, c]
-    m_lo = pc[1, c]
-    a = pc[2, c]
-    b = pc[3, c]
+    m_hi = chan[HI, c]
+    m_lo = chan[LO, c]
+    a = chan[A, c]
+    b = chan[B, c]
     segs, t0, t1 = _task_range(n_, l_)
     for t in range(t0, t1):
         n, lo, hi = _segment(t, segs, l_)
@@ -238,16 +242,16 @@ def normalize_ncl(x3, pc, ct, y3):
 
 
 @cuda.jit
-def grad_input_ncl(dy3, x3, pc, ct, dx3):
+def grad_input_ncl(dy3, x3, chan, ct, dx3):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over this block's share of a channel."""
     n_, _, l_ = x3.shape
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    m_hi = pc[0, c]
-    m_lo = pc[1, c]
-    k2 = pc[2, c]
-    mdy = pc[3, c]
-    k1 = pc[4, c]
+    m_hi = chan[HI, c]
+    m_lo = chan[LO, c]
+    k2 = chan[A, c]
+    mdy = chan[B, c]
+    k1 = chan[K1, c]
     segs, t0, t1 = _task_range(n_, l_)
     for t in range(t0, t1):
         n, lo, hi = _segment(t, segs, l_)
@@ -271,7 +275,7 @@ def _mc_sums(a2, b2, c, k, mode, ty):
 
 
 @cuda.jit
-def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, st, pc):
+def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
     """Statistics of TX channels per block column; the last block finishes them."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
@@ -290,11 +294,11 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, st, pc):
     last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last and write:
         _finish_stats(part, c, cuda.gridDim.y, k, float64(x2.shape[0]), w, b, rm, rv,
-                      flags, eps, momentum, st, pc)
+                      flags, eps, momentum, chan)
 
 
 @cuda.jit
-def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, st, pc):
+def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
     """sum(dy) and sum(dy * (x - mean)) for TX channels; the last block finishes them."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
@@ -311,34 +315,34 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, st, pc):
     write = ty == 0 and active
     last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last and write:
-        _finish_grad(part, c, cuda.gridDim.y, float64(x2.shape[0]), mean, invstd, w, flags, st, pc)
+        _finish_grad(part, c, cuda.gridDim.y, float64(x2.shape[0]), mean, invstd, w, flags, chan)
 
 
 @cuda.jit
-def normalize_mc(x2, pc, ct, y2):
+def normalize_mc(x2, chan, ct, y2):
     """y = ((x - hi) - lo) * scale + shift for TX channels per block column."""
     c = cuda.blockIdx.x * TX + cuda.threadIdx.x
     if c >= x2.shape[1]:
         return
-    m_hi = pc[0, c]
-    m_lo = pc[1, c]
-    a = pc[2, c]
-    b = pc[3, c]
+    m_hi = chan[HI, c]
+    m_lo = chan[LO, c]
+    a = chan[A, c]
+    b = chan[B, c]
     for r in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, x2.shape[0], TY * cuda.gridDim.y):
         y2[r, c] = ((x2[r, c] + ct - m_hi) - m_lo) * a + b
 
 
 @cuda.jit
-def grad_input_mc(dy2, x2, pc, ct, dx2):
+def grad_input_mc(dy2, x2, chan, ct, dx2):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 for TX channels per block column."""
     c = cuda.blockIdx.x * TX + cuda.threadIdx.x
     if c >= x2.shape[1]:
         return
-    m_hi = pc[0, c]
-    m_lo = pc[1, c]
-    k2 = pc[2, c]
-    mdy = pc[3, c]
-    k1 = pc[4, c]
+    m_hi = chan[HI, c]
+    m_lo = chan[LO, c]
+    k2 = chan[A, c]
+    mdy = chan[B, c]
+    k1 = chan[K1, c]
     for r in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, x2.shape[0], TY * cuda.gridDim.y):
         xmu = (x2[r, c] + ct - m_hi) - m_lo
         dx2[r, c] = (dy2[r, c] + ct - mdy - xmu * k2) * k1
@@ -348,19 +352,37 @@ def grad_input_mc(dy2, x2, pc, ct, dx2):
 
 
 @cuda.jit
-def eval_params(rm, rv, w, b, flags, eps, st, pc):
-    """Normalize constants from the running statistics (one thread per channel)."""
+def eval_params(rm, rv, w, b, flags, eps, chan):
+    """Normalize constants from the running statistics (one thread per channel); rows
+    0 and 1 receive the mean and invstd."""
     c = cuda.grid(1)
     if c >= rm.shape[0]:
         return
     mean = float64(rm[c])
     invstd = 1.0 / math.sqrt(float64(rv[c]) + eps)
-    st[0, c] = mean
-    st[1, c] = invstd
+    chan[0, c] = mean
+    chan[1, c] = invstd
     scale = invstd
     if flags & HAS_WEIGHT:
         scale *= float64(w[c])
-    pc[0, c] = mean
-    pc[1, c] = mean - float64(pc[0, c])
-    pc[2, c] = scale
-    pc[3, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+    chan[HI, c] = mean
+    chan[LO, c] = mean - float64(chan[HI, c])
+    chan[A, c] = scale
+    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+
+
+# --- copies ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def copy_4d(src, dst):
+    """dst[...] = src[...] for two 4-D arrays of one shape and any strides."""
+    n0, n1, n2, n3 = dst.shape
+    total = n0 * n1 * n2 * n3
+    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
+        i3 = i % n3
+        r = i // n3
+        i2 = r % n2
+        r //= n2
+        i1 = r % n1
+        dst[r // n1, i1, i2, i3] = src[r // n1, i1, i2, i3]

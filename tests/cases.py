@@ -30,7 +30,9 @@ else:
 # How the tensor sits in memory. Each maker takes a C-contiguous host array and the
 # channel axis and returns a view of the same values (maybe with extra data around).
 HOST_LAYOUTS = ["contiguous", "channels_last", "strided", "reversed", "fortran"]
-DEVICE_LAYOUTS = ["contiguous", "strided"]
+# "padded": rows with a gap after them, so the axes around the channel axis cannot be
+# walked as one (the GPU backend copies such inputs and outputs on the device).
+DEVICE_LAYOUTS = ["contiguous", "strided", "padded"]
 LAYOUTS = DEVICE_LAYOUTS if ON_DEVICE else HOST_LAYOUTS
 
 
@@ -60,6 +62,10 @@ def on_side(x: np.ndarray, axis: int, layout: str):
 
     if layout == "contiguous":
         return cuda.to_device(x)
+    if layout == "padded":
+        big = np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
+        big[..., :-1] = x
+        return cuda.to_device(big)[..., :-1]
     big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
     big[..., ::2] = x
     return cuda.to_device(big)[..., ::2]

@@ -26,19 +26,21 @@ def _signatures(data, vec):
     stat = types.float64 if data == types.float64 else types.float32
     v = _arr(vec, 1)
     part, counter = _arr(types.float64, 3), _arr(types.int32, 1)
-    # The distributed path asks for float64 statistics rows whatever the data dtype.
-    st, pc = _arr(types.float64 if vec == types.float64 else stat, 2), _arr(stat, 2)
+    # The distributed path asks for float64 per-channel rows whatever the data dtype.
+    red = _arr(types.float64 if vec == types.float64 else stat, 2)
+    chan = _arr(stat, 2)
     i, f = types.int64, types.float64
     return {
-        "stats_ncl": (_arr(data, 3), v, v, v, v, i, f, f, part, counter, st, pc),
-        "stats_mc": (_arr(data, 2), v, v, v, v, i, f, f, part, counter, st, pc),
-        "grad_sums_ncl": (_arr(data, 3), _arr(data, 3), v, v, v, i, part, counter, st, pc),
-        "grad_sums_mc": (_arr(data, 2), _arr(data, 2), v, v, v, i, part, counter, st, pc),
-        "normalize_ncl": (_arr(data, 3), pc, stat, _arr(data, 3)),
-        "normalize_mc": (_arr(data, 2), pc, stat, _arr(data, 2)),
-        "grad_input_ncl": (_arr(data, 3), _arr(data, 3), pc, stat, _arr(data, 3)),
-        "grad_input_mc": (_arr(data, 2), _arr(data, 2), pc, stat, _arr(data, 2)),
-        "eval_params": (v, v, v, v, i, f, st, pc),
+        "stats_ncl": (_arr(data, 3), v, v, v, v, i, f, f, part, counter, red),
+        "stats_mc": (_arr(data, 2), v, v, v, v, i, f, f, part, counter, red),
+        "grad_sums_ncl": (_arr(data, 3), _arr(data, 3), v, v, v, i, part, counter, red),
+        "grad_sums_mc": (_arr(data, 2), _arr(data, 2), v, v, v, i, part, counter, red),
+        "normalize_ncl": (_arr(data, 3), chan, stat, _arr(data, 3)),
+        "normalize_mc": (_arr(data, 2), chan, stat, _arr(data, 2)),
+        "grad_input_ncl": (_arr(data, 3), _arr(data, 3), chan, stat, _arr(data, 3)),
+        "grad_input_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2)),
+        "eval_params": (v, v, v, v, i, f, chan),
+        "copy_4d": (_arr(data, 4), _arr(data, 4)),
     }
 
 
