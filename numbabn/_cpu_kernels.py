@@ -11,6 +11,8 @@ Two views of a tensor (see ``_validate.Layout``):
   so the inner loop is long and contiguous even for a small C: the per-channel
   constants come tiled (``params[k, j]`` is channel ``j % C``'s, ``w + C - 1``
   columns), and a span starting at flat index p reads them from column ``p % C``.
+  When streaming, the spans start on vector boundaries of the output, whatever its
+  alignment (the few elements before the first boundary are written first).
 
 Reductions write one partial per task into ``part[t, k, c]`` (``k`` = which sum);
 the caller adds the partials over ``t`` in a fixed order, so results are
@@ -184,6 +186,13 @@ def _segment(task, nseg, c, length):
     n = plane // c
     ch = plane - n * c
     return n, ch, seg, _cut(seg, nseg, length), _cut(seg + 1, nseg, length)
+
+
+@njit(inline="always")
+def _head(yf, streamed):
+    """Elements of flat ``yf`` before its first vector boundary when streaming, so that
+    the MC passes cut the rest into pieces that start on vector boundaries."""
+    return _stream.bounds(yf)[0] if streamed else 0
 
 
 @njit(inline="always")
@@ -440,9 +449,12 @@ def normalize_mc(x2, params, nchunk, streamed, y2):
     w = params.shape[1] - c_ + 1
     xf = x2.reshape(-1)
     yf = y2.reshape(-1)
+    h = _head(yf, streamed)
+    _normalize_span(xf[:h], params[0, :h], params[1, :h], params[2, :h], params[3, :h], yf[:h], False)
     for t in prange(np.int64(nchunk)):
-        for p in range(_cut(t, nchunk, total), _cut(t + 1, nchunk, total), w):
-            q = min(p + w, _cut(t + 1, nchunk, total))
+        end = h + _cut(t + 1, nchunk, total - h)
+        for p in range(h + _cut(t, nchunk, total - h), end, w):
+            q = min(p + w, end)
             ph = p % c_
             k = ph + q - p
             _normalize_span(
@@ -473,9 +485,15 @@ def grad_input_mc(dy2, x2, params, nchunk, streamed, dx2):
     gf = dy2.reshape(-1)
     xf = x2.reshape(-1)
     df = dx2.reshape(-1)
+    h = _head(df, streamed)
+    _grad_input_span(
+        gf[:h], xf[:h], params[0, :h], params[1, :h], params[2, :h], params[3, :h],
+        params[4, :h], df[:h], False,
+    )
     for t in prange(np.int64(nchunk)):
-        for p in range(_cut(t, nchunk, total), _cut(t + 1, nchunk, total), w):
-            q = min(p + w, _cut(t + 1, nchunk, total))
+        end = h + _cut(t + 1, nchunk, total - h)
+        for p in range(h + _cut(t, nchunk, total - h), end, w):
+            q = min(p + w, end)
             ph = p % c_
             k = ph + q - p
             _grad_input_span(

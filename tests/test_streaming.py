@@ -1,8 +1,9 @@
 """The CPU kernels' streamed (non-temporal store) path and output alignment.
 
 Streaming normally starts at tensors of half the last-level cache; these tests lower
-that threshold to 0 so that small tensors take it, and check that it gives bitwise
-the results of plain stores, which the functional tests check against the reference.
+that threshold to 0 so that small tensors take it (and turn off the single-thread
+path for small inputs, which never streams), and check that it gives bitwise the
+results of plain stores, which the functional tests check against the reference.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ CASES = [
     ((13, 3, 11, 29), -1),
     ((4, 1, 640), 1),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _no_small_path(monkeypatch):
+    if not ON_DEVICE:
+        monkeypatch.setattr(_cpu, "_SMALL_VALUES", 0)
 
 
 def _run(x, axis, threshold, monkeypatch):
@@ -120,3 +127,26 @@ def test_streaming_needs_alignment(monkeypatch):
     assert y is out
     yref, _, _ = ref.batch_norm_forward(x)
     assert_close(out, yref, np.float32, factor=2)
+
+
+def _misaligned(shape, dtype, offset):
+    raw = np.empty(int(np.prod(shape)) * np.dtype(dtype).itemsize + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    return raw[start : start + raw.size - 128].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((1001, 24), 1), ((67, 5, 7), -1), ((2, 3, 4100), 1)])
+def test_misaligned_out_streams_and_equals_plain(shape, axis, dtype, monkeypatch):
+    """Channels-last passes start their pieces at the output's first vector boundary;
+    long NCL planes stream whatever the alignment."""
+    x = np.ascontiguousarray(random_batch(shape, dtype, per_channel_axis=axis))
+    results = []
+    for threshold in (1 << 62, 0):
+        monkeypatch.setattr(_stream, "MIN_BYTES", threshold)
+        out = _misaligned(shape, dtype, 2 * np.dtype(dtype).itemsize)
+        layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
+        assert _cpu._streamed(out, layout) == (threshold == 0)
+        numbabn.batch_norm(x, None, None, training=True, axis=axis, out=out)
+        results.append(out.copy())
+    np.testing.assert_array_equal(results[1], results[0])
