@@ -167,6 +167,34 @@ def _first_call_seconds():
     return float(res.stdout.strip())
 
 
+def _tiny_calls(use_torch: bool) -> dict[str, float]:
+    """Microseconds per call of train forward on a 2x3x4x5 float32 batch (running
+    statistics, weight and bias): the fixed cost of a call, for numbabn and torch."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    vecs = [np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(3, np.float32), np.zeros(3, np.float32)]
+    fns = {"numbabn": lambda: numbabn.batch_norm(x, *vecs, True)}
+    if use_torch:
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            xt, *vt = (torch.from_numpy(a.copy()) for a in (x, *vecs))
+            fns["torch"] = lambda: torch.nn.functional.batch_norm(xt, *vt, True)
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(200):
+            fn()
+        batches = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            batches.append((time.perf_counter() - t0) / 200)
+        out[name] = float(np.median(batches)) * 1e6
+    return out
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     steady = False if args.system_malloc else _keep_freed_memory()
@@ -254,5 +282,8 @@ def main(argv=None) -> int:
     print("out=: numbabn writing into a preallocated output; x numpy / x torch: speed-up of "
           "numbabn (fresh output) over that peer; of floor: floor time / best numbabn time")
     print("floors: train fwd = read + copy, eval fwd = copy, backward = 3 reads + copy")
+    tiny = _tiny_calls(not args.no_torch)
+    print("2x3x4x5 train forward, per call: "
+          + ", ".join(f"{name} {us:.0f} us" for name, us in tiny.items()))
     print(f"first call in a fresh process (import + run, warm cache): {_first_call_seconds():.2f} s")
     return 0 if ok else 1

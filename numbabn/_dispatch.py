@@ -12,8 +12,18 @@ from types import ModuleType
 from ._validate import DEVICE, HOST
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def backend(side: str) -> ModuleType:
     """The module implementing the operations for arrays on ``side``."""
+    module = _loaded.get(side)
+    if module is None:
+        module = _loaded[side] = _load(side)
+    return module
+
+
+def _load(side: str) -> ModuleType:
     if side == HOST:
         from . import _cpu
 
