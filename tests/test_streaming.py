@@ -150,3 +150,18 @@ def test_misaligned_out_streams_and_equals_plain(shape, axis, dtype, monkeypatch
         numbabn.batch_norm(x, None, None, training=True, axis=axis, out=out)
         results.append(out.copy())
     np.testing.assert_array_equal(results[1], results[0])
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 4, 1504), 1), ((2001, 24), 1)])
+def test_streamed_in_place(shape, axis, monkeypatch):
+    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    x = random_batch(shape, np.float32, per_channel_axis=axis)
+    expected = numbabn.batch_norm(x, None, None, training=True, axis=axis)
+    dy = random_batch(shape, np.float32, seed=3)
+    _, mean, invstd = numbabn.batch_norm_forward(x, axis=axis)
+    dx_expected, _, _ = numbabn.batch_norm_backward(dy, x, mean, invstd, axis=axis)
+    buf = _cpu._aligned_empty(shape, np.float32)
+    buf[...] = x
+    assert numbabn.batch_norm(buf, None, None, training=True, axis=axis, out=buf) is buf
+    np.testing.assert_array_equal(buf, expected)
+    np.testing.assert_array_equal(dx_expected, numbabn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0])
