@@ -170,7 +170,7 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     aligned and a plane is whole vectors, and otherwise must be long."""
     vector = _stream.VECTOR_BYTES
     row = layout.l * result.itemsize
-    return result.nbytes >= _stream.MIN_BYTES and (
+    return result.nbytes >= _stream.MIN_BYTES and result.flags.aligned and (
         layout.kind == "mc"
         or (result.ctypes.data % vector == 0 and row % vector == 0)
         or row >= _STREAM_MIN_ROW_BYTES

@@ -190,9 +190,12 @@ def _segment(task, nseg, c, length):
 
 @njit(inline="always")
 def _head(yf, streamed):
-    """Elements of flat ``yf`` before its first vector boundary when streaming, so that
-    the MC passes cut the rest into pieces that start on vector boundaries."""
-    return _stream.bounds(yf)[0] if streamed else 0
+    """Elements of flat ``yf`` before its first vector boundary when streaming (fewer
+    than a vector), so that the MC passes cut the rest into pieces that start on vector
+    boundaries; 0 when not streaming or when ``yf`` has no such boundaries."""
+    if not streamed or yf.ctypes.data % yf.itemsize:
+        return 0
+    return _stream.bounds(yf)[0]
 
 
 @njit(inline="always")

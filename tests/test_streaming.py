@@ -165,3 +165,25 @@ def test_streamed_in_place(shape, axis, monkeypatch):
     assert numbabn.batch_norm(buf, None, None, training=True, axis=axis, out=buf) is buf
     np.testing.assert_array_equal(buf, expected)
     np.testing.assert_array_equal(dx_expected, numbabn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0])
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 4100), 1), ((2001, 24), 1)])
+def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
+    """An array whose address is not a multiple of its item size (NumPy allows them)
+    takes plain stores; aligned vector stores would fault on it."""
+    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    x = random_batch(shape, np.float32, per_channel_axis=axis)
+    raw = np.zeros(x.nbytes + 1, np.uint8)
+    out = np.frombuffer(raw.data, np.float32, x.size, offset=1).reshape(shape)
+    assert not out.flags.aligned
+    numbabn.batch_norm(x, None, None, training=True, axis=axis, out=out)
+    yref, _, _ = ref.batch_norm(x, training=True, axis=axis)
+    assert_close(out, yref, np.float32, factor=2)
+    # and the kernels themselves, asked to stream into it, write plainly
+    c = x.shape[axis]
+    params = np.tile(np.array([[0.5], [0.0], [2.0], [1.0]], np.float32), (1, 1024 + c - 1))
+    if x.ndim == 2:
+        _cpu_kernels.normalize_mc(x, params, 3, True, out)
+    else:
+        _cpu_kernels.normalize_ncl(x, params[:, :c], 2, 3, True, out)
+    np.testing.assert_array_equal(out, (x - np.float32(0.5)) * np.float32(2) + np.float32(1))
