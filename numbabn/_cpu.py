@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _cpu_kernels as kernels
 from . import _stream
-from ._channel import as64, grad_constants, norm_constants, update_running
+from ._channel import as64, grad_constants, norm_constants
 from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
@@ -274,7 +274,7 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     small = _small(layout)
     if small or _fuse(layout, xo.itemsize, "forward"):
         y, yv = _output(out, xo, layout)
-        stats = np.empty((2, layout.c))
+        stats = np.empty((3, layout.c))
         args = (
             _kernel_array(_view(xo, layout)), as64(weight, layout.c, 1.0),
             as64(bias, layout.c, 0.0), chk.eps, np.empty((4, layout.c), stats_dtype(x.dtype)),
@@ -285,8 +285,7 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         else:
             kernels.forward_channels(*args, _streamed(yv, layout), _kernel_array(yv))
         y = _finish_output(y, out)
-        mean, var = stats
-        invstd = 1.0 / np.sqrt(var + chk.eps)
+        mean, var, invstd = stats
     else:
         mean, var = _moments(_view(xo, layout), layout)
         invstd = 1.0 / np.sqrt(var + chk.eps)
@@ -295,6 +294,13 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
     return y, mean.astype(sd), invstd.astype(sd)
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
+    """The running-statistics update from float64 batch mean and biased variance."""
+    kernels.update_running(
+        _kernel_array(running_mean), _kernel_array(running_var), mean, var, count, momentum
+    )
 
 
 def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:

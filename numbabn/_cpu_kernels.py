@@ -271,13 +271,26 @@ def grad_input_ncl(dy3, x3, params, nseg, nchunk, streamed, dx3):
 
 @njit(cache=True)
 def _norm_params(c, mean, var, weight, bias, eps, params, stats):
-    """Channel c's statistics into ``stats`` and normalize constants into ``params``."""
+    """Channel c's mean, variance and invstd into ``stats`` and normalize constants
+    into ``params``."""
+    invstd = 1.0 / math.sqrt(var + eps)
     stats[0, c] = mean
     stats[1, c] = var
+    stats[2, c] = invstd
     params[0, c] = mean
     params[1, c] = mean - params[0, c]
-    params[2, c] = 1.0 / math.sqrt(var + eps) * weight[c]
+    params[2, c] = invstd * weight[c]
     params[3, c] = bias[c]
+
+
+@njit(cache=True)
+def update_running(rm, rv, mean, var, count, momentum):
+    """r = (1 - momentum) * r + momentum * batch value, in place, the variance unbiased
+    (float64 batch mean and biased variance; the arithmetic of ``_channel``)."""
+    for c in range(rm.size):
+        rm[c] = store((1.0 - momentum) * np.float64(load(rm[c])) + momentum * mean[c], rm)
+        unbiased = var[c] * (count / (count - 1))
+        rv[c] = store((1.0 - momentum) * np.float64(load(rv[c])) + momentum * unbiased, rv)
 
 
 @njit(cache=True)
@@ -346,8 +359,8 @@ def _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, 
 
 @njit(**_PAR)
 def forward_channels(x3, weight, bias, eps, params, stats, streamed, y3):
-    """Fused train forward: float64 weight and bias in; float64 mean and biased
-    variance out in ``stats``; ``params`` receives the normalize constants."""
+    """Fused train forward: float64 weight and bias in; float64 mean, biased variance
+    and invstd out in ``stats``; ``params`` receives the normalize constants."""
     for c in prange(x3.shape[1]):
         _forward_channel(x3, c, weight, bias, eps, params, stats, streamed, y3)
 
