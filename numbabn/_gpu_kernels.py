@@ -1,6 +1,6 @@
 """numba-cuda kernels: the GPU twins of ``_cpu_kernels``. They trust their arguments.
 
-Views (see ``_gpu``): ``x3`` is ``(N, C, L)`` and ``x2`` is ``(M, C)``, both with any
+Views (see ``_gpu_arrays``): ``x3`` is ``(N, C, L)`` and ``x2`` is ``(M, C)``, both with any
 strides, so sliced inputs need no copy. Reductions split each channel over several
 blocks (grid ``(C, S)`` for NCL, ``(ceil(C / TX), S)`` for MC) so the GPU fills
 whatever C is. Each thread accumulates float64 shifted sums; a block merges its

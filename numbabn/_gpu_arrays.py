@@ -1,0 +1,179 @@
+"""Device arrays for the GPU backend: zero-copy views, device copies, allocation.
+
+The kernels take strided 3-D ``(N, C, L)`` or 2-D ``(M, C)`` views of the caller's
+memory (``view``). Arrays whose strides cannot be walked that way are copied once on
+the device into the layout's memory order (``input_view``), and such an ``out`` is
+written through a device copy (``output_view`` then ``copy_strided``). Results go
+back as the caller's kind of array (``like``). Under the CUDA simulator, "device"
+memory is host memory; ``numba_array`` wraps foreign arrays there too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from numba import config, cuda
+
+from . import _gpu_kernels as K
+from ._validate import Layout, describe
+
+_SIM = bool(config.ENABLE_CUDASIM)
+
+
+def numba_array(a):
+    """A numba device array over the same memory (no copy)."""
+    if getattr(a, "__cuda_ndarray__", False) is True:
+        return a
+    if _SIM:
+        return _simulator_array(a)
+    return cuda.as_cuda_array(a)
+
+
+def _simulator_array(a):
+    """Under the CUDA simulator, "device" memory is host memory and there is no
+    ``as_cuda_array``: wrap the memory that ``__cuda_array_interface__`` points to."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    info = describe(a, "array")
+    pointer = a.__cuda_array_interface__["data"][0]
+    extents = [(e - 1) * s for e, s in zip(info.shape, info.strides) if e > 0]
+    low = sum(min(0, x) for x in extents)
+    size = sum(max(0, x) for x in extents) - low + info.dtype.itemsize
+    if len(extents) < len(info.shape):  # an empty array
+        return FakeCUDAArray(np.empty(info.shape, info.dtype))
+    memory = (ctypes.c_char * size).from_address(pointer + low)
+    return FakeCUDAArray(
+        np.ndarray(info.shape, info.dtype, buffer=memory, offset=-low, strides=info.strides)
+    )
+
+
+def strided(a, shape, strides):
+    """A view of ``a``'s memory with the given shape and byte strides."""
+    base = numba_array(a)
+    if _SIM:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        host = np.lib.stride_tricks.as_strided(base._ary, shape, strides)
+        return FakeCUDAArray(host)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
+
+
+def _merge(shape, strides):
+    """(extent, stride) of several axes walked as one, or None if they cannot be."""
+    extent, stride = 1, 0
+    for e, s in reversed(list(zip(shape, strides))):
+        if e == 1:
+            continue
+        if extent == 1:
+            extent, stride = e, s
+        elif s == stride * extent:
+            extent *= e
+        else:
+            return None
+    return extent, stride
+
+
+def _view_geometry(info, layout: Layout):
+    """(shape, strides) of the kernel view of an array, or None if it has none."""
+    ax = layout.axis
+    c_stride = info.strides[ax]
+    if layout.kind == "ncl":
+        pre = _merge(info.shape[:ax], info.strides[:ax])
+        post = _merge(info.shape[ax + 1 :], info.strides[ax + 1 :])
+        if pre is None or post is None:
+            return None
+        return (layout.n, layout.c, layout.l), (pre[1], c_stride, post[1])
+    rest = _merge(info.shape[:ax] + info.shape[ax + 1 :], info.strides[:ax] + info.strides[ax + 1 :])
+    if rest is None:
+        return None
+    return (layout.n, layout.c), (rest[1], c_stride)
+
+
+def kernel_view(a, name, layout: Layout):
+    """The kernel view of an array whose strides allow one (see ``_view_geometry``)."""
+    return strided(a, *_view_geometry(describe(a, name), layout))
+
+
+def input_view(a, name, layout: Layout, stream):
+    """The kernel view of an input; if its strides cannot be walked as (N, C, L) or
+    (M, C), the view of a device copy in the layout's memory order."""
+    geometry = _view_geometry(describe(a, name), layout)
+    if geometry is not None:
+        return strided(a, *geometry)
+    tmp = empty(layout, describe(a, name).dtype, stream)
+    copy_strided(numba_array(a), tmp, stream)
+    return kernel_view(tmp, name, layout)
+
+
+def output_view(out, layout: Layout, dtype, stream):
+    """(kernel view to write, array to copy it into afterwards or None) for ``out``."""
+    geometry = _view_geometry(describe(out, "out"), layout)
+    if geometry is not None:
+        return strided(out, *geometry), None
+    tmp = empty(layout, dtype, stream)
+    return kernel_view(tmp, "out", layout), tmp
+
+
+def _compress(shape, *strides):
+    """Drop axes of extent 1 and merge neighbours that every stride set walks as one."""
+    axes = [(e, *st) for e, *st in zip(shape, *strides) if e != 1]
+    merged = []
+    for e, *st in axes:
+        if merged and all(p == q * e for p, q in zip(merged[-1][1:], st)):
+            last = merged.pop()
+            merged.append((last[0] * e, *st))
+        else:
+            merged.append((e, *st))
+    return merged
+
+
+def copy_strided(src, dst, stream) -> None:
+    """dst[...] = src[...] on the device, any strides (numba device arrays)."""
+    axes = _compress(src.shape, src.strides, dst.strides)
+    if len(axes) > 4:  # rare: peel the leading axis
+        for i in range(src.shape[0]):
+            copy_strided(src[i], dst[i], stream)
+        return
+    axes = [(1, 0, 0)] * (4 - len(axes)) + axes
+    shape = tuple(a[0] for a in axes)
+    total = 1
+    for e in shape:
+        total *= e
+    if total == 0:
+        return
+    blocks = max(1, min(-(-total // K.BLOCK), 65535))
+    K.copy_4d[blocks, K.BLOCK, stream](
+        strided(src, shape, tuple(a[1] for a in axes)),
+        strided(dst, shape, tuple(a[2] for a in axes)),
+    )
+
+
+def empty(layout: Layout, dtype, stream):
+    """A device array in the memory order of the layout (channels-last stays so)."""
+    shape = layout.shape
+    if layout.kind == "ncl":
+        return cuda.device_array(shape, dtype, stream=stream)
+    ax = layout.axis
+    moved = shape[:ax] + shape[ax + 1 :] + (shape[ax],)
+    base = cuda.device_array(moved, dtype, stream=stream)
+    order = list(range(len(shape) - 1))
+    order.insert(ax, len(shape) - 1)
+    strides = tuple(base.strides[i] for i in order)
+    return strided(base, shape, strides)
+
+
+def as_kind_of(template, arr):
+    """Return ``arr`` as the same kind of array as ``template`` (zero copy)."""
+    module = type(template).__module__.split(".")[0]
+    if module == "cupy":
+        import cupy
+
+        return cupy.asarray(arr)
+    if module == "torch":
+        import torch
+
+        return torch.as_tensor(arr, device=template.device)
+    return arr
