@@ -18,6 +18,7 @@ order) is copied once into the canonical order, which the layout records with
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -142,7 +143,7 @@ def _same_side(infos: dict[str, ArrayInfo]) -> str:
 
 def normalize_axis(axis: Any, ndim: int) -> int:
     """Return ``axis`` in ``[0, ndim)``; ValueError if out of range."""
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if type(axis) is not int and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"axis must be an integer, got {axis!r}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
@@ -167,7 +168,13 @@ def fits(info: ArrayInfo, kind: str, axis: int) -> bool:
 
 def plan_layout(info: ArrayInfo, axis: int) -> Layout:
     """Choose the kernel view for an array whose channel axis is ``axis``."""
-    shape = info.shape
+    return _plan(info.dtype, info.shape, info.strides, axis)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> Layout:
+    """:func:`plan_layout` of one geometry; a training loop repeats a few of them."""
+    info = ArrayInfo(HOST, dtype, shape, strides, True)  # side and writeable unused
     c = shape[axis]
     n = math.prod(shape[:axis])
     l = math.prod(shape[axis + 1 :])
@@ -217,7 +224,7 @@ def _check_out(out: Any, x: ArrayInfo, infos: dict[str, ArrayInfo]) -> None:
 
 
 def check_eps(eps: Any, training: bool) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"eps must be a real number, got {eps!r}")
     eps = float(eps)
     if not eps >= 0.0 or math.isinf(eps):
@@ -229,7 +236,9 @@ def check_eps(eps: Any, training: bool) -> float:
 
 def check_momentum(momentum: Any) -> float:
     """Return ``momentum`` as a float in [0, 1]."""
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    if type(momentum) is not float and (
+        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
+    ):
         raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}")
     momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:
