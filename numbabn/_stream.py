@@ -159,6 +159,11 @@ def _compute_type(param):
     return param.dtype if isinstance(param, types.Array) else param
 
 
+def _contiguous(*args) -> bool:
+    """The vector loops index raw data pointers: every array must be C-contiguous."""
+    return all(a.layout == "C" for a in args if isinstance(a, types.Array))
+
+
 def _lanes(context, out):
     return VECTOR_BYTES // context.get_abi_sizeof(context.get_value_type(out.dtype))
 
@@ -174,6 +179,8 @@ def normalize(typingctx, x, y, start, stop, hi, lo, a, b):
     (:func:`bounds`). hi, lo, a, b: scalars or arrays indexed like x; their
     (element) type is the compute type.
     """
+    if not _contiguous(x, y, hi, lo, a, b):
+        return None
     compute = _compute_type(a)
 
     def codegen(context, builder, sig, args):
@@ -195,6 +202,8 @@ def normalize(typingctx, x, y, start, stop, hi, lo, a, b):
 def grad_input(typingctx, dy, x, dx, start, stop, hi, lo, k2, mdy, k1):
     """dx[i] = (dy[i] - mdy - ((x[i] - hi) - lo) * k2) * k1 for i in [start, stop),
     streamed; the same conditions as :func:`normalize`."""
+    if not _contiguous(dy, x, dx, hi, lo, k2, mdy, k1):
+        return None
     compute = _compute_type(k1)
 
     def codegen(context, builder, sig, args):
