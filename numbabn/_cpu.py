@@ -142,15 +142,19 @@ def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _tasks_wanted() -> int:
+    """Tasks to deal out to the thread pool (1 when it has one thread)."""
+    threads = numba.get_num_threads()
+    return _TASKS_PER_THREAD * threads if threads > 1 else 1
+
+
 def _split(layout: Layout) -> int:
     """Segments per plane (ncl) or row chunks (mc) for the current thread count."""
-    threads = numba.get_num_threads()
-    size = layout.n * layout.c * layout.l
+    want = _tasks_wanted()
     if layout.kind == "ncl":
-        planes = layout.n * layout.c
-        want = -(-_TASKS_PER_THREAD * threads // planes) if threads > 1 else 1
-        return max(1, min(want, layout.l // _MIN_TASK_ELEMENTS))
-    want = _TASKS_PER_THREAD * threads if threads > 1 else 1
+        per_plane = -(-want // (layout.n * layout.c))
+        return max(1, min(per_plane, layout.l // _MIN_TASK_ELEMENTS))
+    size = layout.n * layout.c * layout.l
     return max(1, min(want, size // _MIN_TASK_ELEMENTS, layout.n))
 
 
@@ -181,14 +185,12 @@ def _tiled(params: np.ndarray, layout: Layout) -> np.ndarray:
     """MC kernels take per-channel constants tiled over a span (see ``_cpu_kernels``)."""
     if layout.kind == "ncl":
         return params
-    reps = -(-(_MC_SPAN + layout.c - 1) // layout.c)
-    return np.ascontiguousarray(np.tile(params, (1, reps))[:, : _MC_SPAN + layout.c - 1])
+    return params.take(np.arange(_MC_SPAN + layout.c - 1) % layout.c, axis=1)  # C order
 
 
 def _chunks(tasks: int) -> int:
     """Contiguous runs of tasks the elementwise NCL passes deal out to the threads."""
-    threads = numba.get_num_threads()
-    return max(1, min(tasks, _TASKS_PER_THREAD * threads if threads > 1 else 1))
+    return max(1, min(tasks, _tasks_wanted()))
 
 
 def _elementwise(kernel, arrays, params: np.ndarray, result: np.ndarray, layout: Layout) -> None:

@@ -109,7 +109,7 @@ def _normalize_span(xr, hi, lo, a, b, yr, streamed):
     """y = ((x - hi) - lo) * a + b over a contiguous span; hi, lo, a, b scalars (one
     channel) or arrays indexed like the span (tiled channels). ``streamed``: write the
     aligned middle with non-temporal stores (``_stream``)."""
-    i0, i1 = _stream.bounds(yr) if streamed else (yr.size, yr.size)
+    i0, i1 = _stream.bounds(yr) if streamed else (0, 0)
     _normalize_plain(xr, hi, lo, a, b, yr, 0, i0)
     _stream.normalize(xr, yr, i0, i1, hi, lo, a, b)
     _normalize_plain(xr, hi, lo, a, b, yr, i1, yr.size)
@@ -118,7 +118,7 @@ def _normalize_span(xr, hi, lo, a, b, yr, streamed):
 @njit(**_ELEM)
 def _grad_input_span(gr, xr, hi, lo, k2, mdy, k1, dr, streamed):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over a span, as ``_normalize_span``."""
-    i0, i1 = _stream.bounds(dr) if streamed else (dr.size, dr.size)
+    i0, i1 = _stream.bounds(dr) if streamed else (0, 0)
     _grad_input_plain(gr, xr, hi, lo, k2, mdy, k1, dr, 0, i0)
     _stream.grad_input(gr, xr, dr, i0, i1, hi, lo, k2, mdy, k1)
     _grad_input_plain(gr, xr, hi, lo, k2, mdy, k1, dr, i1, dr.size)
@@ -193,9 +193,7 @@ def _head(yf, streamed):
     """Elements of flat ``yf`` before its first vector boundary when streaming (fewer
     than a vector), so that the MC passes cut the rest into pieces that start on vector
     boundaries; 0 when not streaming or when ``yf`` has no such boundaries."""
-    if not streamed or yf.ctypes.data % yf.itemsize:
-        return 0
-    return _stream.bounds(yf)[0]
+    return _stream.bounds(yf)[0] if streamed else 0
 
 
 @njit(inline="always")

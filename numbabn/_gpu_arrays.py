@@ -11,6 +11,7 @@ memory is host memory; ``numba_array`` wraps foreign arrays there too.
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 from numba import config, cuda
@@ -63,17 +64,10 @@ def strided(a, shape, strides):
 
 def _merge(shape, strides):
     """(extent, stride) of several axes walked as one, or None if they cannot be."""
-    extent, stride = 1, 0
-    for e, s in reversed(list(zip(shape, strides))):
-        if e == 1:
-            continue
-        if extent == 1:
-            extent, stride = e, s
-        elif s == stride * extent:
-            extent *= e
-        else:
-            return None
-    return extent, stride
+    axes = _compress(shape, strides)
+    if len(axes) > 1:
+        return None
+    return axes[0] if axes else (1, 0)
 
 
 def _view_geometry(info, layout: Layout):
@@ -139,9 +133,7 @@ def copy_strided(src, dst, stream) -> None:
         return
     axes = [(1, 0, 0)] * (4 - len(axes)) + axes
     shape = tuple(a[0] for a in axes)
-    total = 1
-    for e in shape:
-        total *= e
+    total = math.prod(shape)
     if total == 0:
         return
     blocks = max(1, min(-(-total // K.BLOCK), 65535))

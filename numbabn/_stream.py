@@ -57,10 +57,10 @@ MIN_BYTES = LLC_BYTES // 2
 
 @njit(inline="always")
 def bounds(y):
-    """(start, stop): the aligned whole-vector part of 1-D contiguous array ``y``
-    (empty for an array whose address is not a multiple of its item size)."""
+    """(start, stop): the aligned whole-vector part of 1-D contiguous array ``y``;
+    (0, 0) for an array whose address is not a multiple of its item size."""
     if y.ctypes.data % y.itemsize:
-        return y.size, y.size
+        return 0, 0
     per = VECTOR_BYTES // y.itemsize
     start = (-(y.ctypes.data // y.itemsize)) % per
     if start > y.size:

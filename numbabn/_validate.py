@@ -151,19 +151,15 @@ def normalize_axis(axis: Any, ndim: int) -> int:
     return axis % ndim
 
 
-def _moved_strides(info: ArrayInfo, axis: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    order = [i for i in range(len(info.shape)) if i != axis] + [axis]
-    return tuple(info.shape[i] for i in order), tuple(info.strides[i] for i in order)
-
-
-def fits(info: ArrayInfo, kind: str, axis: int) -> bool:
-    """True when ``info`` can be viewed as ``kind`` (``"ncl"`` or ``"mc"``) with no copy."""
-    if not info.dtype.isnative:
+def fits(dtype: np.dtype, shape, strides, kind: str, axis: int) -> bool:
+    """True when an array of this geometry can be viewed as ``kind`` (``"ncl"`` or
+    ``"mc"``) with no copy."""
+    if not dtype.isnative:
         return False
-    if kind == "ncl":
-        return is_c_contiguous(info.shape, info.strides, info.dtype.itemsize)
-    shape, strides = _moved_strides(info, axis)
-    return is_c_contiguous(shape, strides, info.dtype.itemsize)
+    if kind == "mc":  # the channel axis moved last
+        order = [i for i in range(len(shape)) if i != axis] + [axis]
+        shape, strides = tuple(shape[i] for i in order), tuple(strides[i] for i in order)
+    return is_c_contiguous(shape, strides, dtype.itemsize)
 
 
 def plan_layout(info: ArrayInfo, axis: int) -> Layout:
@@ -174,13 +170,12 @@ def plan_layout(info: ArrayInfo, axis: int) -> Layout:
 @functools.lru_cache(maxsize=256)
 def _plan(dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> Layout:
     """:func:`plan_layout` of one geometry; a training loop repeats a few of them."""
-    info = ArrayInfo(HOST, dtype, shape, strides, True)  # side and writeable unused
     c = shape[axis]
     n = math.prod(shape[:axis])
     l = math.prod(shape[axis + 1 :])
-    if l > 1 and fits(info, "ncl", axis):
+    if l > 1 and fits(dtype, shape, strides, "ncl", axis):
         return Layout("ncl", False, axis, shape, n, c, l)
-    if fits(info, "mc", axis):
+    if fits(dtype, shape, strides, "mc", axis):
         return Layout("mc", False, axis, shape, n * l, c, 1)
     if l > 1:
         return Layout("ncl", True, axis, shape, n, c, l)
