@@ -47,8 +47,9 @@ def batch_norm(
         The channel axis (1 for NCHW, -1 for channels-last).
     out : array, optional
         Receives the result; same shape and dtype as ``x``; may be ``x`` itself.
-    stream : numba CUDA stream, optional
-        For CUDA arrays: the stream the kernels run on (default: the default stream).
+    stream : CUDA stream, optional
+        For CUDA arrays: the stream the kernels run on (default: the default stream):
+        a numba stream, or a PyTorch or CuPy stream (anything with ``cuda_stream``).
 
     Returns
     -------
@@ -166,7 +167,7 @@ def batch_norm_backward(
         ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` per channel, always
         returned; float32 for float16/float32 input, float64 for float64.
 
-    All functions also take ``stream=`` (a numba CUDA stream) for CUDA arrays.
+    All functions also take ``stream=`` (a numba, PyTorch or CuPy stream) for CUDA arrays.
     """
     training = bool(training)
     chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training)

@@ -19,8 +19,10 @@ from . import _channel
 from . import _gpu_kernels as K
 from ._channel import grad_constants
 from ._gpu_arrays import (
-    as_kind_of, copy_strided, empty, input_view, kernel_view, numba_array, output_view,
+    allocate, as_kind_of, copy_strided, empty, input_view, kernel_view, numba_array, output_view,
+    part,
 )
+from ._gpu_launch import launcher, numba_stream
 from ._validate import Checked, Layout, describe, stats_dtype
 
 _BLOCKS_PER_SM = 4
@@ -67,10 +69,6 @@ def _sm_count():
     return count
 
 
-def _stream(stream):
-    return cuda.default_stream() if stream is None else stream
-
-
 # --- grids ----------------------------------------------------------------------------
 
 
@@ -108,28 +106,33 @@ def _flags(weight=None, bias=None, update=False, training=False):
     )
 
 
-def _chan(c, dtype, stream, chan_dtype=None):
+def _chan(c, dtype, stream, like=None, chan_dtype=None):
     """The packed per-channel array of an operation (rows: see ``_gpu_kernels``), by
-    default in the statistics dtype of data of ``dtype``."""
-    return cuda.device_array((K.ROWS, c), chan_dtype or stats_dtype(dtype), stream=stream)
+    default in the statistics dtype of data of ``dtype``, as (an array of ``like``'s
+    kind whose rows are returned, the numba view the kernels take)."""
+    sd = np.dtype(chan_dtype or stats_dtype(dtype))
+    return allocate((K.ROWS, c), (c * sd.itemsize, sd.itemsize), sd, like, stream)
 
 
-def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, chan_dtype=None):
-    """Launch the statistics kernel; returns (chan, the kernel view of x)."""
+def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, like=None,
+           chan_dtype=None):
+    """Launch the statistics kernel; returns (chan, as ``allocate`` gives it, the
+    kernel view of x)."""
     layout = chk.layout
     xv = input_view(x, "x", layout, stream)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    chan = _chan(layout.c, xv.dtype, stream, chan_dtype)
+    fresh = _chan(layout.c, xv.dtype, stream, like, chan_dtype)
+    chan = fresh[1]
     flags = _flags(weight, bias, update=running_mean is not None)
     kernel = K.stats_ncl if layout.kind == "ncl" else K.stats_mc
     # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
     eps = chk.eps if chk.eps > 0 else 1.0
-    kernel[grid, block, stream](
+    launcher(kernel, grid, block, stream)(
         xv, *(_vector(a) for a in (weight, bias, running_mean, running_var)), flags, eps,
         chk.momentum, part, counters, chan,
     )
-    return chan, xv
+    return fresh, xv
 
 
 def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
@@ -140,12 +143,12 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
         result = out
     else:
         tmp = None
-        y = empty(layout, dtype, stream)
-        target = kernel_view(y, "y", layout)
-        result = as_kind_of(like, y)
+        fresh = empty(layout, dtype, stream, like)
+        target = kernel_view(fresh[1], "y", layout)
+        result = part(fresh, like)
     grid, block = _elementwise_grid(layout)
     kernel = getattr(K, f"{kernel_name}_{layout.kind}")
-    kernel[grid, block, stream](*inputs, chan, chan.dtype.type(0), target)
+    launcher(kernel, grid, block, stream)(*inputs, chan, chan.dtype.type(0), target)
     if tmp is not None:
         copy_strided(tmp, numba_array(out), stream)
     return result
@@ -153,62 +156,65 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
 
 def batch_stats(x, chk: Checked, stream=None):
     """Per-channel mean and biased variance."""
-    chan, _ = _stats(x, chk, None, None, None, None, _stream(stream))
-    return as_kind_of(x, chan[0]), as_kind_of(x, chan[1])
+    fresh, _ = _stats(x, chk, None, None, None, None, numba_stream(stream), x)
+    return part(fresh, x, 0), part(fresh, x, 1)
 
 
 def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out, stream=None):
     """Normalize with batch statistics; update running statistics if given."""
-    stream = _stream(stream)
-    chan, xv = _stats(x, chk, weight, bias, running_mean, running_var, stream)
-    y = _elementwise("normalize", (xv,), chk.layout, chan, out, x, stream)
-    return y, as_kind_of(x, chan[0]), as_kind_of(x, chan[2])
+    stream = numba_stream(stream)
+    fresh, xv = _stats(x, chk, weight, bias, running_mean, running_var, stream, x)
+    y = _elementwise("normalize", (xv,), chk.layout, fresh[1], out, x, stream)
+    return y, part(fresh, x, 0), part(fresh, x, 2)
 
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, stream=None):
     """Normalize with the running statistics."""
     layout = chk.layout
-    stream = _stream(stream)
+    stream = numba_stream(stream)
     if layout.count * layout.c == 0:
-        return out if out is not None else as_kind_of(x, empty(layout, describe(x, "x").dtype, stream))
+        return out if out is not None else part(empty(layout, describe(x, "x").dtype, stream, x), x)
     xv = input_view(x, "x", layout, stream)
-    chan = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream)
+    chan = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream, x)[1]
     return _elementwise("normalize", (xv,), layout, chan, out, x, stream)
 
 
-def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream):
+def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream, like):
     c = describe(running_mean, "running_mean").shape[0]
-    chan = _chan(c, dtype, stream)
+    fresh = _chan(c, dtype, stream, like)
+    chan = fresh[1]
     blocks = -(-c // K.BLOCK)
-    K.eval_params[blocks, K.BLOCK, stream](
+    launcher(K.eval_params, blocks, K.BLOCK, stream)(
         *(_vector(a) for a in (running_mean, running_var, weight, bias)), _flags(weight, bias),
         eps, chan,
     )
-    return chan
+    return fresh
 
 
 def running_invstd(running_var, eps: float, stream=None):
     """1 / sqrt(running_var + eps) on the device (stats dtype of running_var)."""
     rv = numba_array(running_var)
-    chan = _eval_constants(rv, rv, None, None, eps, rv.dtype, _stream(stream))
-    return as_kind_of(running_var, chan[1])
+    fresh = _eval_constants(rv, rv, None, None, eps, rv.dtype, numba_stream(stream), running_var)
+    return part(fresh, running_var, 1)
 
 
-def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, chan_dtype=None):
-    """Launch the gradient reduction; returns (chan: rows dweight, dbias and the dx
-    constants; the kernel views of dy and x)."""
+def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like=None,
+               chan_dtype=None):
+    """Launch the gradient reduction; returns (chan, as ``allocate`` gives it: rows
+    dweight, dbias and the dx constants; the kernel views of dy and x)."""
     layout = chk.layout
     xv = input_view(x, "x", layout, stream)
     dyv = input_view(dy, "dy", layout, stream)
     grid, block = _reduce_grid(layout)
     counters, part = _counters_and_partials(layout.c, grid[1], stream)
-    chan = _chan(layout.c, xv.dtype, stream, chan_dtype)
+    fresh = _chan(layout.c, xv.dtype, stream, like, chan_dtype)
+    chan = fresh[1]
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
-    kernel[grid, block, stream](
+    launcher(kernel, grid, block, stream)(
         dyv, xv, *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
         part, counters, chan,
     )
-    return chan, dyv, xv
+    return fresh, dyv, xv
 
 
 def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream):
@@ -220,10 +226,10 @@ def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream):
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None):
     """Gradients (dx, dweight, dbias)."""
-    stream = _stream(stream)
-    chan, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream)
-    dx = _grad_elementwise(dyv, xv, chk.layout, chan, training, x, stream)
-    return dx, as_kind_of(x, chan[0]), as_kind_of(x, chan[1])
+    stream = numba_stream(stream)
+    fresh, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream, x)
+    dx = _grad_elementwise(dyv, xv, chk.layout, fresh[1], training, x, stream)
+    return dx, part(fresh, x, 0), part(fresh, x, 1)
 
 
 # --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
@@ -249,8 +255,8 @@ def local_moments(x, chk: Checked, stream=None):
     layout = chk.layout
     if layout.count == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
-    chan, _ = _stats(x, chk, None, None, None, None, _stream(stream), np.float64)
-    mean, var = chan.copy_to_host()[:2]
+    fresh, _ = _stats(x, chk, None, None, None, None, numba_stream(stream), None, np.float64)
+    mean, var = fresh[1].copy_to_host()[:2]
     return mean, var * layout.count
 
 
@@ -273,15 +279,17 @@ def local_grad_sums(dy, x, chk: Checked, mean, stream=None):
     if layout.count == 0:
         return np.zeros((2, layout.c))
     ones = cuda.to_device(np.ones(layout.c))  # dweight = sum dy * (x - mean) * 1
-    chan, _, _ = _grad_sums(dy, x, chk, cuda.to_device(mean), ones, None, True, _stream(stream), np.float64)
-    dweight, dbias = chan.copy_to_host()[:2]
+    fresh, _, _ = _grad_sums(
+        dy, x, chk, cuda.to_device(mean), ones, None, True, numba_stream(stream), None, np.float64
+    )
+    dweight, dbias = fresh[1].copy_to_host()[:2]
     return np.stack([dbias, dweight])
 
 
 def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, stream=None):
     """(dx, dweight, dbias) from host sums over ``count`` values per channel."""
     layout = chk.layout
-    stream = _stream(stream)
+    stream = numba_stream(stream)
     sd = stats_dtype(describe(x, "x").dtype)
     if layout.count * layout.c:
         chan = np.zeros((K.ROWS, layout.c), sd)
@@ -291,7 +299,7 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
             cuda.to_device(chan, stream=stream), training, x, stream,
         )
     else:
-        dx = as_kind_of(x, empty(layout, describe(x, "x").dtype, stream))
+        dx = part(empty(layout, describe(x, "x").dtype, stream, x), x)
     dweight = cuda.to_device((sums[1] * invstd).astype(sd), stream=stream)
     dbias = cuda.to_device(sums[0].astype(sd), stream=stream)
     return dx, as_kind_of(x, dweight), as_kind_of(x, dbias)

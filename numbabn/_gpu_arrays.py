@@ -4,8 +4,13 @@ The kernels take strided 3-D ``(N, C, L)`` or 2-D ``(M, C)`` views of the caller
 memory (``view``). Arrays whose strides cannot be walked that way are copied once on
 the device into the layout's memory order (``input_view``), and such an ``out`` is
 written through a device copy (``output_view`` then ``copy_strided``). Results go
-back as the caller's kind of array (``like``). Under the CUDA simulator, "device"
-memory is host memory; ``numba_array`` wraps foreign arrays there too.
+back as the caller's kind of array: fresh arrays for a PyTorch or CuPy caller come
+from that library's allocator (its memory pool, its accounting; numba's own
+allocation and release can synchronize the device), numba device arrays otherwise
+(``allocate``). PyTorch tensors that require grad are read through ``detach()``:
+numbabn computes its own gradients and records nothing for autograd. Under the CUDA
+simulator, "device" memory is host memory; ``numba_array`` wraps foreign arrays there
+too.
 """
 
 from __future__ import annotations
@@ -17,18 +22,20 @@ import numpy as np
 from numba import config, cuda
 
 from . import _gpu_kernels as K
-from ._validate import Layout, describe
+from ._gpu_launch import launcher
+from ._validate import Layout, describe, cuda_interface
 
 _SIM = bool(config.ENABLE_CUDASIM)
 
 
 def numba_array(a):
-    """A numba device array over the same memory (no copy)."""
+    """A numba device array over the whole of ``a``'s memory (no copy)."""
     if getattr(a, "__cuda_ndarray__", False) is True:
         return a
     if _SIM:
         return _simulator_array(a)
-    return cuda.as_cuda_array(a)
+    info = describe(a, "array")
+    return strided(a, info.shape, info.strides)
 
 
 def _simulator_array(a):
@@ -51,15 +58,56 @@ def _simulator_array(a):
 
 def strided(a, shape, strides):
     """A view of ``a``'s memory with the given shape and byte strides."""
-    base = numba_array(a)
     if _SIM:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-        host = np.lib.stride_tricks.as_strided(base._ary, shape, strides)
+        host = np.lib.stride_tricks.as_strided(numba_array(a)._ary, shape, strides)
         return FakeCUDAArray(host)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    info = describe(a, "array")
+    if min(info.strides, default=0) < 0:  # rare: let numba place the data pointer
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
-    return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
+        base = a if getattr(a, "__cuda_ndarray__", False) is True else cuda.as_cuda_array(a)
+        return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
+    return _view(_address(a), tuple(shape), tuple(strides), info.dtype)
+
+
+def _address(a) -> int:
+    """The device address of element 0 of a CUDA array (non-negative strides)."""
+    if type(a).__module__.startswith("torch"):
+        return a.data_ptr()
+    if getattr(a, "__cuda_ndarray__", False) is True:
+        return a.device_ctypes_pointer.value or 0
+    return cuda_interface(a)["data"][0]
+
+
+# Views of device memory by (address, shape, strides, dtype). Building a numba device
+# array costs tens of microseconds of Python; the same memory comes back call after
+# call (parameters, running statistics, and the addresses a caching allocator hands
+# out again). A view does not own or keep alive the memory it describes: it is only
+# used while the caller's array is alive, during a call.
+_VIEWS: dict = {}
+_VIEW_LIMIT = 1024
+
+
+def _view(address, shape, strides, dtype):
+    key = (address, shape, strides, dtype.char)
+    view = _VIEWS.get(key)
+    if view is None:
+        from numba.cuda.cudadrv import driver
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        size = sum((e - 1) * s for e, s in zip(shape, strides)) + dtype.itemsize
+        if 0 in shape:
+            size = 0
+        memory = driver.MemoryPointer(
+            cuda.current_context(), driver.binding.CUdeviceptr(address), size=size, owner=None
+        )
+        view = DeviceNDArray(shape, strides, dtype, gpu_data=memory)
+        if len(_VIEWS) >= _VIEW_LIMIT:
+            _VIEWS.clear()
+        _VIEWS[key] = view
+    return view
 
 
 def _merge(shape, strides):
@@ -97,7 +145,7 @@ def input_view(a, name, layout: Layout, stream):
     geometry = _view_geometry(describe(a, name), layout)
     if geometry is not None:
         return strided(a, *geometry)
-    tmp = empty(layout, describe(a, name).dtype, stream)
+    _, tmp = empty(layout, describe(a, name).dtype, stream)
     copy_strided(numba_array(a), tmp, stream)
     return kernel_view(tmp, name, layout)
 
@@ -107,7 +155,7 @@ def output_view(out, layout: Layout, dtype, stream):
     geometry = _view_geometry(describe(out, "out"), layout)
     if geometry is not None:
         return strided(out, *geometry), None
-    tmp = empty(layout, dtype, stream)
+    _, tmp = empty(layout, dtype, stream)
     return kernel_view(tmp, "out", layout), tmp
 
 
@@ -137,24 +185,75 @@ def copy_strided(src, dst, stream) -> None:
     if total == 0:
         return
     blocks = max(1, min(-(-total // K.BLOCK), 65535))
-    K.copy_4d[blocks, K.BLOCK, stream](
+    launcher(K.copy_4d, blocks, K.BLOCK, stream)(
         strided(src, shape, tuple(a[1] for a in axes)),
         strided(dst, shape, tuple(a[2] for a in axes)),
     )
 
 
-def empty(layout: Layout, dtype, stream):
-    """A device array in the memory order of the layout (channels-last stays so)."""
+def empty(layout: Layout, dtype, stream, like=None):
+    """A fresh array in the memory order of the layout (channels-last stays so); see
+    ``allocate`` for what it returns."""
     shape = layout.shape
+    item = np.dtype(dtype).itemsize
     if layout.kind == "ncl":
-        return cuda.device_array(shape, dtype, stream=stream)
-    ax = layout.axis
-    moved = shape[:ax] + shape[ax + 1 :] + (shape[ax],)
-    base = cuda.device_array(moved, dtype, stream=stream)
-    order = list(range(len(shape) - 1))
-    order.insert(ax, len(shape) - 1)
-    strides = tuple(base.strides[i] for i in order)
-    return strided(base, shape, strides)
+        moved = shape
+    else:
+        ax = layout.axis
+        moved = shape[:ax] + shape[ax + 1 :] + (shape[ax],)
+    dense = [item] * len(moved)
+    for i in range(len(moved) - 2, -1, -1):
+        dense[i] = dense[i + 1] * max(moved[i + 1], 1)
+    if layout.kind == "ncl":
+        strides = tuple(dense)
+    else:
+        strides = tuple(dense[:ax]) + (dense[-1],) + tuple(dense[ax:-1])
+    return allocate(shape, strides, dtype, like, stream)
+
+
+def allocate(shape, strides, dtype, like, stream):
+    """A fresh array with the given shape and byte strides (a permutation of dense C
+    order), as (the caller's array or None, a numba view of the same memory).
+
+    PyTorch and CuPy callers (``like``) get memory from their library's allocator,
+    returned as the first item; otherwise that is None and the memory is numba's
+    (``part`` gives either as the caller's kind)."""
+    library = type(like).__module__.split(".")[0] if like is not None else None
+    item = np.dtype(dtype).itemsize
+    if math.prod(shape) == 0 or library not in ("torch", "cupy") or _SIM:
+        return None, _numba_allocate(shape, strides, dtype, stream)
+    if library == "torch":
+        import torch
+
+        t = torch.empty_strided(
+            shape, tuple(s // item for s in strides), dtype=getattr(torch, np.dtype(dtype).name),
+            device=like.device,
+        )
+        return t, strided(t, shape, strides)
+    import cupy
+
+    with cupy.cuda.Device(like.device.id):
+        base = cupy.empty(math.prod(shape), dtype)
+    a = cupy.lib.stride_tricks.as_strided(base, shape, strides)
+    return a, strided(a, shape, strides)
+
+
+def _numba_allocate(shape, strides, dtype, stream):
+    order = sorted(range(len(shape)), key=lambda i: -strides[i])
+    base = cuda.device_array(tuple(shape[i] for i in order), dtype, stream=stream)
+    if order == list(range(len(shape))):
+        return base
+    inverse = [order.index(i) for i in range(len(shape))]
+    return strided(base, shape, tuple(base.strides[i] for i in inverse))
+
+
+def part(fresh, like, index=None):
+    """A fresh array from ``allocate`` (or its row ``index``) as ``like``'s kind."""
+    native, view = fresh
+    if native is not None:
+        return native if index is None else native[index]
+    view = view if index is None else view[index]
+    return view if like is None else as_kind_of(like, view)
 
 
 def as_kind_of(template, arr):

@@ -67,10 +67,14 @@ def stats_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _device_interface(a: Any) -> dict | None:
+def cuda_interface(a: Any) -> dict | None:
     try:
         return a.__cuda_array_interface__
-    except Exception:  # torch raises RuntimeError for tensors that require grad
+    except Exception:
+        pass
+    try:  # PyTorch refuses the interface of tensors that require grad; read their data
+        return a.detach().__cuda_array_interface__
+    except Exception:
         return None
 
 
@@ -81,7 +85,7 @@ def is_device_array(a: Any) -> bool:
     """
     return (
         getattr(a, "__cuda_ndarray__", False) is True
-        or _device_interface(a) is not None
+        or cuda_interface(a) is not None
     )
 
 
@@ -102,11 +106,33 @@ def is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: 
     return all(e == 1 or s == w for e, s, w in zip(shape, strides, expected))
 
 
+_TORCH_DTYPES: dict = {}
+
+
+def _torch_info(a: Any) -> ArrayInfo | None:
+    """The ArrayInfo of a CUDA PyTorch tensor of a float dtype numbabn knows, read from
+    its attributes (a few times cheaper than building ``__cuda_array_interface__``,
+    and it also serves tensors that require grad); None otherwise."""
+    if not _TORCH_DTYPES:
+        import torch
+
+        _TORCH_DTYPES.update({getattr(torch, d.name): d for d in FLOAT_DTYPES})
+    dtype = _TORCH_DTYPES.get(a.dtype)
+    if dtype is None or not a.is_cuda:
+        return None
+    item = dtype.itemsize
+    return ArrayInfo(DEVICE, dtype, tuple(a.shape), tuple(s * item for s in a.stride()), True)
+
+
 def describe(a: Any, name: str) -> ArrayInfo:
     """Return the :class:`ArrayInfo` of ``a``, or raise TypeError for other objects."""
     if isinstance(a, np.ndarray):
         return ArrayInfo(HOST, a.dtype, a.shape, a.strides, a.flags.writeable)
-    cai = _device_interface(a)
+    if type(a).__module__.startswith("torch"):
+        info = _torch_info(a)
+        if info is not None:
+            return info
+    cai = cuda_interface(a)
     if cai is not None:
         shape = tuple(int(s) for s in cai["shape"])
         dtype = np.dtype(cai["typestr"])

@@ -1,0 +1,72 @@
+"""Kernel launches with little host overhead.
+
+Configuring a numba kernel (``kernel[grid, block, stream]``) converts the stream and
+checks the grid on every call; the configured launcher is kept per (kernel, grid,
+block, stream) and reused. numba's low-occupancy warning is silenced for these
+launches: numbabn sizes its grids on purpose, and tiny inputs get tiny grids.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+from numba import config, cuda
+
+_SIM = bool(config.ENABLE_CUDASIM)
+_LIMIT = 4096
+_launchers: dict = {}
+_lock = threading.Lock()
+_default: list = []
+
+
+def default_stream():
+    """numba's default stream, made once."""
+    if not _default:
+        _default.append(cuda.default_stream())
+    return _default[0]
+
+
+def _handle(stream):
+    """What identifies a stream in the launcher cache: its handle, else the object."""
+    try:
+        return int(stream.handle)
+    except (AttributeError, TypeError, ValueError):
+        return stream
+
+
+_external: dict = {}
+
+
+def numba_stream(stream):
+    """The numba stream to launch on: the default stream for None, a numba stream as
+    it is, another library's stream (an object with a ``cuda_stream`` handle: PyTorch,
+    CuPy) wrapped once per handle."""
+    if stream is None:
+        return default_stream()
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is None or _SIM:
+        return stream
+    wrapped = _external.get(int(handle))
+    if wrapped is None:
+        wrapped = _external[int(handle)] = cuda.external_stream(int(handle))
+    return wrapped
+
+
+def launcher(kernel, grid, block, stream):
+    """``kernel[grid, block, stream]``, configured once per distinct launch (under the
+    simulator, every time: its kernels keep one configuration, set by indexing)."""
+    if _SIM:
+        return kernel[grid, block, stream]
+    key = (kernel, grid, block, _handle(stream))
+    configured = _launchers.get(key)
+    if configured is None:
+        from numba.core.errors import NumbaPerformanceWarning
+
+        with _lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            configured = kernel[grid, block, stream]
+            if len(_launchers) >= _LIMIT:
+                _launchers.clear()
+            _launchers[key] = configured
+    return configured
