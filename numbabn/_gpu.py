@@ -25,7 +25,7 @@ from ._gpu_arrays import (
 from ._gpu_launch import launcher, numba_stream
 from ._validate import Checked, Layout, describe, stats_dtype
 
-_BLOCKS_PER_SM = 4
+_BLOCKS_PER_SM = 8
 _lock = threading.Lock()
 _scratch: dict = {}
 
@@ -73,24 +73,26 @@ def _sm_count():
 
 
 def _reduce_grid(layout: Layout):
-    """(grid, block) of a reduction: S blocks per channel (or per channel tile)."""
+    """(grid, block) of a reduction: S blocks per channel (or per channel tile), enough
+    to fill the GPU, none with less than a few loads per thread."""
     target = _BLOCKS_PER_SM * _sm_count()
     if layout.kind == "ncl":
-        work = max(1, layout.n * layout.l // K.SEGMENT)
+        work = max(1, layout.n * layout.l // K.MIN_SPAN)
         s = max(1, min(-(-target // layout.c), work, 65535))
         return (layout.c, s), K.BLOCK
     tiles = -(-layout.c // K.TX)
-    s = max(1, min(-(-target // tiles), -(-layout.n // K.TY), 65535))
+    s = max(1, min(-(-target // tiles), -(-layout.n // (K.TY * K.U)), 65535))
     return (tiles, s), (K.TX, K.TY)
 
 
 def _elementwise_grid(layout: Layout):
+    """(grid, block) of an elementwise pass: NCL blocks take MIN_SPAN values of a
+    channel, MC blocks chunks of TY * U rows."""
     if layout.kind == "ncl":
-        segs = -(-layout.l // K.SEGMENT)
-        s = max(1, min(layout.n * segs, 65535))
+        s = max(1, min(-(-layout.n * layout.l // K.MIN_SPAN), 65535))
         return (layout.c, s), K.BLOCK
     tiles = -(-layout.c // K.TX)
-    s = max(1, min(-(-layout.n // (K.TY * 4)), 65535))
+    s = max(1, min(-(-layout.n // (K.TY * K.U)), 65535))
     return (tiles, s), (K.TX, K.TY)
 
 

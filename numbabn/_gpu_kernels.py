@@ -32,7 +32,8 @@ from numba import config, cuda, float64, int32
 BLOCK = 16 if config.ENABLE_CUDASIM else 256
 TX = 4 if config.ENABLE_CUDASIM else 32  # channels per block in the MC kernels
 TY = BLOCK // TX
-SEGMENT = BLOCK * 8  # NCL planes longer than this are split into segments (tasks)
+U = 4  # values each thread loads before it uses them (memory parallelism)
+MIN_SPAN = BLOCK * U * 2  # fewest values of a channel that one block takes
 
 # Bits of the ``flags`` argument of the finishing step.
 HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING, TRAINING = 1, 2, 4, 8
@@ -153,43 +154,67 @@ def _finish_grad(part, c, nblocks, count, mean, invstd, w, flags, chan):
 
 
 @cuda.jit(device=True)
-def _task_range(n_, l_):
-    """(segments per plane, first task, end task) of this block's share of a channel.
-
-    The NCL work of one channel is N * segs tasks (plane, segment); block
-    blockIdx.y of gridDim.y takes a contiguous range of them.
-    """
-    segs = (l_ + SEGMENT - 1) // SEGMENT
-    ntasks = n_ * segs
-    return segs, cuda.blockIdx.y * ntasks // cuda.gridDim.y, (cuda.blockIdx.y + 1) * ntasks // cuda.gridDim.y
+def _span(total):
+    """[start, stop) of block blockIdx.y's share of ``total`` values (gridDim.y shares)."""
+    return cuda.blockIdx.y * total // cuda.gridDim.y, (cuda.blockIdx.y + 1) * total // cuda.gridDim.y
 
 
 @cuda.jit(device=True)
-def _segment(t, segs, l_):
-    """(plane, start, stop) of NCL task t."""
-    n = t // segs
-    seg = t - n * segs
-    return n, seg * l_ // segs, (seg + 1) * l_ // segs
+def _start(j, l_):
+    """(n, l) of value j of a channel's N * L values, and the (dn, dl) of a step of
+    BLOCK values: the walk below advances with additions, no division per value."""
+    if l_ == 0:  # no values: nothing is walked
+        return 0, 0, 0, 0
+    n = j // l_
+    dn = BLOCK // l_
+    return n, j - n * l_, dn, BLOCK - dn * l_
+
+
+@cuda.jit(device=True)
+def _step(n, l, dn, dl, l_):
+    """(n, l) BLOCK values further on."""
+    l += dl
+    n += dn
+    if l >= l_:
+        l -= l_
+        n += 1
+    return n, l
 
 
 # --- NCL ----------------------------------------------------------------------------
+# A channel's N * L values are walked as one flat range (n, l), whatever L is, so a
+# block's threads stay busy on short planes. Each block takes a contiguous share
+# (``_span``); each thread issues U loads before it uses any of them.
 
 
 @cuda.jit(device=True)
 def _ncl_sums(a3, b3, c, k, mode, tid):
-    """This thread's two sums over its share of channel c (block s of gridDim.y).
+    """This thread's two sums over its block's share of channel c.
 
     mode 0: (sum d, sum d^2) with d = a - k; mode 1: (sum a, sum a * (b - k)).
-    Tasks are (n, segment) pairs; each block takes a contiguous range of tasks.
     """
     n_, _, l_ = a3.shape
-    segs, t0, t1 = _task_range(n_, l_)
+    j0, j1 = _span(n_ * l_)
+    j = j0 + tid
+    n, l, dn, dl = _start(j, l_)
     s1 = 0.0
     s2 = 0.0
-    for t in range(t0, t1):
-        n, lo, hi = _segment(t, segs, l_)
-        for i in range(lo + tid, hi, BLOCK):
-            s1, s2 = _accumulate(s1, s2, a3[n, c, i], b3[n, c, i], k, mode)
+    while j + (U - 1) * BLOCK < j1:
+        n1, l1 = _step(n, l, dn, dl, l_)
+        n2, l2 = _step(n1, l1, dn, dl, l_)
+        n3, l3 = _step(n2, l2, dn, dl, l_)
+        a0, a1, a2, a3_ = a3[n, c, l], a3[n1, c, l1], a3[n2, c, l2], a3[n3, c, l3]
+        b0, b1, b2, b3_ = b3[n, c, l], b3[n1, c, l1], b3[n2, c, l2], b3[n3, c, l3]
+        s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
+        s1, s2 = _accumulate(s1, s2, a1, b1, k, mode)
+        s1, s2 = _accumulate(s1, s2, a2, b2, k, mode)
+        s1, s2 = _accumulate(s1, s2, a3_, b3_, k, mode)
+        n, l = _step(n3, l3, dn, dl, l_)
+        j += U * BLOCK
+    while j < j1:
+        s1, s2 = _accumulate(s1, s2, a3[n, c, l], b3[n, c, l], k, mode)
+        n, l = _step(n, l, dn, dl, l_)
+        j += BLOCK
     return s1, s2
 
 
@@ -224,21 +249,44 @@ def grad_sums_ncl(dy3, x3, mean, invstd, w, flags, part, counter, chan):
         _finish_grad(part, c, cuda.gridDim.y, count, mean, invstd, w, flags, chan)
 
 
+@cuda.jit(device=True)
+def _norm(v, ct, m_hi, m_lo, a, b):
+    return ((v + ct - m_hi) - m_lo) * a + b
+
+
+@cuda.jit(device=True)
+def _grad(g, v, ct, m_hi, m_lo, k2, mdy, k1):
+    return (g + ct - mdy - ((v + ct - m_hi) - m_lo) * k2) * k1
+
+
 @cuda.jit
 def normalize_ncl(x3, chan, ct, y3):
-    """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x."""
+    """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x.
+    All U values are loaded before any is stored, so y may be x."""
     n_, _, l_ = x3.shape
     c = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
     m_hi = chan[HI, c]
     m_lo = chan[LO, c]
     a = chan[A, c]
     b = chan[B, c]
-    segs, t0, t1 = _task_range(n_, l_)
-    for t in range(t0, t1):
-        n, lo, hi = _segment(t, segs, l_)
-        for i in range(lo + tid, hi, BLOCK):
-            y3[n, c, i] = ((x3[n, c, i] + ct - m_hi) - m_lo) * a + b
+    j0, j1 = _span(n_ * l_)
+    j = j0 + cuda.threadIdx.x
+    n, l, dn, dl = _start(j, l_)
+    while j + (U - 1) * BLOCK < j1:
+        n1, l1 = _step(n, l, dn, dl, l_)
+        n2, l2 = _step(n1, l1, dn, dl, l_)
+        n3, l3 = _step(n2, l2, dn, dl, l_)
+        v0, v1, v2, v3 = x3[n, c, l], x3[n1, c, l1], x3[n2, c, l2], x3[n3, c, l3]
+        y3[n, c, l] = _norm(v0, ct, m_hi, m_lo, a, b)
+        y3[n1, c, l1] = _norm(v1, ct, m_hi, m_lo, a, b)
+        y3[n2, c, l2] = _norm(v2, ct, m_hi, m_lo, a, b)
+        y3[n3, c, l3] = _norm(v3, ct, m_hi, m_lo, a, b)
+        n, l = _step(n3, l3, dn, dl, l_)
+        j += U * BLOCK
+    while j < j1:
+        y3[n, c, l] = _norm(x3[n, c, l], ct, m_hi, m_lo, a, b)
+        n, l = _step(n, l, dn, dl, l_)
+        j += BLOCK
 
 
 @cuda.jit
@@ -246,18 +294,30 @@ def grad_input_ncl(dy3, x3, chan, ct, dx3):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over this block's share of a channel."""
     n_, _, l_ = x3.shape
     c = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
     m_hi = chan[HI, c]
     m_lo = chan[LO, c]
     k2 = chan[A, c]
     mdy = chan[B, c]
     k1 = chan[K1, c]
-    segs, t0, t1 = _task_range(n_, l_)
-    for t in range(t0, t1):
-        n, lo, hi = _segment(t, segs, l_)
-        for i in range(lo + tid, hi, BLOCK):
-            xmu = (x3[n, c, i] + ct - m_hi) - m_lo
-            dx3[n, c, i] = (dy3[n, c, i] + ct - mdy - xmu * k2) * k1
+    j0, j1 = _span(n_ * l_)
+    j = j0 + cuda.threadIdx.x
+    n, l, dn, dl = _start(j, l_)
+    while j + (U - 1) * BLOCK < j1:
+        n1, l1 = _step(n, l, dn, dl, l_)
+        n2, l2 = _step(n1, l1, dn, dl, l_)
+        n3, l3 = _step(n2, l2, dn, dl, l_)
+        g0, g1, g2, g3 = dy3[n, c, l], dy3[n1, c, l1], dy3[n2, c, l2], dy3[n3, c, l3]
+        v0, v1, v2, v3 = x3[n, c, l], x3[n1, c, l1], x3[n2, c, l2], x3[n3, c, l3]
+        dx3[n, c, l] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
+        dx3[n1, c, l1] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
+        dx3[n2, c, l2] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
+        dx3[n3, c, l3] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
+        n, l = _step(n3, l3, dn, dl, l_)
+        j += U * BLOCK
+    while j < j1:
+        dx3[n, c, l] = _grad(dy3[n, c, l], x3[n, c, l], ct, m_hi, m_lo, k2, mdy, k1)
+        n, l = _step(n, l, dn, dl, l_)
+        j += BLOCK
 
 
 # --- MC -----------------------------------------------------------------------------
@@ -265,12 +325,26 @@ def grad_input_ncl(dy3, x3, chan, ct, dx3):
 
 @cuda.jit(device=True)
 def _mc_sums(a2, b2, c, k, mode, ty):
-    """This thread's sums over rows ty, ty + TY * S, ... of its block's row range."""
+    """This thread's sums over rows ty, ty + R, ... of its block's rows (R = TY * S),
+    U rows loaded at a time."""
     m = a2.shape[0]
+    step = TY * cuda.gridDim.y
+    r = cuda.blockIdx.y * TY + ty
     s1 = 0.0
     s2 = 0.0
-    for r in range(cuda.blockIdx.y * TY + ty, m, TY * cuda.gridDim.y):
+    while r + (U - 1) * step < m:
+        a0, a1 = a2[r, c], a2[r + step, c]
+        a2_, a3 = a2[r + 2 * step, c], a2[r + 3 * step, c]
+        b0, b1 = b2[r, c], b2[r + step, c]
+        b2_, b3 = b2[r + 2 * step, c], b2[r + 3 * step, c]
+        s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
+        s1, s2 = _accumulate(s1, s2, a1, b1, k, mode)
+        s1, s2 = _accumulate(s1, s2, a2_, b2_, k, mode)
+        s1, s2 = _accumulate(s1, s2, a3, b3, k, mode)
+        r += U * step
+    while r < m:
         s1, s2 = _accumulate(s1, s2, a2[r, c], b2[r, c], k, mode)
+        r += step
     return s1, s2
 
 
@@ -320,32 +394,54 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
 
 @cuda.jit
 def normalize_mc(x2, chan, ct, y2):
-    """y = ((x - hi) - lo) * scale + shift for TX channels per block column."""
+    """y = ((x - hi) - lo) * scale + shift for TX channels per block column; a block
+    takes chunks of TY * U rows, each thread U of them, all loaded before any store."""
     c = cuda.blockIdx.x * TX + cuda.threadIdx.x
     if c >= x2.shape[1]:
         return
+    m = x2.shape[0]
     m_hi = chan[HI, c]
     m_lo = chan[LO, c]
     a = chan[A, c]
     b = chan[B, c]
-    for r in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, x2.shape[0], TY * cuda.gridDim.y):
-        y2[r, c] = ((x2[r, c] + ct - m_hi) - m_lo) * a + b
+    r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
+    while r + (U - 1) * TY < m:
+        v0, v1, v2, v3 = x2[r, c], x2[r + TY, c], x2[r + 2 * TY, c], x2[r + 3 * TY, c]
+        y2[r, c] = _norm(v0, ct, m_hi, m_lo, a, b)
+        y2[r + TY, c] = _norm(v1, ct, m_hi, m_lo, a, b)
+        y2[r + 2 * TY, c] = _norm(v2, ct, m_hi, m_lo, a, b)
+        y2[r + 3 * TY, c] = _norm(v3, ct, m_hi, m_lo, a, b)
+        r += TY * U * cuda.gridDim.y
+    while r < m:  # the last, partial chunk
+        y2[r, c] = _norm(x2[r, c], ct, m_hi, m_lo, a, b)
+        r += TY
 
 
 @cuda.jit
 def grad_input_mc(dy2, x2, chan, ct, dx2):
-    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 for TX channels per block column."""
+    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 for TX channels per block column,
+    in chunks of TY * U rows as ``normalize_mc``."""
     c = cuda.blockIdx.x * TX + cuda.threadIdx.x
     if c >= x2.shape[1]:
         return
+    m = x2.shape[0]
     m_hi = chan[HI, c]
     m_lo = chan[LO, c]
     k2 = chan[A, c]
     mdy = chan[B, c]
     k1 = chan[K1, c]
-    for r in range(cuda.blockIdx.y * TY + cuda.threadIdx.y, x2.shape[0], TY * cuda.gridDim.y):
-        xmu = (x2[r, c] + ct - m_hi) - m_lo
-        dx2[r, c] = (dy2[r, c] + ct - mdy - xmu * k2) * k1
+    r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
+    while r + (U - 1) * TY < m:
+        g0, g1, g2, g3 = dy2[r, c], dy2[r + TY, c], dy2[r + 2 * TY, c], dy2[r + 3 * TY, c]
+        v0, v1, v2, v3 = x2[r, c], x2[r + TY, c], x2[r + 2 * TY, c], x2[r + 3 * TY, c]
+        dx2[r, c] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[r + TY, c] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[r + 2 * TY, c] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[r + 3 * TY, c] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
+        r += TY * U * cuda.gridDim.y
+    while r < m:
+        dx2[r, c] = _grad(dy2[r, c], x2[r, c], ct, m_hi, m_lo, k2, mdy, k1)
+        r += TY
 
 
 # --- eval constants -----------------------------------------------------------------

@@ -299,6 +299,7 @@ def tiny_overhead(profile):
     for name, fn, peer in rows:
         print(f"2x3x4x5 {name}: {_wall(fn):.1f} us per call wall time (torch {_wall(peer):.1f} us)", flush=True)
     if profile:
+        _overhead_parts(tiny, trm, trv, tw, tb)
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(500):
@@ -306,9 +307,44 @@ def tiny_overhead(profile):
         torch.cuda.synchronize()
         pr.disable()
         s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
-        print("\n".join(s.getvalue().splitlines()[:50]))
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(40)
+        print("\n".join(s.getvalue().splitlines()[:60]))
     return True
+
+
+def _overhead_parts(x, rm, rv, w, b):
+    """Host time of the pieces of a tiny train-forward call (us per call)."""
+    from numbabn import _gpu, _gpu_arrays, _gpu_launch, _validate
+    from numbabn import _gpu_kernels as K
+
+    def per_call(fn, reps=3000):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e6
+
+    chk = _validate.batch_norm_args(x, rm, rv, w, b, True, 0.1, 1e-5, 1, None)
+    stream = _gpu_launch.numba_stream(None)
+    xv = _gpu_arrays.input_view(x, "x", chk.layout, stream)
+    fresh = _gpu._chan(3, np.dtype(np.float32), stream, x)
+    grid, block = _gpu._elementwise_grid(chk.layout)
+    y = torch.empty_like(x)
+    yv = _gpu_arrays.kernel_view(y, "y", chk.layout)
+    launch = _gpu_launch.launcher(K.normalize_ncl, grid, block, stream)
+    zero = np.float32(0)
+    parts = {
+        "validation": lambda: _validate.batch_norm_args(x, rm, rv, w, b, True, 0.1, 1e-5, 1, None),
+        "input view (cached)": lambda: _gpu_arrays.input_view(x, "x", chk.layout, stream),
+        "chan allocation": lambda: _gpu._chan(3, np.dtype(np.float32), stream, x),
+        "output allocation": lambda: _gpu_arrays.empty(chk.layout, np.dtype(np.float32), stream, x),
+        "launcher lookup": lambda: _gpu_launch.launcher(K.normalize_ncl, grid, block, stream),
+        "launch (4 args)": lambda: launch(xv, fresh[1], zero, yv),
+        "torch.empty_like": lambda: torch.empty_like(x),
+    }
+    for name, fn in parts.items():
+        print(f"  part {name:<22} {per_call(fn):7.1f} us", flush=True)
+    torch.cuda.synchronize()
 
 
 def bench(shape, layout, dtype):
