@@ -53,6 +53,18 @@ def numba_stream(stream):
     return wrapped
 
 
+def _performance_warnings():
+    """numba-cuda's performance-warning class (it has its own copy of numba's)."""
+    from numba.core.errors import NumbaPerformanceWarning
+
+    found = [NumbaPerformanceWarning]
+    try:
+        from numba.cuda.core.errors import NumbaPerformanceWarning as cuda_warning
+    except ImportError:  # older numba-cuda: numba's own class
+        return found
+    return found + [cuda_warning]
+
+
 def launcher(kernel, grid, block, stream):
     """``kernel[grid, block, stream]``, configured once per distinct launch (under the
     simulator, every time: its kernels keep one configuration, set by indexing)."""
@@ -61,10 +73,9 @@ def launcher(kernel, grid, block, stream):
     key = (kernel, grid, block, _handle(stream))
     configured = _launchers.get(key)
     if configured is None:
-        from numba.core.errors import NumbaPerformanceWarning
-
         with _lock, warnings.catch_warnings():
-            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            for category in _performance_warnings():
+                warnings.simplefilter("ignore", category)
             configured = kernel[grid, block, stream]
             if len(_launchers) >= _LIMIT:
                 _launchers.clear()

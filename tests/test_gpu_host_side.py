@@ -1,0 +1,132 @@
+"""The host-side machinery of the GPU backend that needs no device: cached kernel
+launchers, cached device views, PyTorch tensors described from their attributes.
+
+On a real GPU these run on every call; the CUDA simulator takes other paths (its
+kernels keep one configuration, its arrays are host memory), so they are checked
+here with stand-ins, in the host test process.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from helpers import ON_DEVICE
+
+cuda = pytest.importorskip("numba.cuda")
+pytestmark = pytest.mark.skipif(ON_DEVICE, reason="the simulator takes the other paths")
+
+
+class FakeKernel:
+    """Records configurations; warns as numba-cuda does for small grids."""
+
+    def __init__(self):
+        self.configured = []
+
+    def __getitem__(self, config):
+        from numba.cuda.core.errors import NumbaPerformanceWarning
+
+        warnings.warn(NumbaPerformanceWarning("Grid size 1 will likely result in GPU under-utilization"))
+        launch = object()
+        self.configured.append((config, launch))
+        return launch
+
+
+class FakeStream:
+    def __init__(self, handle):
+        self.handle = handle
+
+
+def test_launchers_are_configured_once_per_grid_block_and_stream():
+    from numbabn import _gpu_launch
+
+    kernel = FakeKernel()
+    s0, s1 = FakeStream(0), FakeStream(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the occupancy warning must not escape
+        a = _gpu_launch.launcher(kernel, (3, 2), 256, s0)
+        assert _gpu_launch.launcher(kernel, (3, 2), 256, FakeStream(0)) is a  # same handle
+        b = _gpu_launch.launcher(kernel, (3, 4), 256, s0)
+        c = _gpu_launch.launcher(kernel, (3, 2), 256, s1)
+    assert len({id(a), id(b), id(c)}) == 3
+    assert [cfg for cfg, _ in kernel.configured] == [((3, 2), 256, s0), ((3, 4), 256, s0), ((3, 2), 256, s1)]
+
+
+def test_streams_of_other_libraries_are_wrapped_once(monkeypatch):
+    from numbabn import _gpu_launch
+
+    made = []
+    monkeypatch.setattr(_gpu_launch.cuda, "external_stream", lambda h: made.append(h) or FakeStream(h))
+
+    class TorchLikeStream:
+        cuda_stream = 0xBEEF
+
+    first = _gpu_launch.numba_stream(TorchLikeStream())
+    assert _gpu_launch.numba_stream(TorchLikeStream()) is first
+    assert made == [0xBEEF] and first.handle == 0xBEEF
+    own = FakeStream(5)
+    assert _gpu_launch.numba_stream(own) is own
+
+
+class FakeContext:
+    pass
+
+
+@pytest.mark.parametrize(
+    "shape,strides",
+    [((4, 3, 10), (120, 40, 4)), ((6, 5), (20, 4)), ((4, 3, 10), (240, 80, 8))]
+)
+def test_views_point_at_the_given_memory_and_are_cached(shape, strides, monkeypatch):
+    from numbabn import _gpu_arrays
+
+    monkeypatch.setattr(_gpu_arrays.cuda, "current_context", lambda: FakeContext())
+    monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
+    dtype = np.dtype(np.float32)
+    view = _gpu_arrays._view(0x10000, shape, strides, dtype)
+    assert view.shape == shape and view.strides == strides and view.dtype == dtype
+    assert view.device_ctypes_pointer.value == 0x10000
+    span = sum((e - 1) * s for e, s in zip(shape, strides)) + 4
+    assert view.gpu_data.size == span
+    assert _gpu_arrays._view(0x10000, shape, strides, dtype) is view
+    assert _gpu_arrays._view(0x20000, shape, strides, dtype) is not view
+    contiguous = strides == tuple(np.empty(shape, dtype).strides)
+    assert view._numba_type_.layout == ("C" if contiguous else "A")
+
+
+def test_view_cache_is_bounded(monkeypatch):
+    from numbabn import _gpu_arrays
+
+    monkeypatch.setattr(_gpu_arrays.cuda, "current_context", lambda: FakeContext())
+    monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
+    for i in range(_gpu_arrays._VIEW_LIMIT + 10):
+        _gpu_arrays._view(0x1000 + 64 * i, (4,), (4,), np.dtype(np.float32))
+    assert len(_gpu_arrays._VIEWS) <= _gpu_arrays._VIEW_LIMIT
+
+
+def test_cuda_tensors_are_described_from_their_attributes():
+    torch = pytest.importorskip("torch")
+    from numbabn import _validate
+
+    class CudaTensor:  # what numbabn reads of a CUDA tensor
+        __module__ = "torch"
+        is_cuda = True
+
+        def __init__(self, dtype, shape, strides, requires_grad=False):
+            self.dtype, self.shape, self._strides = dtype, torch.Size(shape), strides
+            self.requires_grad = requires_grad
+
+        def stride(self):
+            return self._strides
+
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    info = _validate.describe(CudaTensor(torch.float16, (2, 3, 5), (15, 1, 3), True), "x")
+    assert info == _validate.ArrayInfo(_validate.DEVICE, np.dtype(np.float16), (2, 3, 5), (30, 2, 6), True)
+    with pytest.raises(TypeError, match="x must be"):  # a dtype numbabn does not take: the interface decides
+        _validate.describe(CudaTensor(torch.int32, (2, 3), (3, 1)), "x")
+    with pytest.raises(TypeError, match="must be a NumPy array or a CUDA array"):
+        _validate.describe(torch.zeros(3), "x")  # a CPU tensor
