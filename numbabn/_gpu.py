@@ -19,8 +19,8 @@ from . import _channel
 from . import _gpu_kernels as K
 from ._channel import grad_constants
 from ._gpu_arrays import (
-    allocate, as_kind_of, copy_strided, empty, input_view, kernel_view, numba_array, output_view,
-    part,
+    allocate, as_kind_of, copy_strided, empty, input_view, kernel_args, kernel_view, numba_array,
+    operands, output_view, part,
 )
 from ._gpu_launch import launcher, numba_stream
 from ._validate import Checked, Layout, describe, stats_dtype
@@ -131,7 +131,8 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
     eps = chk.eps if chk.eps > 0 else 1.0
     launcher(kernel, grid, block, stream)(
-        xv, *(_vector(a) for a in (weight, bias, running_mean, running_var)), flags, eps,
+        *kernel_args((xv,), layout), *(_vector(a) for a in (weight, bias, running_mean, running_var)),
+        flags, eps,
         chk.momentum, part, counters, chan,
     )
     return fresh, xv
@@ -150,7 +151,9 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
         result = part(fresh, like)
     grid, block = _elementwise_grid(layout)
     kernel = getattr(K, f"{kernel_name}_{layout.kind}")
-    launcher(kernel, grid, block, stream)(*inputs, chan, chan.dtype.type(0), target)
+    launcher(kernel, grid, block, stream)(
+        *kernel_args(inputs, layout), chan, chan.dtype.type(0), *operands(target, layout)
+    )
     if tmp is not None:
         copy_strided(tmp, numba_array(out), stream)
     return result
@@ -213,7 +216,7 @@ def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like
     chan = fresh[1]
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     launcher(kernel, grid, block, stream)(
-        dyv, xv, *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
+        *kernel_args((dyv, xv), layout), *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
         part, counters, chan,
     )
     return fresh, dyv, xv

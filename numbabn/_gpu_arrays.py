@@ -127,7 +127,10 @@ def _view_geometry(info, layout: Layout):
         post = _merge(info.shape[ax + 1 :], info.strides[ax + 1 :])
         if pre is None or post is None:
             return None
-        return (layout.n, layout.c, layout.l), (pre[1], c_stride, post[1])
+        strides = (pre[1], c_stride, post[1])
+        if any(s < 0 or s % info.dtype.itemsize for s in strides):  # no flat walk
+            return None
+        return (layout.n, layout.c, layout.l), strides
     rest = _merge(info.shape[:ax] + info.shape[ax + 1 :], info.strides[:ax] + info.strides[ax + 1 :])
     if rest is None:
         return None
@@ -137,6 +140,24 @@ def _view_geometry(info, layout: Layout):
 def kernel_view(a, name, layout: Layout):
     """The kernel view of an array whose strides allow one (see ``_view_geometry``)."""
     return strided(a, *_view_geometry(describe(a, name), layout))
+
+
+def operands(view, layout: Layout) -> tuple:
+    """How a kernel view is handed to a kernel: an MC view as it is; an NCL view as a
+    flat 1-D view from its element (0, 0, 0) and its element strides (sN, sC, sL)."""
+    if layout.kind == "mc":
+        return (view,)
+    item = view.dtype.itemsize
+    strides = tuple(s // item for s in view.strides)
+    extent = 1 + sum((e - 1) * s for e, s in zip(view.shape, strides)) if view.size else 0
+    return strided(view, (extent,), (item,)), strides
+
+
+def kernel_args(views, layout: Layout) -> tuple:
+    """The leading arguments of a kernel that reads ``views``: each view's operands,
+    then, for NCL kernels, (N, L)."""
+    args = tuple(x for v in views for x in operands(v, layout))
+    return args + ((layout.n, layout.l),) if layout.kind == "ncl" else args
 
 
 def input_view(a, name, layout: Layout, stream):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from numba import config, cuda, float64, int32
+from numba import config, cuda, float64, int32, uint64
 
 # Threads per block. Kept small under the simulator (one Python thread per CUDA
 # thread) so that tiny test inputs still span several blocks and partial blocks.
@@ -161,8 +161,8 @@ def _span(total):
 
 @cuda.jit(device=True)
 def _start(j, l_):
-    """(n, l) of value j of a channel's N * L values, and the (dn, dl) of a step of
-    BLOCK values: the walk below advances with additions, no division per value."""
+    """(n, l) of value j of a channel's N * L values, and (dn, dl), the step of BLOCK
+    values: the walks below advance by additions, with no division per value."""
     if l_ == 0:  # no values: nothing is walked
         return 0, 0, 0, 0
     n = j // l_
@@ -171,81 +171,103 @@ def _start(j, l_):
 
 
 @cuda.jit(device=True)
-def _step(n, l, dn, dl, l_):
-    """(n, l) BLOCK values further on."""
-    l += dl
-    n += dn
-    if l >= l_:
-        l -= l_
-        n += 1
-    return n, l
-
-
-# --- NCL ----------------------------------------------------------------------------
-# A channel's N * L values are walked as one flat range (n, l), whatever L is, so a
-# block's threads stay busy on short planes. Each block takes a contiguous share
-# (``_span``); each thread issues U loads before it uses any of them.
+def _offsets(s, c, n, l, dn, dl, l_):
+    """For an array with element strides s = (sN, sC, sL): the offset of (n, c, l), the
+    offset step of BLOCK values (dn planes and dl values on), and that step when the
+    walk also wraps into the next plane."""
+    step = dn * s[0] + dl * s[2]
+    return n * s[0] + c * s[1] + l * s[2], step, step + s[0] - l_ * s[2]
 
 
 @cuda.jit(device=True)
-def _ncl_sums(a3, b3, c, k, mode, tid):
+def _wraps(l, dl, l_):
+    """(l BLOCK values on, whether that crosses into the next plane)."""
+    l += dl
+    if l >= l_:
+        return l - l_, True
+    return l, False
+
+
+@cuda.jit(device=True)
+def _at(o):
+    """An offset as an unsigned index (no negative-index wraparound code)."""
+    return uint64(o)
+
+
+# --- NCL ----------------------------------------------------------------------------
+# NCL kernels take each array as a flat 1-D view from its element (0, 0, 0) plus its
+# element strides (sN, sC, sL), and ``nl`` = (N, L). A channel's N * L values are
+# walked as one flat range, whatever L is, so a block's threads stay busy on short
+# planes; each block takes a contiguous share (``_span``); each thread keeps one
+# offset per array, advanced by additions, and issues U loads before it uses any.
+
+
+@cuda.jit(device=True)
+def _ncl_sums(a1, sa, b1, sb, nl, c, k, mode, tid):
     """This thread's two sums over its block's share of channel c.
 
     mode 0: (sum d, sum d^2) with d = a - k; mode 1: (sum a, sum a * (b - k)).
     """
-    n_, _, l_ = a3.shape
+    n_, l_ = nl
     j0, j1 = _span(n_ * l_)
     j = j0 + tid
     n, l, dn, dl = _start(j, l_)
+    oa, da, wa = _offsets(sa, c, n, l, dn, dl, l_)
+    ob, db, wb = _offsets(sb, c, n, l, dn, dl, l_)
     s1 = 0.0
     s2 = 0.0
     while j + (U - 1) * BLOCK < j1:
-        n1, l1 = _step(n, l, dn, dl, l_)
-        n2, l2 = _step(n1, l1, dn, dl, l_)
-        n3, l3 = _step(n2, l2, dn, dl, l_)
-        a0, a1, a2, a3_ = a3[n, c, l], a3[n1, c, l1], a3[n2, c, l2], a3[n3, c, l3]
-        b0, b1, b2, b3_ = b3[n, c, l], b3[n1, c, l1], b3[n2, c, l2], b3[n3, c, l3]
+        l, w = _wraps(l, dl, l_)
+        oa1, ob1 = oa + (wa if w else da), ob + (wb if w else db)
+        l, w = _wraps(l, dl, l_)
+        oa2, ob2 = oa1 + (wa if w else da), ob1 + (wb if w else db)
+        l, w = _wraps(l, dl, l_)
+        oa3, ob3 = oa2 + (wa if w else da), ob2 + (wb if w else db)
+        a0, a1_, a2, a3 = a1[_at(oa)], a1[_at(oa1)], a1[_at(oa2)], a1[_at(oa3)]
+        b0, b1_, b2, b3 = b1[_at(ob)], b1[_at(ob1)], b1[_at(ob2)], b1[_at(ob3)]
         s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
-        s1, s2 = _accumulate(s1, s2, a1, b1, k, mode)
+        s1, s2 = _accumulate(s1, s2, a1_, b1_, k, mode)
         s1, s2 = _accumulate(s1, s2, a2, b2, k, mode)
-        s1, s2 = _accumulate(s1, s2, a3_, b3_, k, mode)
-        n, l = _step(n3, l3, dn, dl, l_)
+        s1, s2 = _accumulate(s1, s2, a3, b3, k, mode)
+        l, w = _wraps(l, dl, l_)
+        oa, ob = oa3 + (wa if w else da), ob3 + (wb if w else db)
         j += U * BLOCK
     while j < j1:
-        s1, s2 = _accumulate(s1, s2, a3[n, c, l], b3[n, c, l], k, mode)
-        n, l = _step(n, l, dn, dl, l_)
+        s1, s2 = _accumulate(s1, s2, a1[_at(oa)], b1[_at(ob)], k, mode)
+        l, w = _wraps(l, dl, l_)
+        oa, ob = oa + (wa if w else da), ob + (wb if w else db)
         j += BLOCK
     return s1, s2
 
 
 @cuda.jit
-def stats_ncl(x3, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
+def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
     """Statistics of channel blockIdx.x; the last block also finishes the channel."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
     flag = cuda.shared.array(1, int32)
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    k = float64(x3[0, c, 0])
-    s1, s2 = _ncl_sums(x3, x3, c, k, 0, tid)
+    k = float64(x1[_at(c * xs[1])])
+    s1, s2 = _ncl_sums(x1, xs, x1, xs, nl, c, k, 0, tid)
     last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last and tid == 0:
-        count = float64(x3.shape[0] * x3.shape[2])
+        count = float64(nl[0] * nl[1])
         _finish_stats(part, c, cuda.gridDim.y, k, count, w, b, rm, rv, flags, eps, momentum, chan)
 
 
 @cuda.jit
-def grad_sums_ncl(dy3, x3, mean, invstd, w, flags, part, counter, chan):
+def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, chan):
     """sum(dy) and sum(dy * (x - mean)) of channel blockIdx.x; the last block finishes."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
     flag = cuda.shared.array(1, int32)
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    s1, s2 = _ncl_sums(dy3, x3, c, float64(mean[c]), 1, tid)
+    s1, s2 = _ncl_sums(dy1, dys, x1, xs, nl, c, float64(mean[c]), 1, tid)
     last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last and tid == 0:
-        count = float64(x3.shape[0] * x3.shape[2])
+        count = float64(nl[0] * nl[1])
         _finish_grad(part, c, cuda.gridDim.y, count, mean, invstd, w, flags, chan)
 
 
@@ -260,10 +282,10 @@ def _grad(g, v, ct, m_hi, m_lo, k2, mdy, k1):
 
 
 @cuda.jit
-def normalize_ncl(x3, chan, ct, y3):
+def normalize_ncl(x1, xs, nl, chan, ct, y1, ys):
     """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x.
     All U values are loaded before any is stored, so y may be x."""
-    n_, _, l_ = x3.shape
+    n_, l_ = nl
     c = cuda.blockIdx.x
     m_hi = chan[HI, c]
     m_lo = chan[LO, c]
@@ -272,27 +294,34 @@ def normalize_ncl(x3, chan, ct, y3):
     j0, j1 = _span(n_ * l_)
     j = j0 + cuda.threadIdx.x
     n, l, dn, dl = _start(j, l_)
+    ox, dx, wx = _offsets(xs, c, n, l, dn, dl, l_)
+    oy, dy, wy = _offsets(ys, c, n, l, dn, dl, l_)
     while j + (U - 1) * BLOCK < j1:
-        n1, l1 = _step(n, l, dn, dl, l_)
-        n2, l2 = _step(n1, l1, dn, dl, l_)
-        n3, l3 = _step(n2, l2, dn, dl, l_)
-        v0, v1, v2, v3 = x3[n, c, l], x3[n1, c, l1], x3[n2, c, l2], x3[n3, c, l3]
-        y3[n, c, l] = _norm(v0, ct, m_hi, m_lo, a, b)
-        y3[n1, c, l1] = _norm(v1, ct, m_hi, m_lo, a, b)
-        y3[n2, c, l2] = _norm(v2, ct, m_hi, m_lo, a, b)
-        y3[n3, c, l3] = _norm(v3, ct, m_hi, m_lo, a, b)
-        n, l = _step(n3, l3, dn, dl, l_)
+        l, w = _wraps(l, dl, l_)
+        ox1, oy1 = ox + (wx if w else dx), oy + (wy if w else dy)
+        l, w = _wraps(l, dl, l_)
+        ox2, oy2 = ox1 + (wx if w else dx), oy1 + (wy if w else dy)
+        l, w = _wraps(l, dl, l_)
+        ox3, oy3 = ox2 + (wx if w else dx), oy2 + (wy if w else dy)
+        v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
+        y1[_at(oy)] = _norm(v0, ct, m_hi, m_lo, a, b)
+        y1[_at(oy1)] = _norm(v1, ct, m_hi, m_lo, a, b)
+        y1[_at(oy2)] = _norm(v2, ct, m_hi, m_lo, a, b)
+        y1[_at(oy3)] = _norm(v3, ct, m_hi, m_lo, a, b)
+        l, w = _wraps(l, dl, l_)
+        ox, oy = ox3 + (wx if w else dx), oy3 + (wy if w else dy)
         j += U * BLOCK
     while j < j1:
-        y3[n, c, l] = _norm(x3[n, c, l], ct, m_hi, m_lo, a, b)
-        n, l = _step(n, l, dn, dl, l_)
+        y1[_at(oy)] = _norm(x1[_at(ox)], ct, m_hi, m_lo, a, b)
+        l, w = _wraps(l, dl, l_)
+        ox, oy = ox + (wx if w else dx), oy + (wy if w else dy)
         j += BLOCK
 
 
 @cuda.jit
-def grad_input_ncl(dy3, x3, chan, ct, dx3):
+def grad_input_ncl(dy1, dys, x1, xs, nl, chan, ct, dx1, dxs):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over this block's share of a channel."""
-    n_, _, l_ = x3.shape
+    n_, l_ = nl
     c = cuda.blockIdx.x
     m_hi = chan[HI, c]
     m_lo = chan[LO, c]
@@ -302,21 +331,29 @@ def grad_input_ncl(dy3, x3, chan, ct, dx3):
     j0, j1 = _span(n_ * l_)
     j = j0 + cuda.threadIdx.x
     n, l, dn, dl = _start(j, l_)
+    og, dg, wg = _offsets(dys, c, n, l, dn, dl, l_)
+    ox, dx, wx = _offsets(xs, c, n, l, dn, dl, l_)
+    oz, dz, wz = _offsets(dxs, c, n, l, dn, dl, l_)
     while j + (U - 1) * BLOCK < j1:
-        n1, l1 = _step(n, l, dn, dl, l_)
-        n2, l2 = _step(n1, l1, dn, dl, l_)
-        n3, l3 = _step(n2, l2, dn, dl, l_)
-        g0, g1, g2, g3 = dy3[n, c, l], dy3[n1, c, l1], dy3[n2, c, l2], dy3[n3, c, l3]
-        v0, v1, v2, v3 = x3[n, c, l], x3[n1, c, l1], x3[n2, c, l2], x3[n3, c, l3]
-        dx3[n, c, l] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
-        dx3[n1, c, l1] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
-        dx3[n2, c, l2] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
-        dx3[n3, c, l3] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
-        n, l = _step(n3, l3, dn, dl, l_)
+        l, w = _wraps(l, dl, l_)
+        og1, ox1, oz1 = og + (wg if w else dg), ox + (wx if w else dx), oz + (wz if w else dz)
+        l, w = _wraps(l, dl, l_)
+        og2, ox2, oz2 = og1 + (wg if w else dg), ox1 + (wx if w else dx), oz1 + (wz if w else dz)
+        l, w = _wraps(l, dl, l_)
+        og3, ox3, oz3 = og2 + (wg if w else dg), ox2 + (wx if w else dx), oz2 + (wz if w else dz)
+        g0, g1, g2, g3 = dy1[_at(og)], dy1[_at(og1)], dy1[_at(og2)], dy1[_at(og3)]
+        v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
+        dx1[_at(oz)] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
+        dx1[_at(oz1)] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
+        dx1[_at(oz2)] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
+        dx1[_at(oz3)] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
+        l, w = _wraps(l, dl, l_)
+        og, ox, oz = og3 + (wg if w else dg), ox3 + (wx if w else dx), oz3 + (wz if w else dz)
         j += U * BLOCK
     while j < j1:
-        dx3[n, c, l] = _grad(dy3[n, c, l], x3[n, c, l], ct, m_hi, m_lo, k2, mdy, k1)
-        n, l = _step(n, l, dn, dl, l_)
+        dx1[_at(oz)] = _grad(dy1[_at(og)], x1[_at(ox)], ct, m_hi, m_lo, k2, mdy, k1)
+        l, w = _wraps(l, dl, l_)
+        og, ox, oz = og + (wg if w else dg), ox + (wx if w else dx), oz + (wz if w else dz)
         j += BLOCK
 
 
@@ -333,17 +370,17 @@ def _mc_sums(a2, b2, c, k, mode, ty):
     s1 = 0.0
     s2 = 0.0
     while r + (U - 1) * step < m:
-        a0, a1 = a2[r, c], a2[r + step, c]
-        a2_, a3 = a2[r + 2 * step, c], a2[r + 3 * step, c]
-        b0, b1 = b2[r, c], b2[r + step, c]
-        b2_, b3 = b2[r + 2 * step, c], b2[r + 3 * step, c]
+        a0, a1 = a2[_at(r), _at(c)], a2[_at(r + step), _at(c)]
+        a2_, a3 = a2[_at(r + 2 * step), _at(c)], a2[_at(r + 3 * step), _at(c)]
+        b0, b1 = b2[_at(r), _at(c)], b2[_at(r + step), _at(c)]
+        b2_, b3 = b2[_at(r + 2 * step), _at(c)], b2[_at(r + 3 * step), _at(c)]
         s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
         s1, s2 = _accumulate(s1, s2, a1, b1, k, mode)
         s1, s2 = _accumulate(s1, s2, a2_, b2_, k, mode)
         s1, s2 = _accumulate(s1, s2, a3, b3, k, mode)
         r += U * step
     while r < m:
-        s1, s2 = _accumulate(s1, s2, a2[r, c], b2[r, c], k, mode)
+        s1, s2 = _accumulate(s1, s2, a2[_at(r), _at(c)], b2[_at(r), _at(c)], k, mode)
         r += step
     return s1, s2
 
@@ -406,14 +443,14 @@ def normalize_mc(x2, chan, ct, y2):
     b = chan[B, c]
     r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
     while r + (U - 1) * TY < m:
-        v0, v1, v2, v3 = x2[r, c], x2[r + TY, c], x2[r + 2 * TY, c], x2[r + 3 * TY, c]
-        y2[r, c] = _norm(v0, ct, m_hi, m_lo, a, b)
-        y2[r + TY, c] = _norm(v1, ct, m_hi, m_lo, a, b)
-        y2[r + 2 * TY, c] = _norm(v2, ct, m_hi, m_lo, a, b)
-        y2[r + 3 * TY, c] = _norm(v3, ct, m_hi, m_lo, a, b)
+        v0, v1, v2, v3 = x2[_at(r), _at(c)], x2[_at(r + TY), _at(c)], x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
+        y2[_at(r), _at(c)] = _norm(v0, ct, m_hi, m_lo, a, b)
+        y2[_at(r + TY), _at(c)] = _norm(v1, ct, m_hi, m_lo, a, b)
+        y2[_at(r + 2 * TY), _at(c)] = _norm(v2, ct, m_hi, m_lo, a, b)
+        y2[_at(r + 3 * TY), _at(c)] = _norm(v3, ct, m_hi, m_lo, a, b)
         r += TY * U * cuda.gridDim.y
     while r < m:  # the last, partial chunk
-        y2[r, c] = _norm(x2[r, c], ct, m_hi, m_lo, a, b)
+        y2[_at(r), _at(c)] = _norm(x2[_at(r), _at(c)], ct, m_hi, m_lo, a, b)
         r += TY
 
 
@@ -432,15 +469,15 @@ def grad_input_mc(dy2, x2, chan, ct, dx2):
     k1 = chan[K1, c]
     r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
     while r + (U - 1) * TY < m:
-        g0, g1, g2, g3 = dy2[r, c], dy2[r + TY, c], dy2[r + 2 * TY, c], dy2[r + 3 * TY, c]
-        v0, v1, v2, v3 = x2[r, c], x2[r + TY, c], x2[r + 2 * TY, c], x2[r + 3 * TY, c]
-        dx2[r, c] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
-        dx2[r + TY, c] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
-        dx2[r + 2 * TY, c] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
-        dx2[r + 3 * TY, c] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
+        g0, g1, g2, g3 = dy2[_at(r), _at(c)], dy2[_at(r + TY), _at(c)], dy2[_at(r + 2 * TY), _at(c)], dy2[_at(r + 3 * TY), _at(c)]
+        v0, v1, v2, v3 = x2[_at(r), _at(c)], x2[_at(r + TY), _at(c)], x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
+        dx2[_at(r), _at(c)] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[_at(r + TY), _at(c)] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[_at(r + 2 * TY), _at(c)] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[_at(r + 3 * TY), _at(c)] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
         r += TY * U * cuda.gridDim.y
     while r < m:
-        dx2[r, c] = _grad(dy2[r, c], x2[r, c], ct, m_hi, m_lo, k2, mdy, k1)
+        dx2[_at(r), _at(c)] = _grad(dy2[_at(r), _at(c)], x2[_at(r), _at(c)], ct, m_hi, m_lo, k2, mdy, k1)
         r += TY
 
 

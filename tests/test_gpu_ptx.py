@@ -30,14 +30,17 @@ def _signatures(data, vec):
     red = _arr(types.float64 if vec == types.float64 else stat, 2)
     chan = _arr(stat, 2)
     i, f = types.int64, types.float64
+    # NCL kernels take each array as a flat view plus its (sN, sC, sL) element strides,
+    # and (N, L).
+    flat, st, nl = _arr(data, 1), types.UniTuple(i, 3), types.UniTuple(i, 2)
     return {
-        "stats_ncl": (_arr(data, 3), v, v, v, v, i, f, f, part, counter, red),
+        "stats_ncl": (flat, st, nl, v, v, v, v, i, f, f, part, counter, red),
         "stats_mc": (_arr(data, 2), v, v, v, v, i, f, f, part, counter, red),
-        "grad_sums_ncl": (_arr(data, 3), _arr(data, 3), v, v, v, i, part, counter, red),
+        "grad_sums_ncl": (flat, st, flat, st, nl, v, v, v, i, part, counter, red),
         "grad_sums_mc": (_arr(data, 2), _arr(data, 2), v, v, v, i, part, counter, red),
-        "normalize_ncl": (_arr(data, 3), chan, stat, _arr(data, 3)),
+        "normalize_ncl": (flat, st, nl, chan, stat, flat, st),
         "normalize_mc": (_arr(data, 2), chan, stat, _arr(data, 2)),
-        "grad_input_ncl": (_arr(data, 3), _arr(data, 3), chan, stat, _arr(data, 3)),
+        "grad_input_ncl": (flat, st, flat, st, nl, chan, stat, flat, st),
         "grad_input_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2)),
         "eval_params": (v, v, v, v, i, f, chan),
         "copy_4d": (_arr(data, 4), _arr(data, 4)),
