@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python scripts/gpu_check.py [--quick] [--profile]
 
+(``bash scripts/gpu_session.sh`` runs it, then the device-side tests on the GPU.)
+
 1. Every operation against the float64 NumPy reference, NCHW and channels-last,
    float16/32/64, with PyTorch tensors, numba device arrays and CuPy arrays as
    inputs; parameters that require grad; a caller's stream; strided inputs and out=;
@@ -33,11 +35,15 @@ import time
 import traceback
 
 import numpy as np
-import torch
-from numba import cuda
 
-import numbabn
-from numbabn import reference as ref
+if not hasattr(np, "row_stack"):  # numba-cuda 0.30 names it at import; NumPy 2.5 removed it
+    np.row_stack = np.vstack
+
+import torch  # noqa: E402
+from numba import cuda  # noqa: E402
+
+import numbabn  # noqa: E402
+from numbabn import reference as ref  # noqa: E402
 
 FAILED: list[str] = []
 
@@ -333,13 +339,16 @@ def _overhead_parts(x, rm, rv, w, b):
     yv = _gpu_arrays.kernel_view(y, "y", chk.layout)
     launch = _gpu_launch.launcher(K.normalize_ncl, grid, block, stream)
     zero = np.float32(0)
+    args = (*_gpu_arrays.kernel_args((xv,), chk.layout), fresh[1], zero, *_gpu_arrays.operands(yv, chk.layout))
     parts = {
         "validation": lambda: _validate.batch_norm_args(x, rm, rv, w, b, True, 0.1, 1e-5, 1, None),
         "input view (cached)": lambda: _gpu_arrays.input_view(x, "x", chk.layout, stream),
         "chan allocation": lambda: _gpu._chan(3, np.dtype(np.float32), stream, x),
         "output allocation": lambda: _gpu_arrays.empty(chk.layout, np.dtype(np.float32), stream, x),
         "launcher lookup": lambda: _gpu_launch.launcher(K.normalize_ncl, grid, block, stream),
-        "launch (4 args)": lambda: launch(xv, fresh[1], zero, yv),
+        "kernel arguments": lambda: (*_gpu_arrays.kernel_args((xv,), chk.layout), fresh[1], zero,
+                                     *_gpu_arrays.operands(yv, chk.layout)),
+        "launch (normalize)": lambda: launch(*args),
         "torch.empty_like": lambda: torch.empty_like(x),
     }
     for name, fn in parts.items():
