@@ -1,9 +1,11 @@
 """Device arrays for the GPU backend: zero-copy views, device copies, allocation.
 
-The kernels take strided 3-D ``(N, C, L)`` or 2-D ``(M, C)`` views of the caller's
-memory (``view``). Arrays whose strides cannot be walked that way are copied once on
-the device into the layout's memory order (``input_view``), and such an ``out`` is
-written through a device copy (``output_view`` then ``copy_strided``). Results go
+Host code works with strided 3-D ``(N, C, L)`` or 2-D ``(M, C)`` views of the caller's
+memory (``kernel_view``); NCL kernels receive theirs as a flat 1-D view plus element
+strides (``operands``). Views are cached by address (``_view``). Arrays whose strides
+cannot be walked that way are copied once on the device into the layout's memory order
+(``input_view``), and such an ``out`` is written through a device copy (``output_view``
+then ``copy_strided``). Results go
 back as the caller's kind of array: fresh arrays for a PyTorch or CuPy caller come
 from that library's allocator (its memory pool, its accounting; numba's own
 allocation and release can synchronize the device), numba device arrays otherwise
@@ -23,7 +25,7 @@ from numba import config, cuda
 
 from . import _gpu_kernels as K
 from ._gpu_launch import launcher
-from ._validate import Layout, describe, cuda_interface
+from ._validate import Layout, cuda_interface, describe
 
 _SIM = bool(config.ENABLE_CUDASIM)
 
