@@ -49,7 +49,7 @@ def batch_norm(
         Receives the result; same shape and dtype as ``x``; may be ``x`` itself.
     stream : CUDA stream, optional
         For CUDA arrays: the stream the kernels run on (default: the default stream):
-        a numba stream, or a PyTorch or CuPy stream (anything with ``cuda_stream``).
+        a numba stream, a PyTorch or CuPy stream, or any object with ``__cuda_stream__``.
 
     Returns
     -------

@@ -40,17 +40,35 @@ _external: dict = {}
 
 def numba_stream(stream):
     """The numba stream to launch on: the default stream for None, a numba stream as
-    it is, another library's stream (an object with a ``cuda_stream`` handle: PyTorch,
-    CuPy) wrapped once per handle."""
+    it is, another library's stream (PyTorch: ``cuda_stream``; CuPy: ``ptr``; or the
+    ``__cuda_stream__`` protocol) wrapped once per handle."""
     if stream is None:
         return default_stream()
-    handle = getattr(stream, "cuda_stream", None)
-    if handle is None or _SIM:
+    if _SIM:
         return stream
-    wrapped = _external.get(int(handle))
+    handle = _foreign_handle(stream)
+    if handle is None:
+        return stream
+    wrapped = _external.get(handle)
     if wrapped is None:
-        wrapped = _external[int(handle)] = cuda.external_stream(int(handle))
+        wrapped = _external[handle] = cuda.external_stream(handle)
     return wrapped
+
+
+def _foreign_handle(stream):
+    """The raw handle of a stream of another library, None for a numba stream."""
+    from numba.cuda.cudadrv.driver import Stream
+
+    if isinstance(stream, Stream):
+        return None
+    if hasattr(stream, "cuda_stream"):  # PyTorch
+        return int(stream.cuda_stream)
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        return int(protocol()[1])
+    if type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):
+        return int(stream.ptr)
+    return None
 
 
 def _performance_warnings():

@@ -39,6 +39,11 @@ class FakeStream:
         self.handle = handle
 
 
+class NumbaLikeStream(FakeStream):
+    def synchronize(self):
+        pass
+
+
 def test_launchers_are_configured_once_per_grid_block_and_stream():
     from numbabn import _gpu_launch
 
@@ -59,14 +64,25 @@ def test_streams_of_other_libraries_are_wrapped_once(monkeypatch):
 
     made = []
     monkeypatch.setattr(_gpu_launch.cuda, "external_stream", lambda h: made.append(h) or FakeStream(h))
+    monkeypatch.setattr(_gpu_launch, "_external", {})
 
     class TorchLikeStream:
         cuda_stream = 0xBEEF
 
+    class ProtocolStream:
+        def __cuda_stream__(self):
+            return (0, 0xCAFE)
+
+    class CupyLikeStream:
+        __module__ = "cupy.cuda.stream"
+        ptr = 0xF00D
+
     first = _gpu_launch.numba_stream(TorchLikeStream())
     assert _gpu_launch.numba_stream(TorchLikeStream()) is first
     assert made == [0xBEEF] and first.handle == 0xBEEF
-    own = FakeStream(5)
+    assert _gpu_launch.numba_stream(ProtocolStream()).handle == 0xCAFE
+    assert _gpu_launch.numba_stream(CupyLikeStream()).handle == 0xF00D
+    own = NumbaLikeStream(5)
     assert _gpu_launch.numba_stream(own) is own
 
 
