@@ -56,9 +56,10 @@ def _tree_sum2(sh1, sh2, tid, width, rows):
 
 @cuda.jit(device=True)
 def _is_last(counter, c, nblocks, flag, tid):
-    """True in every thread of the block that is the last to finish channel c."""
+    """True in every thread of the block that is the last to finish channel c. The
+    threads that wrote partials have fenced them and the block has synchronized, so
+    every partial of this block is visible before its count is."""
     if tid == 0:
-        cuda.threadfence()
         flag[0] = cuda.atomic.add(counter, c, 1) == nblocks - 1
     cuda.syncthreads()
     return flag[0] != 0
@@ -85,9 +86,11 @@ def _merge_block(s1, s2, sh1, sh2, tid, width, rows, part, c, write, counter, gr
     sh2[tid] = s2
     cuda.syncthreads()
     _tree_sum2(sh1, sh2, tid, width, rows)
-    if write:
+    if write:  # several threads of an MC block write: each fences its own writes
         part[c, cuda.blockIdx.y, 0] = sh1[tid]
         part[c, cuda.blockIdx.y, 1] = sh2[tid]
+        cuda.threadfence()
+    cuda.syncthreads()
     last = _is_last(counter, group, cuda.gridDim.y, flag, tid)
     if last and tid == 0:
         counter[group] = 0
