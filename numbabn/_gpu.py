@@ -20,7 +20,7 @@ from . import _gpu_kernels as K
 from ._channel import grad_constants
 from ._gpu_arrays import (
     allocate, as_kind_of, copy_strided, empty, input_view, kernel_args, kernel_view, numba_array,
-    operands, output_view, part,
+    operands, output_view, as_result,
 )
 from ._gpu_launch import launcher, numba_stream
 from ._validate import Checked, Layout, describe, stats_dtype
@@ -123,7 +123,7 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     layout = chk.layout
     xv = input_view(x, "x", layout, stream)
     grid, block = _reduce_grid(layout)
-    counters, part = _counters_and_partials(layout.c, grid[1], stream)
+    counters, partials = _counters_and_partials(layout.c, grid[1], stream)
     fresh = _chan(layout.c, xv.dtype, stream, like, chan_dtype)
     chan = fresh[1]
     flags = _flags(weight, bias, update=running_mean is not None)
@@ -133,7 +133,7 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     launcher(kernel, grid, block, stream)(
         *kernel_args((xv,), layout), *(_vector(a) for a in (weight, bias, running_mean, running_var)),
         flags, eps,
-        chk.momentum, part, counters, chan,
+        chk.momentum, partials, counters, chan,
     )
     return fresh, xv
 
@@ -148,7 +148,7 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
         tmp = None
         fresh = empty(layout, dtype, stream, like)
         target = kernel_view(fresh[1], "y", layout)
-        result = part(fresh, like)
+        result = as_result(fresh, like)
     grid, block = _elementwise_grid(layout)
     kernel = getattr(K, f"{kernel_name}_{layout.kind}")
     launcher(kernel, grid, block, stream)(
@@ -162,7 +162,7 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
 def batch_stats(x, chk: Checked, stream=None):
     """Per-channel mean and biased variance."""
     fresh, _ = _stats(x, chk, None, None, None, None, numba_stream(stream), x)
-    return part(fresh, x, 0), part(fresh, x, 1)
+    return as_result(fresh, x, 0), as_result(fresh, x, 1)
 
 
 def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out, stream=None):
@@ -170,7 +170,7 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out,
     stream = numba_stream(stream)
     fresh, xv = _stats(x, chk, weight, bias, running_mean, running_var, stream, x)
     y = _elementwise("normalize", (xv,), chk.layout, fresh[1], out, x, stream)
-    return y, part(fresh, x, 0), part(fresh, x, 2)
+    return y, as_result(fresh, x, 0), as_result(fresh, x, 2)
 
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, stream=None):
@@ -178,7 +178,7 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, 
     layout = chk.layout
     stream = numba_stream(stream)
     if layout.count * layout.c == 0:
-        return out if out is not None else part(empty(layout, describe(x, "x").dtype, stream, x), x)
+        return out if out is not None else as_result(empty(layout, describe(x, "x").dtype, stream, x), x)
     xv = input_view(x, "x", layout, stream)
     chan = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream, x)[1]
     return _elementwise("normalize", (xv,), layout, chan, out, x, stream)
@@ -200,7 +200,7 @@ def running_invstd(running_var, eps: float, stream=None):
     """1 / sqrt(running_var + eps) on the device (stats dtype of running_var)."""
     rv = numba_array(running_var)
     fresh = _eval_constants(rv, rv, None, None, eps, rv.dtype, numba_stream(stream), running_var)
-    return part(fresh, running_var, 1)
+    return as_result(fresh, running_var, 1)
 
 
 def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like=None,
@@ -211,13 +211,13 @@ def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like
     xv = input_view(x, "x", layout, stream)
     dyv = input_view(dy, "dy", layout, stream)
     grid, block = _reduce_grid(layout)
-    counters, part = _counters_and_partials(layout.c, grid[1], stream)
+    counters, partials = _counters_and_partials(layout.c, grid[1], stream)
     fresh = _chan(layout.c, xv.dtype, stream, like, chan_dtype)
     chan = fresh[1]
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     launcher(kernel, grid, block, stream)(
         *kernel_args((dyv, xv), layout), *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
-        part, counters, chan,
+        partials, counters, chan,
     )
     return fresh, dyv, xv
 
@@ -234,7 +234,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=N
     stream = numba_stream(stream)
     fresh, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream, x)
     dx = _grad_elementwise(dyv, xv, chk.layout, fresh[1], training, x, stream)
-    return dx, part(fresh, x, 0), part(fresh, x, 1)
+    return dx, as_result(fresh, x, 0), as_result(fresh, x, 1)
 
 
 # --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
@@ -304,7 +304,7 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
             cuda.to_device(chan, stream=stream), training, x, stream,
         )
     else:
-        dx = part(empty(layout, describe(x, "x").dtype, stream, x), x)
+        dx = as_result(empty(layout, describe(x, "x").dtype, stream, x), x)
     dweight = cuda.to_device((sums[1] * invstd).astype(sd), stream=stream)
     dbias = cuda.to_device(sums[0].astype(sd), stream=stream)
     return dx, as_kind_of(x, dweight), as_kind_of(x, dbias)

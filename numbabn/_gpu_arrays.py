@@ -240,7 +240,7 @@ def allocate(shape, strides, dtype, like, stream):
 
     PyTorch and CuPy callers (``like``) get memory from their library's allocator,
     returned as the first item; otherwise that is None and the memory is numba's
-    (``part`` gives either as the caller's kind)."""
+    (``as_result`` gives either as the caller's kind)."""
     library = type(like).__module__.split(".")[0] if like is not None else None
     item = np.dtype(dtype).itemsize
     if math.prod(shape) == 0 or library not in ("torch", "cupy") or _SIM:
@@ -270,7 +270,7 @@ def _numba_allocate(shape, strides, dtype, stream):
     return strided(base, shape, tuple(base.strides[i] for i in inverse))
 
 
-def part(fresh, like, index=None):
+def as_result(fresh, like, index=None):
     """A fresh array from ``allocate`` (or its row ``index``) as ``like``'s kind."""
     native, view = fresh
     if native is not None:
