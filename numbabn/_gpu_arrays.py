@@ -37,7 +37,9 @@ def numba_array(a):
     if _SIM:
         return _simulator_array(a)
     info = describe(a, "array")
-    return strided(a, info.shape, info.strides)
+    if min(info.strides, default=0) < 0:
+        return strided(a, info.shape, info.strides)
+    return _view(_address(a), tuple(info.shape), tuple(info.strides), info.dtype)
 
 
 def _simulator_array(a):

@@ -192,6 +192,31 @@ def _wraps(l, dl, l_):
 
 
 @cuda.jit(device=True)
+def _constants(chan, c, mode):
+    """Channel c's elementwise constants (hi, lo, p, q, k1): normalize (mode 0) uses
+    p = scale and q = shift; the gradient (mode 1) p = k2, q = mean(dy) and k1."""
+    k1 = chan[K1, c] if mode == 1 else chan[A, c]  # one type; unused in mode 0
+    return chan[HI, c], chan[LO, c], chan[A, c], chan[B, c], k1
+
+
+@cuda.jit(device=True)
+def _value(mode, g, v, ct, k):
+    """One output value: mode 0, y = ((v - hi) - lo) * scale + shift (g unused);
+    mode 1, dx = (g - mdy - ((v - hi) - lo) * k2) * k1. k: ``_constants``."""
+    hi, lo, p, q, k1 = k
+    xmu = (v + ct - hi) - lo
+    if mode == 0:
+        return xmu * p + q
+    return (g + ct - q - xmu * p) * k1
+
+
+@cuda.jit(device=True)
+def _next(o, step, wrap_step, wrapped):
+    """An offset BLOCK values on (``_offsets`` steps; ``wrapped`` from ``_wraps``)."""
+    return o + (wrap_step if wrapped else step)
+
+
+@cuda.jit(device=True)
 def _at(o):
     """An offset as an unsigned index (no negative-index wraparound code)."""
     return uint64(o)
@@ -221,11 +246,11 @@ def _ncl_sums(a1, sa, b1, sb, nl, c, k, mode, tid):
     s2 = 0.0
     while j + (U - 1) * BLOCK < j1:
         l, w = _wraps(l, dl, l_)
-        oa1, ob1 = oa + (wa if w else da), ob + (wb if w else db)
+        oa1, ob1 = _next(oa, da, wa, w), _next(ob, db, wb, w)
         l, w = _wraps(l, dl, l_)
-        oa2, ob2 = oa1 + (wa if w else da), ob1 + (wb if w else db)
+        oa2, ob2 = _next(oa1, da, wa, w), _next(ob1, db, wb, w)
         l, w = _wraps(l, dl, l_)
-        oa3, ob3 = oa2 + (wa if w else da), ob2 + (wb if w else db)
+        oa3, ob3 = _next(oa2, da, wa, w), _next(ob2, db, wb, w)
         a0, a1_, a2, a3 = a1[_at(oa)], a1[_at(oa1)], a1[_at(oa2)], a1[_at(oa3)]
         b0, b1_, b2, b3 = b1[_at(ob)], b1[_at(ob1)], b1[_at(ob2)], b1[_at(ob3)]
         s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
@@ -233,12 +258,12 @@ def _ncl_sums(a1, sa, b1, sb, nl, c, k, mode, tid):
         s1, s2 = _accumulate(s1, s2, a2, b2, k, mode)
         s1, s2 = _accumulate(s1, s2, a3, b3, k, mode)
         l, w = _wraps(l, dl, l_)
-        oa, ob = oa3 + (wa if w else da), ob3 + (wb if w else db)
+        oa, ob = _next(oa3, da, wa, w), _next(ob3, db, wb, w)
         j += U * BLOCK
     while j < j1:
         s1, s2 = _accumulate(s1, s2, a1[_at(oa)], b1[_at(ob)], k, mode)
         l, w = _wraps(l, dl, l_)
-        oa, ob = oa + (wa if w else da), ob + (wb if w else db)
+        oa, ob = _next(oa, da, wa, w), _next(ob, db, wb, w)
         j += BLOCK
     return s1, s2
 
@@ -275,89 +300,52 @@ def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, c
 
 
 @cuda.jit(device=True)
-def _norm(v, ct, m_hi, m_lo, a, b):
-    return ((v + ct - m_hi) - m_lo) * a + b
-
-
-@cuda.jit(device=True)
-def _grad(g, v, ct, m_hi, m_lo, k2, mdy, k1):
-    return (g + ct - mdy - ((v + ct - m_hi) - m_lo) * k2) * k1
+def _elementwise_ncl(g1, sg, x1, sx, o1, so, nl, chan, ct, mode):
+    """The elementwise pass (``_value``) over this block's share of channel blockIdx.x.
+    All U values are loaded before any is stored, so the output may be an input. In
+    mode 0 g is not read (pass x for it)."""
+    n_, l_ = nl
+    c = cuda.blockIdx.x
+    k = _constants(chan, c, mode)
+    j0, j1 = _span(n_ * l_)
+    j = j0 + cuda.threadIdx.x
+    n, l, dn, dl = _start(j, l_)
+    og, dg, wg = _offsets(sg, c, n, l, dn, dl, l_)
+    ox, dx, wx = _offsets(sx, c, n, l, dn, dl, l_)
+    oz, dz, wz = _offsets(so, c, n, l, dn, dl, l_)
+    while j + (U - 1) * BLOCK < j1:
+        l, w = _wraps(l, dl, l_)
+        og1, ox1, oz1 = _next(og, dg, wg, w), _next(ox, dx, wx, w), _next(oz, dz, wz, w)
+        l, w = _wraps(l, dl, l_)
+        og2, ox2, oz2 = _next(og1, dg, wg, w), _next(ox1, dx, wx, w), _next(oz1, dz, wz, w)
+        l, w = _wraps(l, dl, l_)
+        og3, ox3, oz3 = _next(og2, dg, wg, w), _next(ox2, dx, wx, w), _next(oz2, dz, wz, w)
+        g0, g1_, g2, g3 = g1[_at(og)], g1[_at(og1)], g1[_at(og2)], g1[_at(og3)]
+        v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
+        o1[_at(oz)] = _value(mode, g0, v0, ct, k)
+        o1[_at(oz1)] = _value(mode, g1_, v1, ct, k)
+        o1[_at(oz2)] = _value(mode, g2, v2, ct, k)
+        o1[_at(oz3)] = _value(mode, g3, v3, ct, k)
+        l, w = _wraps(l, dl, l_)
+        og, ox, oz = _next(og3, dg, wg, w), _next(ox3, dx, wx, w), _next(oz3, dz, wz, w)
+        j += U * BLOCK
+    while j < j1:
+        o1[_at(oz)] = _value(mode, g1[_at(og)], x1[_at(ox)], ct, k)
+        l, w = _wraps(l, dl, l_)
+        og, ox, oz = _next(og, dg, wg, w), _next(ox, dx, wx, w), _next(oz, dz, wz, w)
+        j += BLOCK
 
 
 @cuda.jit
 def normalize_ncl(x1, xs, nl, chan, ct, y1, ys):
-    """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x.
-    All U values are loaded before any is stored, so y may be x."""
-    n_, l_ = nl
-    c = cuda.blockIdx.x
-    m_hi = chan[HI, c]
-    m_lo = chan[LO, c]
-    a = chan[A, c]
-    b = chan[B, c]
-    j0, j1 = _span(n_ * l_)
-    j = j0 + cuda.threadIdx.x
-    n, l, dn, dl = _start(j, l_)
-    ox, dx, wx = _offsets(xs, c, n, l, dn, dl, l_)
-    oy, dy, wy = _offsets(ys, c, n, l, dn, dl, l_)
-    while j + (U - 1) * BLOCK < j1:
-        l, w = _wraps(l, dl, l_)
-        ox1, oy1 = ox + (wx if w else dx), oy + (wy if w else dy)
-        l, w = _wraps(l, dl, l_)
-        ox2, oy2 = ox1 + (wx if w else dx), oy1 + (wy if w else dy)
-        l, w = _wraps(l, dl, l_)
-        ox3, oy3 = ox2 + (wx if w else dx), oy2 + (wy if w else dy)
-        v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
-        y1[_at(oy)] = _norm(v0, ct, m_hi, m_lo, a, b)
-        y1[_at(oy1)] = _norm(v1, ct, m_hi, m_lo, a, b)
-        y1[_at(oy2)] = _norm(v2, ct, m_hi, m_lo, a, b)
-        y1[_at(oy3)] = _norm(v3, ct, m_hi, m_lo, a, b)
-        l, w = _wraps(l, dl, l_)
-        ox, oy = ox3 + (wx if w else dx), oy3 + (wy if w else dy)
-        j += U * BLOCK
-    while j < j1:
-        y1[_at(oy)] = _norm(x1[_at(ox)], ct, m_hi, m_lo, a, b)
-        l, w = _wraps(l, dl, l_)
-        ox, oy = ox + (wx if w else dx), oy + (wy if w else dy)
-        j += BLOCK
+    """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x."""
+    _elementwise_ncl(x1, xs, x1, xs, y1, ys, nl, chan, ct, 0)
 
 
 @cuda.jit
 def grad_input_ncl(dy1, dys, x1, xs, nl, chan, ct, dx1, dxs):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over this block's share of a channel."""
-    n_, l_ = nl
-    c = cuda.blockIdx.x
-    m_hi = chan[HI, c]
-    m_lo = chan[LO, c]
-    k2 = chan[A, c]
-    mdy = chan[B, c]
-    k1 = chan[K1, c]
-    j0, j1 = _span(n_ * l_)
-    j = j0 + cuda.threadIdx.x
-    n, l, dn, dl = _start(j, l_)
-    og, dg, wg = _offsets(dys, c, n, l, dn, dl, l_)
-    ox, dx, wx = _offsets(xs, c, n, l, dn, dl, l_)
-    oz, dz, wz = _offsets(dxs, c, n, l, dn, dl, l_)
-    while j + (U - 1) * BLOCK < j1:
-        l, w = _wraps(l, dl, l_)
-        og1, ox1, oz1 = og + (wg if w else dg), ox + (wx if w else dx), oz + (wz if w else dz)
-        l, w = _wraps(l, dl, l_)
-        og2, ox2, oz2 = og1 + (wg if w else dg), ox1 + (wx if w else dx), oz1 + (wz if w else dz)
-        l, w = _wraps(l, dl, l_)
-        og3, ox3, oz3 = og2 + (wg if w else dg), ox2 + (wx if w else dx), oz2 + (wz if w else dz)
-        g0, g1, g2, g3 = dy1[_at(og)], dy1[_at(og1)], dy1[_at(og2)], dy1[_at(og3)]
-        v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
-        dx1[_at(oz)] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
-        dx1[_at(oz1)] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
-        dx1[_at(oz2)] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
-        dx1[_at(oz3)] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
-        l, w = _wraps(l, dl, l_)
-        og, ox, oz = og3 + (wg if w else dg), ox3 + (wx if w else dx), oz3 + (wz if w else dz)
-        j += U * BLOCK
-    while j < j1:
-        dx1[_at(oz)] = _grad(dy1[_at(og)], x1[_at(ox)], ct, m_hi, m_lo, k2, mdy, k1)
-        l, w = _wraps(l, dl, l_)
-        og, ox, oz = og + (wg if w else dg), ox + (wx if w else dx), oz + (wz if w else dz)
-        j += BLOCK
+    _elementwise_ncl(dy1, dys, x1, xs, dx1, dxs, nl, chan, ct, 1)
 
 
 # --- MC -----------------------------------------------------------------------------
@@ -432,56 +420,42 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
         _finish_grad(part, c, cuda.gridDim.y, float64(x2.shape[0]), mean, invstd, w, flags, chan)
 
 
-@cuda.jit
-def normalize_mc(x2, chan, ct, y2):
-    """y = ((x - hi) - lo) * scale + shift for TX channels per block column; a block
-    takes chunks of TY * U rows, each thread U of them, all loaded before any store."""
+@cuda.jit(device=True)
+def _elementwise_mc(g2, x2, o2, chan, ct, mode):
+    """The elementwise pass (``_value``) for TX channels per block column; a block takes
+    chunks of TY * U rows, each thread U of them, all loaded before any store. In mode 0
+    g is not read (pass x for it)."""
     c = cuda.blockIdx.x * TX + cuda.threadIdx.x
     if c >= x2.shape[1]:
         return
     m = x2.shape[0]
-    m_hi = chan[HI, c]
-    m_lo = chan[LO, c]
-    a = chan[A, c]
-    b = chan[B, c]
+    k = _constants(chan, c, mode)
     r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
     while r + (U - 1) * TY < m:
-        v0, v1, v2, v3 = x2[_at(r), _at(c)], x2[_at(r + TY), _at(c)], x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
-        y2[_at(r), _at(c)] = _norm(v0, ct, m_hi, m_lo, a, b)
-        y2[_at(r + TY), _at(c)] = _norm(v1, ct, m_hi, m_lo, a, b)
-        y2[_at(r + 2 * TY), _at(c)] = _norm(v2, ct, m_hi, m_lo, a, b)
-        y2[_at(r + 3 * TY), _at(c)] = _norm(v3, ct, m_hi, m_lo, a, b)
+        g0, g1 = g2[_at(r), _at(c)], g2[_at(r + TY), _at(c)]
+        g2_, g3 = g2[_at(r + 2 * TY), _at(c)], g2[_at(r + 3 * TY), _at(c)]
+        v0, v1 = x2[_at(r), _at(c)], x2[_at(r + TY), _at(c)]
+        v2, v3 = x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
+        o2[_at(r), _at(c)] = _value(mode, g0, v0, ct, k)
+        o2[_at(r + TY), _at(c)] = _value(mode, g1, v1, ct, k)
+        o2[_at(r + 2 * TY), _at(c)] = _value(mode, g2_, v2, ct, k)
+        o2[_at(r + 3 * TY), _at(c)] = _value(mode, g3, v3, ct, k)
         r += TY * U * cuda.gridDim.y
     while r < m:  # the last, partial chunk
-        y2[_at(r), _at(c)] = _norm(x2[_at(r), _at(c)], ct, m_hi, m_lo, a, b)
+        o2[_at(r), _at(c)] = _value(mode, g2[_at(r), _at(c)], x2[_at(r), _at(c)], ct, k)
         r += TY
+
+
+@cuda.jit
+def normalize_mc(x2, chan, ct, y2):
+    """y = ((x - hi) - lo) * scale + shift for TX channels per block column."""
+    _elementwise_mc(x2, x2, y2, chan, ct, 0)
 
 
 @cuda.jit
 def grad_input_mc(dy2, x2, chan, ct, dx2):
-    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 for TX channels per block column,
-    in chunks of TY * U rows as ``normalize_mc``."""
-    c = cuda.blockIdx.x * TX + cuda.threadIdx.x
-    if c >= x2.shape[1]:
-        return
-    m = x2.shape[0]
-    m_hi = chan[HI, c]
-    m_lo = chan[LO, c]
-    k2 = chan[A, c]
-    mdy = chan[B, c]
-    k1 = chan[K1, c]
-    r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
-    while r + (U - 1) * TY < m:
-        g0, g1, g2, g3 = dy2[_at(r), _at(c)], dy2[_at(r + TY), _at(c)], dy2[_at(r + 2 * TY), _at(c)], dy2[_at(r + 3 * TY), _at(c)]
-        v0, v1, v2, v3 = x2[_at(r), _at(c)], x2[_at(r + TY), _at(c)], x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
-        dx2[_at(r), _at(c)] = _grad(g0, v0, ct, m_hi, m_lo, k2, mdy, k1)
-        dx2[_at(r + TY), _at(c)] = _grad(g1, v1, ct, m_hi, m_lo, k2, mdy, k1)
-        dx2[_at(r + 2 * TY), _at(c)] = _grad(g2, v2, ct, m_hi, m_lo, k2, mdy, k1)
-        dx2[_at(r + 3 * TY), _at(c)] = _grad(g3, v3, ct, m_hi, m_lo, k2, mdy, k1)
-        r += TY * U * cuda.gridDim.y
-    while r < m:
-        dx2[_at(r), _at(c)] = _grad(dy2[_at(r), _at(c)], x2[_at(r), _at(c)], ct, m_hi, m_lo, k2, mdy, k1)
-        r += TY
+    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 for TX channels per block column."""
+    _elementwise_mc(dy2, x2, dx2, chan, ct, 1)
 
 
 # --- eval constants -----------------------------------------------------------------
