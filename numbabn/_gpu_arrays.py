@@ -68,7 +68,11 @@ def strided(a, shape, strides):
         host = np.lib.stride_tricks.as_strided(numba_array(a)._ary, shape, strides)
         return FakeCUDAArray(host)
     info = describe(a, "array")
-    if min(info.strides, default=0) < 0:  # rare: let numba place the data pointer
+    numba_owned = getattr(a, "__cuda_ndarray__", False) is True and not _borrowed(a)
+    if numba_owned or min(info.strides, default=0) < 0:
+        # The view holds the memory: numba's allocations (results and temporaries)
+        # are freed when their last array goes; and negative strides are rare (let
+        # numba place the data pointer).
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
         base = a if getattr(a, "__cuda_ndarray__", False) is True else cuda.as_cuda_array(a)
@@ -89,9 +93,31 @@ def _address(a) -> int:
 # array costs tens of microseconds of Python; the same memory comes back call after
 # call (parameters, running statistics, and the addresses a caching allocator hands
 # out again). A view does not own or keep alive the memory it describes: it is only
-# used while the caller's array is alive, during a call.
+# made of memory that a caller's array holds during a call (PyTorch and CuPy arrays,
+# and arrays from their allocators), and never returned. Memory that numba allocated
+# is viewed through ``strided``'s other branch, which holds it.
 _VIEWS: dict = {}
 _VIEW_LIMIT = 1024
+_BORROWED = None
+
+
+def _borrowed_pointer():
+    """The class of the memory pointers of cached views (made on first use: the
+    driver module is not needed under the simulator)."""
+    global _BORROWED
+    if _BORROWED is None:
+        from numba.cuda.cudadrv import driver
+
+        class BorrowedPointer(driver.MemoryPointer):
+            """Device memory that a caller's array owns and keeps alive."""
+
+        _BORROWED = BorrowedPointer
+    return _BORROWED
+
+
+def _borrowed(a) -> bool:
+    """Whether a numba array is a cached view of borrowed memory (see ``_view``)."""
+    return _BORROWED is not None and isinstance(a.gpu_data, _BORROWED)
 
 
 def _view(address, shape, strides, dtype):
@@ -104,7 +130,7 @@ def _view(address, shape, strides, dtype):
         size = sum((e - 1) * s for e, s in zip(shape, strides)) + dtype.itemsize
         if 0 in shape:
             size = 0
-        memory = driver.MemoryPointer(
+        memory = _borrowed_pointer()(
             cuda.current_context(), driver.binding.CUdeviceptr(address), size=size, owner=None
         )
         view = DeviceNDArray(shape, strides, dtype, gpu_data=memory)

@@ -98,8 +98,8 @@ class BatchNorm:
     def reset_running_stats(self) -> None:
         """Running mean to 0, running variance to 1, batch count to 0."""
         if self.running_mean is not None:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
+            self.running_mean[:] = 0  # [:], not [...]: numba device arrays take no Ellipsis
+            self.running_var[:] = 1
         self.num_batches_tracked = 0
 
     def _arrays(self) -> dict[str, Array | None]:

@@ -62,10 +62,12 @@ def on_side(x: np.ndarray, axis: int, layout: str):
 
     if layout == "contiguous":
         return cuda.to_device(x)
+    # Device arrays are sliced with explicit slices: numba's take no Ellipsis.
+    lead = (slice(None),) * (x.ndim - 1)
     if layout == "padded":
         big = np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
-        big[..., :-1] = x
-        return cuda.to_device(big)[..., :-1]
+        big[lead + (slice(None, -1),)] = x
+        return cuda.to_device(big)[lead + (slice(None, -1),)]
     big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
-    big[..., ::2] = x
-    return cuda.to_device(big)[..., ::2]
+    big[lead + (slice(None, None, 2),)] = x
+    return cuda.to_device(big)[lead + (slice(None, None, 2),)]

@@ -146,3 +146,55 @@ def test_cuda_tensors_are_described_from_their_attributes():
         _validate.describe(CudaTensor(torch.int32, (2, 3), (3, 1)), "x")
     with pytest.raises(TypeError, match="must be a NumPy array or a CUDA array"):
         _validate.describe(torch.zeros(3), "x")  # a CPU tensor
+
+
+def _owning_array(shape, dtype, freed):
+    """A numba device array that owns (stand-in) memory: releasing it is recorded."""
+    from numba.cuda.cudadrv import driver
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = driver.MemoryPointer(
+        FakeContext(), driver.binding.CUdeviceptr(0x40000), size=size, finalizer=lambda: freed.append(1)
+    )
+    return DeviceNDArray(shape, np.empty(shape, dtype).strides, dtype, gpu_data=memory)
+
+
+def test_views_of_numba_allocations_hold_their_memory(monkeypatch):
+    """A channels-last result or a temporary that numba allocates is handed on as a
+    permuted view; the view must keep the allocation alive (the H100 run found a
+    cached, non-owning view there: its memory was freed under it)."""
+    import gc
+
+    from numbabn import _gpu_arrays
+
+    monkeypatch.setattr(_gpu_arrays.cuda, "current_context", lambda: FakeContext())
+    monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
+    freed = []
+    monkeypatch.setattr(
+        _gpu_arrays.cuda, "device_array", lambda shape, dtype, stream=0: _owning_array(shape, dtype, freed)
+    )
+    shape, strides = (2, 3, 4, 5), (240, 4, 60, 12)  # channels-last float32
+    result = _gpu_arrays._numba_allocate(shape, strides, np.float32, 0)
+    assert result.shape == shape and result.strides == strides
+    flat = _gpu_arrays.strided(result, (120,), (4,))  # as kernels take it
+    del result
+    gc.collect()
+    assert freed == []
+    assert flat.device_ctypes_pointer.value == 0x40000
+    del flat
+    gc.collect()
+    assert freed == [1]
+    assert _gpu_arrays._VIEWS == {}  # views of numba's memory are not cached
+
+
+def test_views_of_borrowed_memory_stay_cached(monkeypatch):
+    from numbabn import _gpu_arrays
+
+    monkeypatch.setattr(_gpu_arrays.cuda, "current_context", lambda: FakeContext())
+    monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
+    dtype = np.dtype(np.float32)
+    view = _gpu_arrays._view(0x10000, (4, 3, 10), (120, 40, 4), dtype)
+    flat = _gpu_arrays.strided(view, (120,), (4,))
+    assert _gpu_arrays.strided(view, (120,), (4,)) is flat
+    assert flat.device_ctypes_pointer.value == 0x10000

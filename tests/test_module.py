@@ -149,3 +149,18 @@ def test_matches_torch_batchnorm2d(momentum):
     bn.eval()
     x = random_batch((2, c, 3, 3), np.float64, seed=40)
     np.testing.assert_allclose(bn(x), tb(torch.from_numpy(x)).detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_reset_running_stats_after_steps():
+    c = 3
+    bn = numbabn.BatchNorm(c, dtype=np.float32)
+    for s in range(2):
+        bn(to_side(random_batch((4, c, 5), np.float32, seed=s, per_channel_axis=1)))
+    assert bn.num_batches_tracked == 2
+    assert not np.allclose(to_host(bn.running_mean), 0)  # the steps moved them
+    kind = type(bn.running_mean)
+    bn.reset_running_stats()
+    assert type(bn.running_mean) is kind  # reset in place, on the side they live on
+    assert np.array_equal(to_host(bn.running_mean), np.zeros(c, np.float32))
+    assert np.array_equal(to_host(bn.running_var), np.ones(c, np.float32))
+    assert bn.num_batches_tracked == 0
