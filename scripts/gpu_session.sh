@@ -14,7 +14,7 @@ printf 'import numpy as np\nif not hasattr(np, "row_stack"):\n    np.row_stack =
 export PYTHONPATH=".:$shim"
 timeout 240 python3 scripts/gpu_check.py --profile 2>&1 | tee "$out/gpu_check.log"
 echo "gpu_check exit status ${PIPESTATUS[0]}"
-NUMBABN_TEST_SIDE=device timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark \
+NUMBABN_TEST_SIDE=device timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark \
   -W ignore::DeprecationWarning --maxfail=30 tests --ignore=tests/test_foreign.py \
   --ignore=tests/test_distributed.py --ignore=tests/test_gpu_ptx.py \
   --ignore=tests/test_gpu_host_side.py >"$out/pytest.log" 2>&1
