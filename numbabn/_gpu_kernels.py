@@ -7,8 +7,8 @@ whatever C is. Each thread accumulates float64 shifted sums; a block merges its
 threads with a shared-memory tree (``syncthreads`` only, which the CUDA simulator
 runs too) and writes one partial per channel into ``part[c, s, :]``; the block that
 finishes last for a channel (an atomic counter per channel, ``counter[c]``) adds the
-partials in block order, so results are bitwise reproducible, and writes the
-per-channel results. No floating-point atomics.
+partials in a fixed order (its threads share them, then a tree), so results are
+bitwise reproducible, and writes the per-channel results. No floating-point atomics.
 
 Per-channel values travel packed in one array, ``chan`` of shape ``(ROWS, C)`` in
 the statistics dtype (float32 for float16/float32 data, float64 for float64): rows
@@ -98,19 +98,41 @@ def _merge_block(s1, s2, sh1, sh2, tid, width, rows, part, c, write, counter, gr
 
 
 @cuda.jit(device=True)
-def _add_partials(part, c, nblocks):
+def _gather(part, c, sh1, sh2, tid, width, rows, row, active):
+    """In the last block: channel c's sums over its gridDim.y partials, returned in
+    row 0 of c's column. The ``rows`` threads of the column (this one is ``row``) each
+    add the partials row, row + rows, ... with U of them loaded at a time, then the
+    shared-memory tree adds the threads: a fixed order for a given grid. One thread
+    adding hundreds of partials serially took tens of microseconds (H100).
+    Every thread of the block calls it (it synchronizes)."""
+    nblocks = cuda.gridDim.y
     s1 = 0.0
     s2 = 0.0
-    for s in range(nblocks):
-        s1 += part[c, s, 0]
-        s2 += part[c, s, 1]
-    return s1, s2
+    if active:
+        s = row
+        while s + (U - 1) * rows < nblocks:
+            p0, q0 = part[c, s, 0], part[c, s, 1]
+            p1, q1 = part[c, s + rows, 0], part[c, s + rows, 1]
+            p2, q2 = part[c, s + 2 * rows, 0], part[c, s + 2 * rows, 1]
+            p3, q3 = part[c, s + 3 * rows, 0], part[c, s + 3 * rows, 1]
+            s1 = s1 + p0 + p1 + p2 + p3
+            s2 = s2 + q0 + q1 + q2 + q3
+            s += U * rows
+        while s < nblocks:
+            s1 += part[c, s, 0]
+            s2 += part[c, s, 1]
+            s += rows
+    sh1[tid] = s1
+    sh2[tid] = s2
+    cuda.syncthreads()
+    _tree_sum2(sh1, sh2, tid, width, rows)
+    return sh1[tid], sh2[tid]
 
 
 @cuda.jit(device=True)
-def _finish_stats(part, c, nblocks, shift, count, w, b, rm, rv, flags, eps, momentum, chan):
-    """Channel c's mean, variance, invstd, running statistics and normalize constants."""
-    s1, s2 = _add_partials(part, c, nblocks)
+def _finish_stats(s1, s2, c, shift, count, w, b, rm, rv, flags, eps, momentum, chan):
+    """Channel c's mean, variance, invstd, running statistics and normalize constants
+    from its shifted sums (s1, s2)."""
     delta = s1 / count
     mean = shift + delta
     var = s2 / count - delta * delta
@@ -133,9 +155,9 @@ def _finish_stats(part, c, nblocks, shift, count, w, b, rm, rv, flags, eps, mome
 
 
 @cuda.jit(device=True)
-def _finish_grad(part, c, nblocks, count, mean, invstd, w, flags, chan):
-    """Channel c's dweight, dbias and the constants of the dx kernel."""
-    s1, s2 = _add_partials(part, c, nblocks)
+def _finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan):
+    """Channel c's dweight, dbias and the constants of the dx kernel from its sums
+    (sum dy, sum dy * (x - mean))."""
     inv = float64(invstd[c])
     chan[0, c] = s2 * inv
     chan[1, c] = s1
@@ -279,9 +301,11 @@ def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, cha
     k = float64(x1[_at(c * xs[1])])
     s1, s2 = _ncl_sums(x1, xs, x1, xs, nl, c, k, 0, tid)
     last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
-    if last and tid == 0:
-        count = float64(nl[0] * nl[1])
-        _finish_stats(part, c, cuda.gridDim.y, k, count, w, b, rm, rv, flags, eps, momentum, chan)
+    if last:
+        s1, s2 = _gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
+        if tid == 0:
+            count = float64(nl[0] * nl[1])
+            _finish_stats(s1, s2, c, k, count, w, b, rm, rv, flags, eps, momentum, chan)
 
 
 @cuda.jit
@@ -294,9 +318,11 @@ def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, c
     tid = cuda.threadIdx.x
     s1, s2 = _ncl_sums(dy1, dys, x1, xs, nl, c, float64(mean[c]), 1, tid)
     last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
-    if last and tid == 0:
-        count = float64(nl[0] * nl[1])
-        _finish_grad(part, c, cuda.gridDim.y, count, mean, invstd, w, flags, chan)
+    if last:
+        s1, s2 = _gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
+        if tid == 0:
+            count = float64(nl[0] * nl[1])
+            _finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan)
 
 
 @cuda.jit(device=True)
@@ -394,9 +420,10 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
         s1, s2 = _mc_sums(x2, x2, c, k, 0, ty)
     write = ty == 0 and active
     last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
-    if last and write:
-        _finish_stats(part, c, cuda.gridDim.y, k, float64(x2.shape[0]), w, b, rm, rv,
-                      flags, eps, momentum, chan)
+    if last:
+        s1, s2 = _gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
+        if write:
+            _finish_stats(s1, s2, c, k, float64(x2.shape[0]), w, b, rm, rv, flags, eps, momentum, chan)
 
 
 @cuda.jit
@@ -416,8 +443,10 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
         s1, s2 = _mc_sums(dy2, x2, c, float64(mean[c]), 1, ty)
     write = ty == 0 and active
     last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
-    if last and write:
-        _finish_grad(part, c, cuda.gridDim.y, float64(x2.shape[0]), mean, invstd, w, flags, chan)
+    if last:
+        s1, s2 = _gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
+        if write:
+            _finish_grad(s1, s2, c, float64(x2.shape[0]), mean, invstd, w, flags, chan)
 
 
 @cuda.jit(device=True)

@@ -354,6 +354,41 @@ def _overhead_parts(x, rm, rv, w, b):
     for name, fn in parts.items():
         print(f"  part {name:<22} {per_call(fn):7.1f} us", flush=True)
     torch.cuda.synchronize()
+    _launch_paths(per_call, launch, args, grid, block, stream)
+
+
+def _launch_paths(per_call, configured, args, grid, block, stream):
+    """Host time of one launch of the normalize kernel, with its arguments ready,
+    down three paths: numba's configured dispatcher (what numbabn uses), the compiled
+    kernel's own launch (no dispatch on argument types), and cuda.core's launch with
+    the arguments already converted (what is left below numba)."""
+    from numba.cuda import dispatcher as nd
+
+    disp = configured.dispatcher
+    argtypes = tuple(disp.typeof_pyval(a) for a in args)
+    kern = disp.overloads[argtypes]
+    kernelargs = []
+    for t, v in zip(kern.argument_types, args):
+        kern._prepare_args(t, v, stream, [], kernelargs)
+    if nd.CUDA_CORE_GE_1_0:
+        config = nd.LaunchConfig(grid=grid, block=block, shmem_size=0, is_cooperative=False)
+    else:
+        config = nd.LaunchConfig(grid=grid, block=block, shmem_size=0, cooperative_launch=False)
+    cukernel = kern._codelibrary.get_cufunc().kernel
+    paths = {
+        "numba dispatcher": lambda: configured(*args),
+        "typeof of the args": lambda: tuple(disp.typeof_pyval(a) for a in args),
+        "compiled kernel .launch": lambda: kern.launch(args, grid, block, stream, 0),
+        "argument conversion": lambda: [kern._prepare_args(t, v, stream, [], [])
+                                        for t, v in zip(kern.argument_types, args)],
+        "cuda.core launch": lambda: nd.launch(stream, config, cukernel, *kernelargs),
+    }
+    for name, fn in paths.items():
+        try:
+            print(f"  launch path {name:<24} {per_call(fn):7.1f} us", flush=True)
+        except Exception as exc:  # a probe: report and go on
+            print(f"  launch path {name:<24} failed: {exc!r}", flush=True)
+    torch.cuda.synchronize()
 
 
 def bench(shape, layout, dtype):
@@ -384,6 +419,29 @@ def bench(shape, layout, dtype):
         note = "" if hid_nb and hid_tt else "  (host-bound: launch overhead not hidden)"
         print(f"{layout:<5} {str(dtype)[6:]:<8} {'x'.join(map(str, shape)):<14} {op:<10} {g_nb:9.1f} {g_tt:9.1f} "
               f"{floor:9.1f} {g_tt / g_nb:8.2f}x {floor / g_nb:8.0%} {w_nb:9.1f} {w_tt:9.1f}{note}", flush=True)
+    return True
+
+
+def blocks_per_sm_ab():
+    """Device time of the reductions' two operations at several blocks per SM (the
+    grid size knob of ``numbabn._gpu``), side by side in one run."""
+    from numbabn import _gpu as backend
+
+    default = backend._BLOCKS_PER_SM
+    for layout, shape in (("nhwc", (32, 64, 56, 56)), ("nchw", (32, 64, 56, 56)), ("nhwc", (256, 256, 14, 14))):
+        x = _batch(shape, layout, torch.float32)
+        dy = _batch(shape, layout, torch.float32, seed=1)
+        _, mean, invstd = numbabn.batch_norm_forward(x)
+        cells = []
+        for k in (2, 4, 8, 16):
+            backend._BLOCKS_PER_SM = k
+            try:
+                fwd, _ = _gpu(lambda: numbabn.batch_norm_forward(x))
+                bwd, _ = _gpu(lambda: numbabn.batch_norm_backward(dy, x, mean, invstd))
+            finally:
+                backend._BLOCKS_PER_SM = default
+            cells.append(f"{k}/SM: fwd {fwd:6.1f} bwd {bwd:6.1f}")
+        print(f"{layout} f32 {'x'.join(map(str, shape))} (us): " + " | ".join(cells), flush=True)
     return True
 
 
@@ -421,6 +479,7 @@ def main():
         for layout in ("nchw", "nhwc"):
             for dtype in (torch.float32, torch.float16):
                 section(f"bench {shape} {layout} {dtype}", bench, shape, layout, dtype)
+    section("blocks per SM", blocks_per_sm_ab)
     print("FAILED: " + ", ".join(FAILED) if FAILED else "all checks passed")
     return 1 if FAILED else 0
 

@@ -256,3 +256,33 @@ def test_momentum_extremes(momentum):
     assert_close(rv, rvref, np.float64)
     if momentum == 0.0:
         np.testing.assert_array_equal(to_host(rm), rm0)
+
+
+@pytest.mark.skipif(not ON_DEVICE, reason="GPU grids")
+@pytest.mark.parametrize("shape,axis", [((4, 1, 2100), 1), ((400, 6), -1)])
+def test_reductions_split_over_many_blocks(shape, axis, monkeypatch):
+    """A channel split over dozens of blocks: the last block's threads share the adding
+    of the partials (U at a time, then a tree). The simulator's device reports one
+    SM, which alone gives a handful of blocks; more are asked for here."""
+    from numbabn import _gpu, _validate
+    from numbabn import _gpu_kernels as K
+
+    monkeypatch.setattr(_gpu, "_BLOCKS_PER_SM", 80)
+    x = random_batch(shape, np.float32, seed=51, per_channel_axis=axis)
+    dy = random_batch(shape, np.float32, seed=52, loc=0.1, scale=1.0)
+    chk = _validate.batch_norm_args(to_side(x), None, None, None, None, True, 0.1, 1e-5, axis, None)
+    (_, blocks), _ = _gpu._reduce_grid(chk.layout)
+    if _gpu._sm_count() == 1:  # the simulator: the unrolled adding runs
+        rows = K.BLOCK if chk.layout.kind == "ncl" else K.TY
+        assert blocks >= K.U * rows
+    y, mean, invstd = numbabn.batch_norm_forward(to_side(x), axis=axis)
+    yref, mref, iref = ref.batch_norm_forward(x, axis=axis)
+    assert_close(y, yref, np.float32)
+    assert_close(mean, mref, np.float32)
+    assert_close(invstd, iref, np.float32)
+    dx, dw, db = numbabn.batch_norm_backward(to_side(dy), to_side(x), mean, invstd, axis=axis)
+    dxr, dwr, dbr = ref.batch_norm_backward(dy, x, to_host(mean), to_host(invstd), None, axis)
+    count = x.size // x.shape[axis]
+    assert_close(dx, dxr, np.float32, factor=4)
+    assert_close(db, dbr, np.float32, scale=np.sqrt(count), factor=2)
+    assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)
