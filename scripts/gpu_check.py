@@ -357,31 +357,34 @@ def _overhead_parts(x, rm, rv, w, b):
     _launch_paths(per_call, launch, args, grid, block, stream)
 
 
-def _launch_paths(per_call, configured, args, grid, block, stream):
+def _launch_paths(per_call, launch, args, grid, block, stream):
     """Host time of one launch of the normalize kernel, with its arguments ready,
-    down three paths: numba's configured dispatcher (what numbabn uses), the compiled
-    kernel's own launch (no dispatch on argument types), and cuda.core's launch with
-    the arguments already converted (what is left below numba)."""
+    down several paths: numbabn's ``Launch`` (direct after the first), numba's
+    configured dispatcher, the compiled kernel's own launch (no dispatch on argument
+    types), and cuda.core's launch with the arguments already converted (what is
+    left below numba)."""
     from numba.cuda import dispatcher as nd
 
+    configured = launch.configured
     disp = configured.dispatcher
     argtypes = tuple(disp.typeof_pyval(a) for a in args)
     kern = disp.overloads[argtypes]
     kernelargs = []
     for t, v in zip(kern.argument_types, args):
-        kern._prepare_args(t, v, stream, [], kernelargs)
+        kern._prepare_args(t, v, configured.stream, [], kernelargs)
     if nd.CUDA_CORE_GE_1_0:
         config = nd.LaunchConfig(grid=grid, block=block, shmem_size=0, is_cooperative=False)
     else:
         config = nd.LaunchConfig(grid=grid, block=block, shmem_size=0, cooperative_launch=False)
     cukernel = kern._codelibrary.get_cufunc().kernel
     paths = {
+        "numbabn Launch": lambda: launch(*args),
         "numba dispatcher": lambda: configured(*args),
         "typeof of the args": lambda: tuple(disp.typeof_pyval(a) for a in args),
-        "compiled kernel .launch": lambda: kern.launch(args, grid, block, stream, 0),
+        "compiled kernel .launch": lambda: kern.launch(args, grid, block, configured.stream, 0),
         "argument conversion": lambda: [kern._prepare_args(t, v, stream, [], [])
                                         for t, v in zip(kern.argument_types, args)],
-        "cuda.core launch": lambda: nd.launch(stream, config, cukernel, *kernelargs),
+        "cuda.core launch": lambda: nd.launch(configured.stream, config, cukernel, *kernelargs),
     }
     for name, fn in paths.items():
         try:

@@ -198,3 +198,132 @@ def test_views_of_borrowed_memory_stay_cached(monkeypatch):
     flat = _gpu_arrays.strided(view, (120,), (4,))
     assert _gpu_arrays.strided(view, (120,), (4,)) is flat
     assert flat.device_ctypes_pointer.value == 0x10000
+
+
+def _argument_samples(monkeypatch):
+    """Kernel arguments of every kind numbabn passes: device arrays of each dtype and
+    rank, C-contiguous, strided, transposed, with extents of 1 and 0; scalars; tuples."""
+    from numba.cuda.cudadrv import devices
+
+    from numbabn import _gpu_arrays
+
+    monkeypatch.setattr(_gpu_arrays.cuda, "current_context", lambda: FakeContext())
+    monkeypatch.setattr(devices, "get_context", lambda: FakeContext())  # empty arrays ask
+    monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
+    arrays = []
+    for dtype in (np.float16, np.float32, np.float64, np.int32):
+        item = np.dtype(dtype).itemsize
+        for shape, strides in (
+            ((7,), (1,)), ((7,), (2,)), ((1,), (5,)), ((0,), (1,)),
+            ((8, 3), (3, 1)), ((8, 3), (1, 8)), ((8, 3), (6, 1)), ((1, 3), (9, 1)), ((8, 1), (1, 1)),
+            ((2, 3, 5), (15, 5, 1)), ((2, 3, 5), (15, 1, 3)), ((1, 3, 5), (99, 5, 1)), ((2, 0, 5), (0, 5, 1)),
+        ):
+            arrays.append(_gpu_arrays._view(0x1000, shape, tuple(s * item for s in strides), np.dtype(dtype)))
+    scalars = [0, 7, 2**40, 1e-5, 0.1, True, np.float16(0.5), np.float32(0), np.float64(3.25), np.int32(3)]
+    tuples = [(3, 4), (1, 2, 3), (0, 0, 0), (5, 7)]
+    return arrays + scalars + tuples
+
+
+def test_argument_kinds_decide_numba_types(monkeypatch):
+    """The direct launch path keys compiled kernels by ``_kind``: two arguments of one
+    kind must get one numba type."""
+    from numbabn import _gpu_launch
+    from numbabn import _gpu_kernels as K
+
+    seen = {}
+    for a in _argument_samples(monkeypatch):
+        kind = _gpu_launch._kind(a)
+        assert kind is not None, a
+        ty = K.stats_ncl.typeof_pyval(a)
+        assert seen.setdefault(kind, ty) == ty, (a, kind, ty, seen[kind])
+    assert len(set(seen.values())) >= 20  # the samples do differ
+
+
+def test_parameters_are_packed_as_numba_packs_them(monkeypatch):
+    from numba.cuda.dispatcher import _Kernel
+
+    from numbabn import _gpu_launch
+    from numbabn import _gpu_kernels as K
+
+    class Compiled:  # what numba's _prepare_args uses of its kernel
+        extensions = []
+        _prepare_args = _Kernel._prepare_args
+
+    for a in _argument_samples(monkeypatch):
+        ty = K.stats_ncl.typeof_pyval(a)
+        mine, numbas = [], []
+        _gpu_launch._packer(ty)(a, mine)
+        Compiled()._prepare_args(ty, a, 0, [], numbas)
+        assert _gpu_launch._same_params(mine, numbas), (a, mine, numbas)
+    assert not _gpu_launch._same_params([ctypes_value(1.0)], [ctypes_value(2.0)])
+    assert not _gpu_launch._same_params([1, 2], [1, 3])
+
+
+def ctypes_value(v):
+    import ctypes
+
+    return ctypes.c_double(v)
+
+
+def test_launches_go_direct_after_numbas_first(monkeypatch):
+    """The first launch of a kind of arguments is numba's; later ones pack the
+    parameters here and call cuda.core's launch, with numba's stream and config."""
+    from numba.cuda.dispatcher import _Kernel
+
+    from numbabn import _gpu_launch
+    from numbabn import _gpu_kernels as K
+
+    args = [a for a in _argument_samples(monkeypatch)][:3]
+    types = tuple(K.stats_ncl.typeof_pyval(a) for a in args)
+
+    class Library:
+        def get_cufunc(self):
+            class Func:
+                kernel = "the compiled kernel"
+            return Func()
+
+    class Compiled:
+        extensions = []
+        debug = cooperative = False
+        argument_types = types
+        _codelibrary = Library()
+        _prepare_args = _Kernel._prepare_args
+
+    class Dispatcher:
+        specialized = False
+        extensions = None
+        _launch_config_sensitive = False
+        overloads = {types: Compiled()}
+        typeof_pyval = staticmethod(K.stats_ncl.typeof_pyval)
+
+    class Configured:
+        dispatcher = Dispatcher()
+        griddim, blockdim, sharedmem = (3, 2, 1), (256, 1, 1), 0
+        stream = "numba's stream"
+        pre_launch_callbacks = []
+        calls = 0
+
+        def _is_kernel_launch_config_sensitive(self):
+            return False
+
+        def __call__(self, *a):
+            Configured.calls += 1
+
+    launched = []
+    monkeypatch.setattr(_gpu_launch, "_current_context", lambda: 1)
+    monkeypatch.setattr(_gpu_launch, "_CORE", [lambda *a: launched.append(a)])
+    monkeypatch.setattr(_gpu_launch, "_CONFIGS", {})
+    monkeypatch.setattr(_gpu_launch, "_launch_config", lambda c: ("config", c.griddim, c.blockdim))
+    launch = _gpu_launch.Launch(Configured())
+    launch(*args)
+    assert Configured.calls == 1 and launched == []
+    launch(*args)
+    assert Configured.calls == 1 and len(launched) == 1
+    stream, config, kernel, *params = launched[0]
+    assert (stream, config, kernel) == ("numba's stream", ("config", (3, 2, 1), (256, 1, 1)), "the compiled kernel")
+    expected = []
+    for t, a in zip(types, args):
+        Compiled()._prepare_args(t, a, 0, [], expected)
+    assert _gpu_launch._same_params(params, expected)
+    launch(*args[:2], np.float64(1.0))  # another kind of arguments: numba's again
+    assert Configured.calls == 2 and len(launched) == 1
