@@ -67,15 +67,18 @@ def strided(a, shape, strides):
 
         host = np.lib.stride_tricks.as_strided(numba_array(a)._ary, shape, strides)
         return FakeCUDAArray(host)
-    info = describe(a, "array")
-    numba_owned = getattr(a, "__cuda_ndarray__", False) is True and not _borrowed(a)
-    if numba_owned or min(info.strides, default=0) < 0:
-        # The view holds the memory: numba's allocations (results and temporaries)
-        # are freed when their last array goes; and negative strides are rare (let
-        # numba place the data pointer).
-        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
-        base = a if getattr(a, "__cuda_ndarray__", False) is True else cuda.as_cuda_array(a)
+    if getattr(a, "__cuda_ndarray__", False) is True:  # a numba array: no need to describe it
+        if _borrowed(a):  # a cached view (non-negative strides): another one
+            return _view(a.device_ctypes_pointer.value or 0, tuple(shape), tuple(strides), a.dtype)
+        # The view holds the memory: numba's allocations (results and temporaries) are
+        # freed when their last array goes. With negative strides numba places the
+        # data pointer.
+        return DeviceNDArray(shape, strides, a.dtype, gpu_data=a.gpu_data)
+    info = describe(a, "array")
+    if min(info.strides, default=0) < 0:  # rare: let numba place the data pointer
+        base = cuda.as_cuda_array(a)
         return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
     return _view(_address(a), tuple(shape), tuple(strides), info.dtype)
 

@@ -132,6 +132,8 @@ def describe(a: Any, name: str) -> ArrayInfo:
         info = _torch_info(a)
         if info is not None:
             return info
+    if getattr(a, "__cuda_ndarray__", False) is True:  # numba's (and the simulator's)
+        return ArrayInfo(DEVICE, np.dtype(a.dtype), tuple(a.shape), tuple(a.strides), True)
     cai = cuda_interface(a)
     if cai is not None:
         shape = tuple(int(s) for s in cai["shape"])
@@ -140,8 +142,6 @@ def describe(a: Any, name: str) -> ArrayInfo:
         strides = _c_strides(shape, dtype.itemsize) if strides is None else tuple(strides)
         readonly = bool(cai["data"][1])
         return ArrayInfo(DEVICE, dtype, shape, strides, not readonly)
-    if getattr(a, "__cuda_ndarray__", False) is True:
-        return ArrayInfo(DEVICE, np.dtype(a.dtype), tuple(a.shape), tuple(a.strides), True)
     raise TypeError(
         f"{name} must be a NumPy array or a CUDA array (an object with "
         f"__cuda_array_interface__), got {type(a).__module__}.{type(a).__qualname__}"
