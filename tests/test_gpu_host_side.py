@@ -327,3 +327,12 @@ def test_launches_go_direct_after_numbas_first(monkeypatch):
     assert _gpu_launch._same_params(params, expected)
     launch(*args[:2], np.float64(1.0))  # another kind of arguments: numba's again
     assert Configured.calls == 2 and len(launched) == 1
+
+
+def test_unknown_arguments_have_no_kind():
+    from numbabn import _gpu_launch
+
+    assert _gpu_launch._kind(object()) is None
+    assert _gpu_launch._kind((1, object())) is None  # nested too: numba decides
+    assert _gpu_launch._kind((1, 2)) == (tuple, int, int)
+    assert _gpu_launch._kind(np.float32(1)) is np.float32
