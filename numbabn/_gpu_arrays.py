@@ -25,7 +25,7 @@ from numba import config, cuda
 
 from . import _gpu_kernels as K
 from ._gpu_launch import launcher
-from ._validate import Layout, cuda_interface, describe
+from ._validate import Layout, cuda_interface, describe, torch_dtype
 
 _SIM = bool(config.ENABLE_CUDASIM)
 
@@ -84,11 +84,10 @@ def strided(a, shape, strides):
 
 
 def _address(a) -> int:
-    """The device address of element 0 of a CUDA array (non-negative strides)."""
+    """The device address of element 0 of a foreign CUDA array (non-negative strides;
+    numba arrays are viewed through their own pointer, see ``strided``)."""
     if type(a).__module__.startswith("torch"):
         return a.data_ptr()
-    if getattr(a, "__cuda_ndarray__", False) is True:
-        return a.device_ctypes_pointer.value or 0
     return cuda_interface(a)["data"][0]
 
 
@@ -280,8 +279,7 @@ def allocate(shape, strides, dtype, like, stream):
         import torch
 
         t = torch.empty_strided(
-            shape, tuple(s // item for s in strides), dtype=getattr(torch, np.dtype(dtype).name),
-            device=like.device,
+            shape, tuple(s // item for s in strides), dtype=torch_dtype(dtype), device=like.device
         )
         return t, strided(t, shape, strides)
     import cupy

@@ -192,7 +192,8 @@ class Launch:
 
     def __init__(self, configured):
         self.configured = configured
-        self._direct = {}  # (context, kinds of the arguments) -> (kernel, packers) or None
+        # (context, kinds of the arguments) -> (launch, config, kernel, packers) or None
+        self._direct = {}
 
     def __call__(self, *args):
         try:
@@ -207,16 +208,17 @@ class Launch:
             return None
         if direct is None:
             return self.configured(*args)
-        kernel, packers = direct
+        launch, config, kernel, packers = direct
         params = []
         for pack, a in zip(packers, args):
             pack(a, params)
-        _core_launch()(self.configured.stream, _launch_config(self.configured), kernel, *params)
+        launch(self.configured.stream, config, kernel, *params)
         return None
 
     def _direct_launch(self, args):
-        """(cuda.core kernel, packers) for launching these kinds of arguments without
-        numba's dispatch, or None where that cannot be done exactly as numba does it."""
+        """(cuda.core's launch, launch config, kernel, packers) for launching these kinds
+        of arguments without numba's dispatch, or None where that cannot be done exactly
+        as numba does it."""
         try:
             configured = self.configured
             dispatcher = configured.dispatcher
@@ -238,9 +240,7 @@ class Launch:
             if not _same_params(mine, numbas):
                 return None
             kernel = compiled._codelibrary.get_cufunc().kernel
-            _core_launch()
-            _launch_config(self.configured)
-            return kernel, packers
+            return _core_launch(), _launch_config(configured), kernel, packers
         except Exception:  # a numba-cuda whose internals differ: numba launches
             return None
 
@@ -270,22 +270,13 @@ def _core_launch():
     return _CORE[0]
 
 
-_CONFIGS: dict = {}
-
-
 def _launch_config(configured):
     """cuda.core's launch configuration of a numba configuration, built as numba does."""
-    key = (configured.griddim, configured.blockdim, configured.sharedmem)
-    made = _CONFIGS.get(key)
-    if made is None:
-        from numba.cuda import dispatcher as nd
+    from numba.cuda import dispatcher as nd
 
-        grid, block = configured.griddim, configured.blockdim  # numba's 3-tuples
-        if nd.CUDA_CORE_GE_1_0:
-            made = nd.LaunchConfig(grid=grid, block=block, shmem_size=configured.sharedmem,
-                                   is_cooperative=False)
-        else:
-            made = nd.LaunchConfig(grid=grid, block=block, shmem_size=configured.sharedmem,
-                                   cooperative_launch=False)
-        _CONFIGS[key] = made
-    return made
+    grid, block = configured.griddim, configured.blockdim  # numba's 3-tuples
+    if nd.CUDA_CORE_GE_1_0:
+        return nd.LaunchConfig(grid=grid, block=block, shmem_size=configured.sharedmem,
+                               is_cooperative=False)
+    return nd.LaunchConfig(grid=grid, block=block, shmem_size=configured.sharedmem,
+                           cooperative_launch=False)

@@ -106,18 +106,31 @@ def is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: 
     return all(e == 1 or s == w for e, s, w in zip(shape, strides, expected))
 
 
-_TORCH_DTYPES: dict = {}
+_TORCH_DTYPES: dict = {}  # torch dtype -> NumPy dtype, for the float dtypes numbabn takes
+_TORCH_OF: dict = {}  # and back, by NumPy dtype character
+
+
+def _torch_dtypes() -> dict:
+    if not _TORCH_DTYPES:
+        import torch
+
+        for d in FLOAT_DTYPES:
+            _TORCH_OF[d.char] = getattr(torch, d.name)
+            _TORCH_DTYPES[_TORCH_OF[d.char]] = d
+    return _TORCH_DTYPES
+
+
+def torch_dtype(dtype) -> Any:
+    """The PyTorch dtype of a NumPy float dtype numbabn supports."""
+    _torch_dtypes()
+    return _TORCH_OF[np.dtype(dtype).char]
 
 
 def _torch_info(a: Any) -> ArrayInfo | None:
     """The ArrayInfo of a CUDA PyTorch tensor of a float dtype numbabn knows, read from
     its attributes (a few times cheaper than building ``__cuda_array_interface__``,
     and it also serves tensors that require grad); None otherwise."""
-    if not _TORCH_DTYPES:
-        import torch
-
-        _TORCH_DTYPES.update({getattr(torch, d.name): d for d in FLOAT_DTYPES})
-    dtype = _TORCH_DTYPES.get(a.dtype)
+    dtype = _torch_dtypes().get(a.dtype)
     if dtype is None or not a.is_cuda:
         return None
     item = dtype.itemsize

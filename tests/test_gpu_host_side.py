@@ -312,7 +312,6 @@ def test_launches_go_direct_after_numbas_first(monkeypatch):
     launched = []
     monkeypatch.setattr(_gpu_launch, "_current_context", lambda: 1)
     monkeypatch.setattr(_gpu_launch, "_CORE", [lambda *a: launched.append(a)])
-    monkeypatch.setattr(_gpu_launch, "_CONFIGS", {})
     monkeypatch.setattr(_gpu_launch, "_launch_config", lambda c: ("config", c.griddim, c.blockdim))
     launch = _gpu_launch.Launch(Configured())
     launch(*args)
