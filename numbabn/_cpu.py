@@ -36,12 +36,16 @@ _MIN_TASK_ELEMENTS = 4096
 # 2-core development machine (1 MiB L2, 32 MiB L3), float32:
 # - backward (dy and x slabs): 1.6 MB slabs (64x128x56x56) 22-24 ms fused against
 #   29 ms unfused; forward (x slab): 0.4 MB slabs 1.3x faster, 3.2 MB no gain;
-# - both lose (0.7x) on short planes (256x256x14x14, 784-byte rows): a slab is then
-#   many short rows far apart in memory, which the prefetcher does not follow, while
-#   the unfused passes walk memory in order. So rows must be long, or the whole tensor
-#   small enough to sit in cache anyway.
+# - both lose on short planes: a slab is then many short rows far apart in memory,
+#   which the prefetcher does not follow, while the unfused passes walk memory in
+#   order. Paired A/B, fused speed-up, train forward / backward: 784-byte rows
+#   (14x14) 0.80 / 0.80 at 51 MB of x (256x256x14x14), 1.05 / 0.74 at 6.4 MB
+#   (128x64x14x14), 1.43 / 1.21 at 3.2 MB (in cache from the call before); 3136-byte
+#   rows (28x28) level (0.98-1.06) at 12.8 and 25.7 MB; 56x56 planes 1.08 / 1.20 at
+#   25.7 MB. So rows must be long, or the bytes a pass reads small enough to sit in
+#   cache anyway.
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
-_FUSE_MIN_ROW_BYTES = 4096
+_FUSE_MIN_ROW_BYTES = 2048
 # Elements per span of the MC elementwise passes (a multiple of the kernels' grain).
 _MC_SPAN = 1024
 _ALIGN = 64
@@ -243,7 +247,7 @@ def _fuse(layout: Layout, value_bytes: int, which: str) -> bool:
         and balanced
         and slab <= _FUSE_MAX_BYTES[which]
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
-        and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 2)
+        and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 4)
     )
 
 
