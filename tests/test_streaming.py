@@ -21,8 +21,10 @@ if not ON_DEVICE:
     from numbabn import _cpu, _cpu_kernels, _stream, _validate
 
 # NCL planes of whole vectors for every dtype (streamed), planes that are not (plain),
-# channels-last with a channel count that is no divisor of the span, a single channel.
+# channels-last with a channel count that is no divisor of the span, a single channel,
+# short planes (run as flat rows of C * L values).
 CASES = [
+    ((50, 7, 9), 1),
     ((3, 4, 1504), 1),
     ((2, 3, 96), 1),
     ((2, 5, 1501), 1),
