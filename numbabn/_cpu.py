@@ -17,6 +17,7 @@ Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -52,14 +53,16 @@ _FUSE_MIN_PLANE = 17
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
 # passes then run the MC kernels over each sample's C * L values as one row, with the
-# constants expanded to one per value (``_flat``), while C * L <= _FLAT_MAX_PERIOD;
-# the reductions do so only while the per-chunk sums of C * L columns stay small
-# (_FLAT_MAX_PERIOD_SUMS). Measured, float32 kernels, planes against flat rows:
+# constants expanded to one per value (``_flat``), while C * L <= _FLAT_MAX_PERIOD.
+# The reductions run flat only for shorter planes and fewer values per sample: each
+# chunk of rows keeps float64 sums of all C * L columns, as large as the data itself
+# when chunks have few rows. Measured, float32 kernels, planes against flat rows:
 # normalize 7x7 planes 2.5x faster at 64x256 (3.2 MB) and 1.6x at 64x2048 (25.7 MB),
-# 8x8 2.2x, 4x4 and 3x3 10x, 10x10 0.7x; reductions 4x4 2.7-3.1x, 3x3 1.9x, 7x7
-# 0.5-1.0x (so C * L = 3136 still runs flat, 12544 does not).
+# 8x8 2.2x, 4x4 and 3x3 10x, 10x10 0.7x; reductions 4x4 2.7-3.1x (256x64, 256x256),
+# 3x3 1.9x, 7x7 0.5-1.0x.
 _FLAT_MAX_PLANE = 64
 _FLAT_MAX_PERIOD = 1 << 17
+_FLAT_MAX_PLANE_SUMS = 16
 _FLAT_MAX_PERIOD_SUMS = 4096
 # Elements per span of the MC elementwise passes (a multiple of the kernels' grain).
 _MC_SPAN = 1024
@@ -191,13 +194,13 @@ def _split(layout: Layout) -> int:
     return max(1, min(want, size // _MIN_TASK_ELEMENTS, layout.n))
 
 
-def _flat(layout: Layout, max_period: int) -> Layout | None:
+def _flat(layout: Layout, max_plane: int, max_period: int) -> Layout | None:
     """For NCL planes too short for a loop each: the layout that views each sample's
-    C * L values as one row of an MC tensor with C * L "channels" (at most
-    ``max_period``), whose per-channel vectors then hold one value per element of a
+    C * L values as one row of an MC tensor with C * L "channels" (planes of at most
+    ``max_plane`` values, at most ``max_period`` of them per sample), whose per-channel vectors then hold one value per element of a
     sample (``_expand``); None for other tensors."""
     period = layout.c * layout.l
-    if layout.kind != "ncl" or layout.l > _FLAT_MAX_PLANE or period > max_period:
+    if layout.kind != "ncl" or layout.l > max_plane or period > max_period:
         return None
     return layout._replace(kind="mc", c=period, l=1)
 
@@ -205,13 +208,21 @@ def _flat(layout: Layout, max_period: int) -> Layout | None:
 def _expand(per_channel: np.ndarray, layout: Layout, columns: int) -> np.ndarray:
     """Per-channel values (along the last axis) for ``columns`` flat positions of a
     sample from its start: position j belongs to channel ``j % (C * L) // L``."""
-    index = np.arange(columns) % (layout.c * layout.l) // layout.l
-    return per_channel.take(index, axis=-1)
+    return per_channel.take(_expand_index(layout.c, layout.l, columns), axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _expand_index(c: int, l: int, columns: int) -> np.ndarray:
+    """The channel of each position for :func:`_expand` (a training loop repeats a few
+    shapes; building it took longer than the kernels on small tensors)."""
+    index = np.arange(columns) % (c * l) // l
+    index.flags.writeable = False
+    return index
 
 
 def _reduce(name: str, arrays, per_channel: np.ndarray, layout: Layout) -> np.ndarray:
     """Run a two-sum reduction kernel and add its partials: (2, C) float64."""
-    flat = _flat(layout, _FLAT_MAX_PERIOD_SUMS)
+    flat = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS)
     if flat is not None:
         rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
         sums = _reduce(name, rows, _expand(per_channel, layout, flat.c), flat)
@@ -250,7 +261,7 @@ def _chunks(tasks: int) -> int:
 
 
 def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout) -> None:
-    flat = _flat(layout, _FLAT_MAX_PERIOD)
+    flat = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     if flat is not None:
         rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
         tiled = _expand(params, layout, _MC_SPAN + flat.c - 1)  # as _tiled(expanded)
