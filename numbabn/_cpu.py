@@ -17,7 +17,6 @@ Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numba
@@ -208,16 +207,10 @@ def _flat(layout: Layout, max_plane: int, max_period: int) -> Layout | None:
 def _expand(per_channel: np.ndarray, layout: Layout, columns: int) -> np.ndarray:
     """Per-channel values (along the last axis) for ``columns`` flat positions of a
     sample from its start: position j belongs to channel ``j % (C * L) // L``."""
-    return per_channel.take(_expand_index(layout.c, layout.l, columns), axis=-1)
-
-
-@functools.lru_cache(maxsize=8)
-def _expand_index(c: int, l: int, columns: int) -> np.ndarray:
-    """The channel of each position for :func:`_expand` (a training loop repeats a few
-    shapes; building it took longer than the kernels on small tensors)."""
-    index = np.arange(columns) % (c * l) // l
-    index.flags.writeable = False
-    return index
+    rows = per_channel.reshape(-1, layout.c)
+    out = np.empty((rows.shape[0], columns), per_channel.dtype)
+    kernels.expand(rows, layout.l, out)
+    return out.reshape(per_channel.shape[:-1] + (columns,))
 
 
 def _reduce(name: str, arrays, per_channel: np.ndarray, layout: Layout) -> np.ndarray:

@@ -171,6 +171,21 @@ def finish_moments(sums, shift, count, mean, var):
         mean[c], var[c] = moments(sums[0, c], sums[1, c], shift[c], count)
 
 
+@njit(cache=True)
+def expand(per_channel, l, out):
+    """out[k, j] = per_channel[k, j % (C * l) // l]: per-channel values spread over the
+    flat positions of a sample whose planes hold ``l`` values each (``_cpu._flat``)."""
+    c_ = per_channel.shape[1]
+    columns = out.shape[1]
+    period = min(c_ * l, columns)
+    for k in range(out.shape[0]):
+        for c in range(c_):
+            out[k, c * l : min((c + 1) * l, period)] = per_channel[k, c]
+        for j in range(period, columns, period):
+            stop = min(j + period, columns)
+            out[k, j:stop] = out[k, : stop - j]
+
+
 # --- work splitting ------------------------------------------------------------------
 
 
