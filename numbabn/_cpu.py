@@ -245,7 +245,7 @@ def _tiled(params: np.ndarray, layout: Layout) -> np.ndarray:
     """MC kernels take per-channel constants tiled over a span (see ``_cpu_kernels``)."""
     if layout.kind == "ncl":
         return params
-    return params.take(np.arange(_MC_SPAN + layout.c - 1) % layout.c, axis=1)  # C order
+    return _expand(params, layout, _MC_SPAN + layout.c - 1)
 
 
 def _chunks(tasks: int) -> int:
@@ -257,7 +257,7 @@ def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layo
     flat = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     if flat is not None:
         rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
-        tiled = _expand(params, layout, _MC_SPAN + flat.c - 1)  # as _tiled(expanded)
+        tiled = _expand(params, layout, _MC_SPAN + flat.c - 1)  # _tiled of the expanded
         layout, arrays, params, result = flat, rows, tiled, result.reshape(flat.n, flat.c)
     else:
         params = _tiled(params, layout)

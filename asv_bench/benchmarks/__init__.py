@@ -6,12 +6,14 @@ import numpy as np
 
 # (name, logical N, C, H, W). "tiny" and "small" take the CPU's single-thread path for
 # small inputs; "mid" (3.2 MB of float32) the parallel passes with plain stores, its
-# output staying in cache; "resnet" and "llc" stream their outputs, and "llc" is larger
+# output staying in cache; "late" has 7x7 planes (a late ResNet stage), which the NCHW
+# passes walk as flat rows; "resnet" and "llc" stream their outputs, and "llc" is larger
 # than the last-level cache of the machines we run on (103 MB against 32 MB of L3).
 SHAPES = {
     "tiny": (2, 3, 4, 5),  # the fixed cost of a call
     "small": (8, 16, 8, 8),
     "mid": (32, 32, 28, 28),
+    "late": (64, 256, 7, 7),
     "resnet": (32, 64, 56, 56),
     "llc": (64, 128, 56, 56),
 }
