@@ -5,7 +5,8 @@ computed on the host, as in the distributed path) and ``numbabn.distributed``. T
 constants are packed as rows of one array in the compute dtype, the layout the
 elementwise kernels of both backends read:
 
-* normalize: ``(mean hi, mean lo, scale, shift)``, ``y = ((x - hi) - lo) * scale + shift``;
+* normalize: ``(mean hi, mean lo, scale, shift)``, ``y = ((x - hi) - lo) * scale + shift``
+  (on the CPU computed by the kernels, ``_cpu_kernels._norm_params``);
 * gradient: ``(mean hi, mean lo, k2, mean(dy), k1)``,
   ``dx = (dy - mean(dy) - ((x - hi) - lo) * k2) * k1``; in eval mode the rows are
   ``(0, 0, k1, 0, k1)`` so that the normalize kernel gives ``dx = dy * k1``.
@@ -27,15 +28,6 @@ def split_mean(mean: np.ndarray, ctype) -> tuple[np.ndarray, np.ndarray]:
     """mean = hi + lo with hi, lo in the compute type (lo = 0 for float64)."""
     hi = mean.astype(ctype)
     return hi, (mean - hi).astype(ctype)
-
-
-def norm_constants(mean, invstd, weight, bias, ctype) -> np.ndarray:
-    c = mean.shape[0]
-    params = np.empty((4, c), ctype)
-    params[0], params[1] = split_mean(mean, ctype)
-    params[2] = invstd * as64(weight, c, 1.0)
-    params[3] = as64(bias, c, 0.0)
-    return params
 
 
 def grad_constants(mean, invstd, weight, sums, count, training, ctype) -> np.ndarray:

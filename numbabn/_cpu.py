@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _cpu_kernels as kernels
 from . import _stream
-from ._channel import as64, grad_constants, norm_constants
+from ._channel import as64, grad_constants
 from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
@@ -315,16 +315,22 @@ def _fuse(layout: Layout, value_bytes: int, which: str) -> bool:
     )
 
 
-def _normalize(x, layout, mean, invstd, weight, bias, out):
-    """y from ``x`` with the given float64 mean and invstd; any count, even 0."""
+def _normalize(x, layout, mean, var, eps, weight, bias, out):
+    """y from ``x`` normalized with the given mean and biased variance (float64, or
+    running statistics as stored); any count, even 0. Returns (y, float64 invstd)."""
     y, yv = _output(out, x, layout)
-    if layout.count * layout.c:
-        params = norm_constants(mean, invstd, weight, bias, stats_dtype(x.dtype))
+    c = layout.c
+    params, stats = np.empty((4, c), stats_dtype(x.dtype)), np.empty((3, c))
+    kernels.channel_params(
+        _kernel_array(mean), _kernel_array(var), as64(weight, c, 1.0), as64(bias, c, 0.0),
+        eps, params, stats,
+    )
+    if layout.count * c:
         if _small(layout):
             _kernel("normalize_small", layout)(_kernel_array(_view(x, layout)), params, _kernel_array(yv))
         else:
             _elementwise("normalize", (_view(x, layout),), params, yv, layout)
-    return _finish_output(y, out)
+    return _finish_output(y, out), stats[2]
 
 
 def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
@@ -358,8 +364,7 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         mean, var, invstd = stats
     else:
         mean, var = _moments(_view(xo, layout), layout)
-        invstd = 1.0 / np.sqrt(var + chk.eps)
-        y = _normalize(xo, layout, mean, invstd, weight, bias, out)
+        y, invstd = _normalize(xo, layout, mean, var, chk.eps, weight, bias, out)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
@@ -380,8 +385,7 @@ def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
     """Normalize with the running statistics."""
-    mean = running_mean.astype(np.float64)
-    return _normalize(x, chk.layout, mean, running_invstd(running_var, chk.eps), weight, bias, out)
+    return _normalize(x, chk.layout, running_mean, running_var, chk.eps, weight, bias, out)[0]
 
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
@@ -423,7 +427,7 @@ def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
 
 def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     """Normalize with given float64 statistics (those of the whole distributed batch)."""
-    return _normalize(x, chk.layout, mean, 1.0 / np.sqrt(var + chk.eps), weight, bias, out)
+    return _normalize(x, chk.layout, mean, var, chk.eps, weight, bias, out)[0]
 
 
 def local_grad_sums(dy, x, chk: Checked, mean) -> np.ndarray:

@@ -291,10 +291,10 @@ def grad_input_ncl(dy3, x3, params, nseg, nchunk, streamed, dx3):
 # on the calling thread, for inputs too small to pay for waking the thread pool.
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _norm_params(c, mean, var, weight, bias, eps, params, stats):
     """Channel c's mean, variance and invstd into ``stats`` and normalize constants
-    into ``params``."""
+    into ``params`` (invstd inf for var + eps == 0, which eval allows)."""
     invstd = 1.0 / math.sqrt(var + eps)
     stats[0, c] = mean
     stats[1, c] = var
@@ -303,6 +303,15 @@ def _norm_params(c, mean, var, weight, bias, eps, params, stats):
     params[1, c] = mean - params[0, c]
     params[2, c] = invstd * weight[c]
     params[3, c] = bias[c]
+
+
+@njit(cache=True)
+def channel_params(mean, var, weight, bias, eps, params, stats):
+    """``_norm_params`` of every channel, from float64 statistics or running ones as
+    stored (float16 as bits); float64 weight and bias."""
+    for c in range(mean.size):
+        m, v = np.float64(load(mean[c])), np.float64(load(var[c]))
+        _norm_params(c, m, v, weight, bias, eps, params, stats)
 
 
 @njit(cache=True)
