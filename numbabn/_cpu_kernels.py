@@ -175,15 +175,17 @@ def finish_moments(sums, shift, count, mean, var):
 def expand(per_channel, l, out):
     """out[k, j] = per_channel[k, j % (C * l) // l]: per-channel values spread over the
     flat positions of a sample whose planes hold ``l`` values each (``_cpu._flat``)."""
-    c_ = per_channel.shape[1]
     columns = out.shape[1]
-    period = min(c_ * l, columns)
+    period = min(per_channel.shape[1] * l, columns)
     for k in range(out.shape[0]):
-        for c in range(c_):
-            out[k, c * l : min((c + 1) * l, period)] = per_channel[k, c]
-        for j in range(period, columns, period):
-            stop = min(j + period, columns)
-            out[k, j:stop] = out[k, : stop - j]
+        c, i = 0, 0
+        for j in range(period):
+            out[k, j] = per_channel[k, c]
+            i += 1
+            if i == l:
+                c, i = c + 1, 0
+        for j in range(period, columns):
+            out[k, j] = out[k, j - period]
 
 
 # --- work splitting ------------------------------------------------------------------
