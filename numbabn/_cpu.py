@@ -7,9 +7,10 @@ arithmetic between the passes, in float64 on C-length vectors.
 Which kernels run: inputs of at most ``_SMALL_VALUES`` values take the single-thread
 "small" kernels (one call, no thread pool); NCL tensors whose channel slabs fit in
 cache take the fused per-channel passes (``_fuse``); everything else the plane- or
-row-parallel passes. Elementwise passes over outputs larger than half the last-level
-cache write with non-temporal stores (``_streamed``, ``_stream``); large outputs are
-allocated on cache-line boundaries for them.
+row-parallel passes, NCL planes too short for a loop each as flat rows of the MC
+kernels (``_flat``). Elementwise passes over outputs larger than a quarter of the
+last-level cache write with non-temporal stores (``_streamed``, ``_stream``); large
+outputs are allocated on cache-line boundaries for them.
 
 Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
 ``forward_train``, ``forward_eval``, ``backward``.

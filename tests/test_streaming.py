@@ -1,7 +1,7 @@
 """The CPU kernels' streamed (non-temporal store) path and output alignment.
 
-Streaming normally starts at tensors of half the last-level cache; these tests lower
-that threshold to 0 so that small tensors take it (and turn off the single-thread
+Streaming normally starts at tensors of a quarter of the last-level cache; these tests
+lower that threshold to 0 so that small tensors take it (and turn off the single-thread
 path for small inputs, which never streams), and check that it gives bitwise the
 results of plain stores, which the functional tests check against the reference.
 """
