@@ -196,9 +196,10 @@ def _split(layout: Layout) -> int:
 
 def _flat(layout: Layout, max_plane: int, max_period: int) -> Layout | None:
     """For NCL planes too short for a loop each: the layout that views each sample's
-    C * L values as one row of an MC tensor with C * L "channels" (planes of at most
-    ``max_plane`` values, at most ``max_period`` of them per sample), whose per-channel vectors then hold one value per element of a
-    sample (``_expand``); None for other tensors."""
+    C * L values as one row of an MC tensor with C * L "channels", whose per-channel
+    vectors then hold one value per element of a sample (``_expand``). None for other
+    tensors, planes of more than ``max_plane`` values or more than ``max_period``
+    values per sample."""
     period = layout.c * layout.l
     if layout.kind != "ncl" or layout.l > max_plane or period > max_period:
         return None
