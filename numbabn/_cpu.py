@@ -45,11 +45,10 @@ _MIN_TASK_ELEMENTS = 4096
 #   rows (28x28) level (0.98-1.06) at 12.8 and 25.7 MB; 56x56 planes 1.08 / 1.20 at
 #   25.7 MB. So rows must be long, or the bytes a pass reads small enough to sit in
 #   cache anyway.
-# - planes of at most 16 values go flat (``_flat``) instead: fused 0.6x at 4x4
-#   (256x64x4x4), level at 3x3 and 5x5, 1.1-1.7x faster at 6x6 and 8x8.
+# - planes short enough for flat sums (_FLAT_MAX_PLANE_SUMS, below) go flat instead:
+#   fused 0.6x at 4x4 (256x64x4x4), level at 3x3 and 5x5, 1.1-1.7x faster at 6x6 and 8x8.
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
 _FUSE_MIN_ROW_BYTES = 2048
-_FUSE_MIN_PLANE = 17
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
 # passes then run the MC kernels over each sample's C * L values as one row, with the
@@ -243,26 +242,21 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     )
 
 
-def _tiled(params: np.ndarray, layout: Layout) -> np.ndarray:
-    """MC kernels take per-channel constants tiled over a span (see ``_cpu_kernels``)."""
-    if layout.kind == "ncl":
-        return params
-    return _expand(params, layout, _MC_SPAN + layout.c - 1)
-
-
 def _chunks(tasks: int) -> int:
     """Contiguous runs of tasks the elementwise NCL passes deal out to the threads."""
     return max(1, min(tasks, _tasks_wanted()))
 
 
 def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout) -> None:
+    """Run an elementwise kernel. The MC kernels take the per-channel constants tiled
+    over a span (see ``_cpu_kernels``): for flat NCL rows, spread over the planes."""
     flat = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     if flat is not None:
-        rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
-        tiled = _expand(params, layout, _MC_SPAN + flat.c - 1)  # _tiled of the expanded
-        layout, arrays, params, result = flat, rows, tiled, result.reshape(flat.n, flat.c)
-    else:
-        params = _tiled(params, layout)
+        arrays = tuple(a.reshape(flat.n, flat.c) for a in arrays)
+        result = result.reshape(flat.n, flat.c)
+    if flat is not None or layout.kind == "mc":
+        params = _expand(params, layout, _MC_SPAN + layout.c * layout.l - 1)
+        layout = flat or layout
     split = _split(layout)
     work = (split, _chunks(layout.n * layout.c * split)) if layout.kind == "ncl" else (split,)
     _kernel(name, layout)(
@@ -308,7 +302,7 @@ def _fuse(layout: Layout, value_bytes: int, which: str) -> bool:
     slab = layout.n * layout.l * value_bytes
     return (
         layout.kind == "ncl"
-        and layout.l >= _FUSE_MIN_PLANE
+        and layout.l > _FLAT_MAX_PLANE_SUMS
         and threads > 1
         and balanced
         and slab <= _FUSE_MAX_BYTES[which]

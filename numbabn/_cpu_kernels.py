@@ -455,8 +455,7 @@ def normalize_small_mc(x2, params, y2):
 @njit(**_ELEM)
 def forward_small_mc(x2, weight, bias, eps, params, stats, y2):
     stats_small_mc(x2, stats)
-    for c in range(x2.shape[1]):
-        _norm_params(c, stats[0, c], stats[1, c], weight, bias, eps, params, stats)
+    channel_params(stats[0], stats[1], weight, bias, eps, params, stats)
     normalize_small_mc(x2, params, y2)
 
 

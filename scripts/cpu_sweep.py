@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import numbabn
-from numbabn._bench import _keep_freed_memory
+from numbabn._bench import _keep_freed_memory, _torch_cases
 
 # (shape, channel axis)
 CASES = [
@@ -54,33 +54,21 @@ def _block(fn, calls: int) -> float:
     return best
 
 
-def _ops(shape, axis, rng):
+def _ops(shape, axis, rng, threads):
+    """(numbabn call, PyTorch call) per operation; PyTorch's as the main job makes them."""
     c = shape[axis]
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
     w, b = rng.random(c, dtype=np.float32), rng.random(c, dtype=np.float32)
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     _, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis)
-    # torch sees the same memory; channels-last as an NC... view of it.
-    perm = (0, x.ndim - 1, *range(1, x.ndim - 1)) if axis == -1 else tuple(range(x.ndim))
-    xt, dyt = (torch.from_numpy(a).permute(*perm) for a in (x, dy))
-    wt, bt, rmt, rvt, mt, it = map(torch.from_numpy, (w, b, rm.copy(), rv.copy(), mean, invstd))
-    return {
-        "train": (
-            lambda: numbabn.batch_norm(x, rm, rv, w, b, True, axis=axis),
-            lambda: torch.nn.functional.batch_norm(xt, rmt, rvt, wt, bt, True),
-        ),
-        "eval": (
-            lambda: numbabn.batch_norm(x, rm, rv, w, b, False, axis=axis),
-            lambda: torch.nn.functional.batch_norm(xt, rmt, rvt, wt, bt, False),
-        ),
-        "backward": (
-            lambda: numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
-            lambda: torch.ops.aten.native_batch_norm_backward(
-                dyt, xt, wt, None, None, mt, it, True, 1e-5, [True, True, True]
-            ),
-        ),
+    theirs = _torch_cases(x, dy, w, b, axis, threads)
+    ours = {
+        "train fwd": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, axis=axis),
+        "eval fwd": lambda: numbabn.batch_norm(x, rm, rv, w, b, False, axis=axis),
+        "backward": lambda: numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
     }
+    return {op: (ours[op], theirs[op]) for op in ours}
 
 
 def main() -> None:
@@ -101,7 +89,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for shape, axis in CASES:
         cells = []
-        for ours, theirs in _ops(shape, axis, rng).values():
+        for ours, theirs in _ops(shape, axis, rng, threads).values():
             mine, ratio = [], []
             for r in range(args.rounds):
                 pair = (ours, theirs) if r % 2 == 0 else (theirs, ours)
