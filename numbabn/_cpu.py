@@ -76,9 +76,12 @@ _SMALL_VALUES = 1 << 15
 
 
 
+_F16 = np.dtype(np.float16)
+
+
 def _kernel_array(a: np.ndarray) -> np.ndarray:
     """The array as the kernels take it: float16 as its uint16 bits."""
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    return a.view(np.uint16) if a.dtype == _F16 else a
 
 
 def _channel_last(a: np.ndarray, axis: int) -> np.ndarray:
@@ -183,9 +186,8 @@ def _tasks_wanted() -> int:
     return _TASKS_PER_THREAD * threads if threads > 1 else 1
 
 
-def _split(layout: Layout) -> int:
-    """Segments per plane (ncl) or row chunks (mc) for the current thread count."""
-    want = _tasks_wanted()
+def _split(layout: Layout, want: int) -> int:
+    """Segments per plane (ncl) or row chunks (mc) for ``want`` tasks (:func:`_tasks_wanted`)."""
     if layout.kind == "ncl":
         per_plane = -(-want // (layout.n * layout.c))
         return max(1, min(per_plane, layout.l // _MIN_TASK_ELEMENTS))
@@ -221,7 +223,7 @@ def _reduce(name: str, arrays, per_channel: np.ndarray, layout: Layout) -> np.nd
         rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
         sums = _reduce(name, rows, _expand(per_channel, layout, flat.c), flat)
         return sums.reshape(2, layout.c, layout.l).sum(axis=2)
-    split = _split(layout)
+    split = _split(layout, _tasks_wanted())
     tasks = layout.n * split if layout.kind == "ncl" else split
     part = np.empty((tasks, 2, layout.c), np.float64)
     _kernel(name, layout)(*(_kernel_array(a) for a in arrays), per_channel, split, part)
@@ -242,23 +244,22 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     )
 
 
-def _chunks(tasks: int) -> int:
-    """Contiguous runs of tasks the elementwise NCL passes deal out to the threads."""
-    return max(1, min(tasks, _tasks_wanted()))
-
-
 def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout) -> None:
-    """Run an elementwise kernel. The MC kernels take the per-channel constants tiled
-    over a span (see ``_cpu_kernels``): for flat NCL rows, spread over the planes."""
+    """Run an elementwise kernel with per-channel constants ``params`` (rows of C).
+    NCL planes short enough run as flat rows of the MC kernel (``_flat``), which
+    spreads the constants over the planes (``l``)."""
+    want = _tasks_wanted()
     flat = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     if flat is not None:
         arrays = tuple(a.reshape(flat.n, flat.c) for a in arrays)
         result = result.reshape(flat.n, flat.c)
-    if flat is not None or layout.kind == "mc":
-        params = _expand(params, layout, _MC_SPAN + layout.c * layout.l - 1)
-        layout = flat or layout
-    split = _split(layout)
-    work = (split, _chunks(layout.n * layout.c * split)) if layout.kind == "ncl" else (split,)
+        work = (layout.l, _MC_SPAN, _split(flat, want))
+        layout = flat
+    elif layout.kind == "mc":
+        work = (1, _MC_SPAN, _split(layout, want))
+    else:  # segments per plane, and the contiguous runs of tasks dealt to the threads
+        split = _split(layout, want)
+        work = (split, max(1, min(layout.n * layout.c * split, want)))
     _kernel(name, layout)(
         *(_kernel_array(a) for a in arrays), params, *work,
         _streamed(result, layout), _kernel_array(result),
@@ -277,7 +278,7 @@ def _shift(v: np.ndarray, layout: Layout) -> np.ndarray:
 
 def _small(layout: Layout) -> bool:
     """Few enough values that the calling thread alone is faster than the thread pool."""
-    return 0 < layout.count * layout.c <= _SMALL_VALUES
+    return 0 < layout.n * layout.l * layout.c <= _SMALL_VALUES
 
 
 def _moments(v: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,8 @@ Two views of a tensor (see ``_validate.Layout``):
 * ``mc``: ``x2`` of shape ``(M, C)``, C-contiguous. Work is split into ``nchunk``
   chunks of rows. The reductions run along the contiguous channels of each row. The
   elementwise passes walk the tensor as flat spans of ``w`` elements, whatever C is,
-  so the inner loop is long and contiguous even for a small C: the per-channel
-  constants come tiled (``params[k, j]`` is channel ``j % C``'s, ``w + C - 1``
+  so the inner loop is long and contiguous even for a small C: the kernel first tiles
+  the per-channel constants (``tiled[k, j]`` is channel ``j % C``'s, ``w + C - 1``
   columns), and a span starting at flat index p reads them from column ``p % C``.
   When streaming, the spans start on vector boundaries of the output, whatever its
   alignment (the few elements before the first boundary are written first).
@@ -493,12 +493,22 @@ def stats_mc(x2, shift, nchunk, part):
         part[t, 0], part[t, 1] = s1, s2
 
 
+@njit(cache=True)
+def _tile(params, l, w, c_):
+    """Per-channel constants (rows of ``params``) spread over ``w + c_ - 1`` columns, one
+    per flat position of a row of ``c_`` values whose planes hold ``l`` values each."""
+    tiled = np.empty((params.shape[0], w + c_ - 1), params.dtype)
+    expand(params, l, tiled)
+    return tiled
+
+
 @njit(**_PAR)
-def normalize_mc(x2, params, nchunk, streamed, y2):
-    """y = ((x - hi) - lo) * a + b with params rows (hi, lo, a, b) tiled (see top)."""
+def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
+    """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
+    spans of ``w`` elements; ``l`` > 1 for NCL planes viewed as flat rows."""
     c_ = x2.shape[1]
     total = x2.size
-    w = params.shape[1] - c_ + 1
+    params = _tile(params, l, w, c_)
     xf = x2.reshape(-1)
     yf = y2.reshape(-1)
     h = _head(yf, streamed)
@@ -530,12 +540,12 @@ def grad_sums_mc(dy2, x2, mean, nchunk, part):
 
 
 @njit(**_PAR)
-def grad_input_mc(dy2, x2, params, nchunk, streamed, dx2):
-    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with params rows (hi, lo, k2, mdy, k1)
-    tiled (see top)."""
+def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
+    """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with per-channel params rows
+    (hi, lo, k2, mdy, k1), as ``normalize_mc``."""
     c_ = x2.shape[1]
     total = x2.size
-    w = params.shape[1] - c_ + 1
+    params = _tile(params, l, w, c_)
     gf = dy2.reshape(-1)
     xf = x2.reshape(-1)
     df = dx2.reshape(-1)

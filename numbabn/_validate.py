@@ -26,6 +26,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# The same, for membership tests on the hot path (a set lookup by hash is twice as fast
+# as comparing with each dtype; a non-native byte order hashes differently and misses).
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 
 HOST = "host"
 DEVICE = "device"
@@ -61,10 +64,13 @@ class Layout(NamedTuple):
         return self.n * self.l
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def stats_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype of statistics and per-channel gradients: float32 for float16/float32
     data, float64 for float64 data."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    return _F64 if dtype == _F64 else _F32
 
 
 def cuda_interface(a: Any) -> dict | None:
@@ -162,6 +168,8 @@ def describe(a: Any, name: str) -> ArrayInfo:
 
 
 def _check_float(info: ArrayInfo, name: str) -> None:
+    if info.dtype in _FLOAT_SET:
+        return
     if info.dtype not in FLOAT_DTYPES or not info.dtype.isnative:
         hint = ""
         if info.dtype.kind == "f":
@@ -172,16 +180,19 @@ def _check_float(info: ArrayInfo, name: str) -> None:
         )
 
 
-def _same_side(infos: dict[str, ArrayInfo]) -> str:
-    sides = {info.side for info in infos.values()}
-    if len(sides) > 1:
-        where = ", ".join(f"{k} on {v.side}" for k, v in infos.items())
+def _same_side(sides: dict[str, str]) -> str:
+    """The one side of all arrays of a call (``sides``: array name -> side)."""
+    found = set(sides.values())
+    if len(found) > 1:
+        where = ", ".join(f"{k} on {v}" for k, v in sides.items())
         raise TypeError(f"all arrays of one call must live on the same side: {where}")
-    return sides.pop()
+    return found.pop()
 
 
 def normalize_axis(axis: Any, ndim: int) -> int:
     """Return ``axis`` in ``[0, ndim)``; ValueError if out of range."""
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim
     if type(axis) is not int and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"axis must be an integer, got {axis!r}")
     axis = int(axis)
@@ -231,9 +242,17 @@ def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
 
 
 def _check_channel_vector(
-    a: Any, name: str, c: int, infos: dict[str, ArrayInfo], writeable: bool = False
+    a: Any, name: str, c: int, sides: dict[str, str], writeable: bool = False
 ) -> None:
     if a is None:
+        return
+    if (  # the common case, a valid NumPy vector, without building its ArrayInfo
+        type(a) is np.ndarray
+        and a.dtype in _FLOAT_SET
+        and a.shape == (c,)
+        and (not writeable or a.flags.writeable)
+    ):
+        sides[name] = HOST
         return
     info = describe(a, name)
     _check_float(info, name)
@@ -241,10 +260,10 @@ def _check_channel_vector(
         raise ValueError(f"{name} must have shape ({c},) (one value per channel), got {info.shape}")
     if writeable and not info.writeable:
         raise ValueError(f"{name} is read-only but must be updated in place")
-    infos[name] = info
+    sides[name] = info.side
 
 
-def _check_out(out: Any, x: ArrayInfo, infos: dict[str, ArrayInfo]) -> None:
+def _check_out(out: Any, x: ArrayInfo, sides: dict[str, str]) -> None:
     if out is None:
         return
     info = describe(out, "out")
@@ -254,7 +273,7 @@ def _check_out(out: Any, x: ArrayInfo, infos: dict[str, ArrayInfo]) -> None:
         raise ValueError(f"out has shape {info.shape} but x has shape {x.shape}")
     if not info.writeable:
         raise ValueError("out is read-only")
-    infos["out"] = info
+    sides["out"] = info.side
 
 
 def check_eps(eps: Any, training: bool) -> float:
@@ -306,17 +325,17 @@ def batch_norm_args(
     distributed functions pass 0 and check the count of the whole batch themselves.
     """
     xi, axis = _check_tensor(x, "x", axis)
-    infos = {"x": xi}
+    sides = {"x": xi.side}
     c = xi.shape[axis]
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")
     training = bool(training)
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(a, name, c, infos, writeable=training)
-    _check_channel_vector(weight, "weight", c, infos)
-    _check_channel_vector(bias, "bias", c, infos)
-    _check_out(out, xi, infos)
-    side = _same_side(infos)
+        _check_channel_vector(a, name, c, sides, writeable=training)
+    _check_channel_vector(weight, "weight", c, sides)
+    _check_channel_vector(bias, "bias", c, sides)
+    _check_out(out, xi, sides)
+    side = _same_side(sides)
     eps = check_eps(eps, training)
     momentum = check_momentum(momentum)
     layout = plan_layout(xi, axis)
@@ -338,11 +357,11 @@ def batch_stats_args(x, axis, min_count=1) -> Checked:
 def batch_norm_forward_args(x, weight, bias, eps, axis, min_count=2) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_forward`."""
     xi, axis = _check_tensor(x, "x", axis)
-    infos = {"x": xi}
+    sides = {"x": xi.side}
     c = xi.shape[axis]
-    _check_channel_vector(weight, "weight", c, infos)
-    _check_channel_vector(bias, "bias", c, infos)
-    side = _same_side(infos)
+    _check_channel_vector(weight, "weight", c, sides)
+    _check_channel_vector(bias, "bias", c, sides)
+    side = _same_side(sides)
     eps = check_eps(eps, True)
     layout = plan_layout(xi, axis)
     _check_count(layout, min_count, "training")
@@ -358,14 +377,14 @@ def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_co
         raise ValueError(f"dy has shape {dyi.shape} but x has shape {xi.shape}")
     if dyi.dtype != xi.dtype:
         raise TypeError(f"dy has dtype {dyi.dtype} but x has dtype {xi.dtype}")
-    infos = {"dy": dyi, "x": xi}
+    sides = {"dy": dyi.side, "x": xi.side}
     c = xi.shape[axis]
     for name, a in (("mean", mean), ("invstd", invstd)):
         if a is None:
             raise ValueError(f"{name} is required")
-        _check_channel_vector(a, name, c, infos)
-    _check_channel_vector(weight, "weight", c, infos)
-    side = _same_side(infos)
+        _check_channel_vector(a, name, c, sides)
+    _check_channel_vector(weight, "weight", c, sides)
+    side = _same_side(sides)
     layout = plan_layout(xi, axis)
     if min_count is None:
         min_count = 2 if training else 1

@@ -92,9 +92,9 @@ def test_kernels_stream_when_asked(layout, dtype):
             _cpu_kernels.normalize_ncl(k(x), params, 2, 3, streamed, k(y))
             _cpu_kernels.grad_input_ncl(k(dy), k(x), params, 2, 3, streamed, k(dx))
         else:
-            tiled = np.ascontiguousarray(np.tile(params, (1, 60))[:, : 64 + c - 1])
-            _cpu_kernels.normalize_mc(k(x), tiled, 3, streamed, k(y))
-            _cpu_kernels.grad_input_mc(k(dy), k(x), tiled, 3, streamed, k(dx))
+            # spans of 64 elements: several per chunk, each starting mid-row
+            _cpu_kernels.normalize_mc(k(x), params, 1, 64, 3, streamed, k(y))
+            _cpu_kernels.grad_input_mc(k(dy), k(x), params, 1, 64, 3, streamed, k(dx))
         results.append((y, dx))
     for p, s in zip(*results):
         np.testing.assert_array_equal(s, p)
@@ -183,9 +183,9 @@ def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
     assert_close(out, yref, np.float32, factor=2)
     # and the kernels themselves, asked to stream into it, write plainly
     c = x.shape[axis]
-    params = np.tile(np.array([[0.5], [0.0], [2.0], [1.0]], np.float32), (1, 1024 + c - 1))
+    params = np.tile(np.array([[0.5], [0.0], [2.0], [1.0]], np.float32), (1, c))
     if x.ndim == 2:
-        _cpu_kernels.normalize_mc(x, params, 3, True, out)
+        _cpu_kernels.normalize_mc(x, params, 1, 1024, 3, True, out)
     else:
-        _cpu_kernels.normalize_ncl(x, params[:, :c], 2, 3, True, out)
+        _cpu_kernels.normalize_ncl(x, params, 2, 3, True, out)
     np.testing.assert_array_equal(out, (x - np.float32(0.5)) * np.float32(2) + np.float32(1))
