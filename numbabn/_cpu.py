@@ -180,14 +180,20 @@ def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _tasks_wanted() -> int:
-    """Tasks to deal out to the thread pool (1 when it has one thread)."""
-    threads = numba.get_num_threads()
+def _threads() -> int:
+    """The calling thread's numba thread count. Read once per operation and passed
+    down: each read takes two locks, 2-13 us right after a parallel kernel here."""
+    return numba.get_num_threads()
+
+
+def _tasks(threads: int) -> int:
+    """Tasks to deal out to a pool of ``threads`` threads (1 when it has one)."""
     return _TASKS_PER_THREAD * threads if threads > 1 else 1
 
 
-def _split(layout: Layout, want: int) -> int:
-    """Segments per plane (ncl) or row chunks (mc) for ``want`` tasks (:func:`_tasks_wanted`)."""
+def _split(layout: Layout, threads: int) -> int:
+    """Segments per plane (ncl) or row chunks (mc)."""
+    want = _tasks(threads)
     if layout.kind == "ncl":
         per_plane = -(-want // (layout.n * layout.c))
         return max(1, min(per_plane, layout.l // _MIN_TASK_ELEMENTS))
@@ -216,14 +222,14 @@ def _expand(per_channel: np.ndarray, layout: Layout, columns: int) -> np.ndarray
     return out.reshape(per_channel.shape[:-1] + (columns,))
 
 
-def _reduce(name: str, arrays, per_channel: np.ndarray, layout: Layout) -> np.ndarray:
+def _reduce(name: str, arrays, per_channel: np.ndarray, layout: Layout, threads: int) -> np.ndarray:
     """Run a two-sum reduction kernel and add its partials: (2, C) float64."""
     flat = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS)
     if flat is not None:
         rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
-        sums = _reduce(name, rows, _expand(per_channel, layout, flat.c), flat)
+        sums = _reduce(name, rows, _expand(per_channel, layout, flat.c), flat, threads)
         return sums.reshape(2, layout.c, layout.l).sum(axis=2)
-    split = _split(layout, _tasks_wanted())
+    split = _split(layout, threads)
     tasks = layout.n * split if layout.kind == "ncl" else split
     part = np.empty((tasks, 2, layout.c), np.float64)
     _kernel(name, layout)(*(_kernel_array(a) for a in arrays), per_channel, split, part)
@@ -244,22 +250,21 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     )
 
 
-def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout) -> None:
+def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout, threads: int) -> None:
     """Run an elementwise kernel with per-channel constants ``params`` (rows of C).
     NCL planes short enough run as flat rows of the MC kernel (``_flat``), which
     spreads the constants over the planes (``l``)."""
-    want = _tasks_wanted()
     flat = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     if flat is not None:
         arrays = tuple(a.reshape(flat.n, flat.c) for a in arrays)
         result = result.reshape(flat.n, flat.c)
-        work = (layout.l, _MC_SPAN, _split(flat, want))
+        work = (layout.l, _MC_SPAN, _split(flat, threads))
         layout = flat
     elif layout.kind == "mc":
-        work = (1, _MC_SPAN, _split(layout, want))
+        work = (1, _MC_SPAN, _split(layout, threads))
     else:  # segments per plane, and the contiguous runs of tasks dealt to the threads
-        split = _split(layout, want)
-        work = (split, max(1, min(layout.n * layout.c * split, want)))
+        split = _split(layout, threads)
+        work = (split, max(1, min(layout.n * layout.c * split, _tasks(threads))))
     _kernel(name, layout)(
         *(_kernel_array(a) for a in arrays), params, *work,
         _streamed(result, layout), _kernel_array(result),
@@ -281,24 +286,23 @@ def _small(layout: Layout) -> bool:
     return 0 < layout.n * layout.l * layout.c <= _SMALL_VALUES
 
 
-def _moments(v: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+def _moments(v: np.ndarray, layout: Layout, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """float64 mean and biased variance of each channel of a canonical view."""
     if _small(layout):
         stats = np.empty((2, layout.c))
         _kernel("stats_small", layout)(_kernel_array(v), stats)
         return stats[0], stats[1]
     shift = _shift(v, layout)
-    sums = _reduce("stats", (v,), shift, layout)
+    sums = _reduce("stats", (v,), shift, layout, threads)
     mean, var = np.empty(layout.c), np.empty(layout.c)
     kernels.finish_moments(sums, shift, layout.count, mean, var)
     return mean, var
 
 
-def _fuse(layout: Layout, value_bytes: int, which: str) -> bool:
+def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
     channels to share out evenly, a channel's data (``value_bytes`` per value) small
     enough to stay in cache, and long rows or a tensor that fits the cache."""
-    threads = numba.get_num_threads()
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
     slab = layout.n * layout.l * value_bytes
     return (
@@ -312,7 +316,7 @@ def _fuse(layout: Layout, value_bytes: int, which: str) -> bool:
     )
 
 
-def _normalize(x, layout, mean, var, eps, weight, bias, out):
+def _normalize(x, layout, mean, var, eps, weight, bias, out, threads):
     """y from ``x`` normalized with the given mean and biased variance (float64, or
     running statistics as stored); any count, even 0. Returns (y, float64 invstd)."""
     y, yv = _output(out, x, layout)
@@ -326,13 +330,13 @@ def _normalize(x, layout, mean, var, eps, weight, bias, out):
         if _small(layout):
             _kernel("normalize_small", layout)(_kernel_array(_view(x, layout)), params, _kernel_array(yv))
         else:
-            _elementwise("normalize", (_view(x, layout),), params, yv, layout)
+            _elementwise("normalize", (_view(x, layout),), params, yv, layout, threads)
     return _finish_output(y, out), stats[2]
 
 
 def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance."""
-    mean, var = _moments(_view(x, chk.layout), chk.layout)
+    mean, var = _moments(_view(x, chk.layout), chk.layout, _threads())
     sd = stats_dtype(x.dtype)
     return mean.astype(sd), var.astype(sd)
 
@@ -344,8 +348,8 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     """
     layout = chk.layout
     xo = _in_order(x, layout)
-    small = _small(layout)
-    if small or _fuse(layout, xo.itemsize, "forward"):
+    small, threads = _small(layout), _threads()
+    if small or _fuse(layout, xo.itemsize, "forward", threads):
         y, yv = _output(out, xo, layout)
         stats = np.empty((3, layout.c))
         args = (
@@ -360,8 +364,8 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         y = _finish_output(y, out)
         mean, var, invstd = stats
     else:
-        mean, var = _moments(_view(xo, layout), layout)
-        y, invstd = _normalize(xo, layout, mean, var, chk.eps, weight, bias, out)
+        mean, var = _moments(_view(xo, layout), layout, threads)
+        y, invstd = _normalize(xo, layout, mean, var, chk.eps, weight, bias, out, threads)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
@@ -382,7 +386,9 @@ def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
     """Normalize with the running statistics."""
-    return _normalize(x, chk.layout, running_mean, running_var, chk.eps, weight, bias, out)[0]
+    return _normalize(
+        x, chk.layout, running_mean, running_var, chk.eps, weight, bias, out, _threads()
+    )[0]
 
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
@@ -391,10 +397,12 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     mean64 = mean.astype(np.float64)
     invstd64 = invstd.astype(np.float64)
     dy, x = _in_order(dy, layout), _in_order(x, layout)
-    small = _small(layout)
-    if not (small or _fuse(layout, 2 * x.itemsize, "backward")):
-        sums = local_grad_sums(dy, x, chk, mean64)
-        return grad_input(dy, x, chk, mean64, invstd64, weight, sums, layout.count, training)
+    small, threads = _small(layout), _threads()
+    if not (small or _fuse(layout, 2 * x.itemsize, "backward", threads)):
+        sums = local_grad_sums(dy, x, chk, mean64, threads)
+        return grad_input(
+            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, threads
+        )
     c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = _output(None, x, layout)
@@ -418,36 +426,38 @@ def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     layout = chk.layout
     if layout.count == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
-    mean, var = _moments(_view(x, layout), layout)
+    mean, var = _moments(_view(x, layout), layout, _threads())
     return mean, var * layout.count
 
 
 def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     """Normalize with given float64 statistics (those of the whole distributed batch)."""
-    return _normalize(x, chk.layout, mean, var, chk.eps, weight, bias, out)[0]
+    return _normalize(x, chk.layout, mean, var, chk.eps, weight, bias, out, _threads())[0]
 
 
-def local_grad_sums(dy, x, chk: Checked, mean) -> np.ndarray:
+def local_grad_sums(dy, x, chk: Checked, mean, threads: int | None = None) -> np.ndarray:
     """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C)."""
     layout = chk.layout
     if layout.count == 0:
         return np.zeros((2, layout.c))
     views = (_view(dy, layout), _view(x, layout))
-    return _reduce("grad_sums", views, mean, layout)
+    return _reduce("grad_sums", views, mean, layout, threads or _threads())
 
 
-def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training):
-    """(dx, dweight, dbias) from the sums over ``count`` values per channel."""
+def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, threads=None):
+    """(dx, dweight, dbias) from the sums over ``count`` values per channel
+    (``threads``: the caller's :func:`_threads`, read here if not given)."""
     layout = chk.layout
     ctype = stats_dtype(x.dtype)
     dx, dxv = _output(None, x, layout)
     if layout.count * layout.c:
         params = grad_constants(mean, invstd, weight, sums, count, training, ctype)
         dyv = _view(dy, layout)
+        threads = threads or _threads()
         if training:
-            _elementwise("grad_input", (dyv, _view(x, layout)), params, dxv, layout)
+            _elementwise("grad_input", (dyv, _view(x, layout)), params, dxv, layout, threads)
         else:
-            _elementwise("normalize", (dyv,), params, dxv, layout)
+            _elementwise("normalize", (dyv,), params, dxv, layout, threads)
     return dx, (sums[1] * invstd).astype(ctype), sums[0].astype(ctype)
 
 
