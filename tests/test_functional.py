@@ -286,3 +286,55 @@ def test_reductions_split_over_many_blocks(shape, axis, monkeypatch):
     assert_close(dx, dxr, np.float32, factor=4)
     assert_close(db, dbr, np.float32, scale=np.sqrt(count), factor=2)
     assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)
+
+
+SHIPPED_SMALL_VALUES = {"ncl": 1 << 16, "mc": 1 << 18}
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's single-thread limits")
+def test_single_thread_limits(monkeypatch):
+    """The limits up to which an operation stays on the calling thread: per layout,
+    shrinking with more threads down to the floor, never for empty inputs."""
+    from numbabn import _cpu, _validate
+
+    monkeypatch.setattr(_cpu, "_SMALL_VALUES", SHIPPED_SMALL_VALUES)
+
+    def small(shape, axis, threads):
+        x = np.empty(shape, np.float32)
+        layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
+        return _cpu._small(layout, threads)
+
+    assert small((16, 64, 8, 8), 1, 2) and not small((16, 64, 8, 9), 1, 2)
+    assert small((1024, 256), 1, 2) and not small((1025, 256), 1, 2)
+    assert small((64, 8, 8, 64), -1, 1) and not small((64, 8, 8, 65), -1, 1)
+    assert small((1024, 64), 1, 8) and not small((1025, 64), 1, 8)  # 2**18 * 2 / 8
+    assert small((512, 64), 1, 64) and not small((513, 64), 1, 64)  # the 2**15 floor
+    assert not small((0, 3, 5), 1, 2)
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's single-thread limits")
+@pytest.mark.parametrize("shape,axis", [((9, 13, 7, 71), 1), ((997, 211), 1), ((31, 5, 7, 211), -1)])
+def test_mid_sizes_on_the_calling_thread(shape, axis, monkeypatch):
+    """Inputs between the suite's limit and the shipped ones (here they run on the
+    calling thread): train forward, eval and backward against the reference."""
+    from numbabn import _cpu, _validate
+
+    monkeypatch.setattr(_cpu, "_SMALL_VALUES", SHIPPED_SMALL_VALUES)
+    x = random_batch(shape, np.float32, seed=61, per_channel_axis=axis)
+    layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
+    assert x.size > 1 << 15 and _cpu._small(layout, 2)
+    c = shape[axis]
+    w, b = channel_vector(c, np.float32, 62), channel_vector(c, np.float32, 63, -1, 1)
+    rm, rv = channel_vector(c, np.float32, 64, -1, 1), channel_vector(c, np.float32, 65)
+    y = numbabn.batch_norm(x, rm.copy(), rv.copy(), w, b, training=True, axis=axis)
+    assert_close(y, ref.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, axis)[0], np.float32, factor=2)
+    y = numbabn.batch_norm(x, rm, rv, w, b, axis=axis)
+    assert_close(y, ref.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, axis)[0], np.float32, factor=2)
+    dy = random_batch(shape, np.float32, seed=66)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis)
+    dx, dw, db = numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dxr, dwr, dbr = ref.batch_norm_backward(dy, x, mean, invstd, w, axis)
+    count = x.size // c
+    assert_close(dx, dxr, np.float32, factor=4)
+    assert_close(db, dbr, np.float32, scale=np.sqrt(count), factor=2)
+    assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)

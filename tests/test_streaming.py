@@ -38,7 +38,8 @@ CASES = [
 @pytest.fixture(autouse=True)
 def _no_small_path(monkeypatch):
     if not ON_DEVICE:
-        monkeypatch.setattr(_cpu, "_SMALL_VALUES", 0)
+        monkeypatch.setattr(_cpu, "_SMALL_VALUES", {"ncl": 0, "mc": 0})
+        monkeypatch.setattr(_cpu, "_SMALL_VALUES_MIN", 0)
 
 
 def _run(x, axis, threshold, monkeypatch):
