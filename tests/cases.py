@@ -20,9 +20,8 @@ SHAPES = [
 ]
 if not ON_DEVICE:
     # Above the single-thread limit for small inputs (2**15 values in the suite, see
-    # conftest.py): planes split into
-    # segments, rows into several chunks; (3, 4, 3001) takes the cache-fused
-    # per-channel passes on 2 or 4 threads. (5, 41, 67) is a small channels-last case.
+    # conftest.py): planes split into segments, rows into several chunks; (3, 4, 3001)
+    # takes the cache-fused per-channel passes on 2 or 4 threads. (5, 41, 67) is a small channels-last case.
     # Short planes run flat (samples as rows of C * L values): (701, 7, 3, 3) in every
     # pass, (11, 97, 7, 7) in the elementwise passes (C * L too many for flat sums).
     SHAPES += [((2, 3, 9001), 1), ((20011, 3), 1), ((5, 41, 67), -1), ((3, 4, 3001), 1),
