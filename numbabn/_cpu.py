@@ -82,8 +82,6 @@ _STREAM_MIN_ROW_BYTES = 8192
 _SMALL_VALUES = {"ncl": 1 << 16, "mc": 1 << 18}
 _SMALL_VALUES_MIN = 1 << 15
 
-
-
 _F16 = np.dtype(np.float16)
 
 
@@ -230,7 +228,9 @@ def _expand(per_channel: np.ndarray, layout: Layout, columns: int) -> np.ndarray
     return out.reshape(per_channel.shape[:-1] + (columns,))
 
 
-def _reduce(name: str, arrays, per_channel: np.ndarray, layout: Layout, threads: int) -> np.ndarray:
+def _reduce(
+    name: str, arrays, per_channel: np.ndarray, layout: Layout, threads: int
+) -> np.ndarray:
     """Run a two-sum reduction kernel and add its partials: (2, C) float64."""
     flat = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS)
     if flat is not None:
@@ -258,7 +258,9 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     )
 
 
-def _elementwise(name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout, threads: int) -> None:
+def _elementwise(
+    name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout, threads: int
+) -> None:
     """Run an elementwise kernel with per-channel constants ``params`` (rows of C).
     NCL planes short enough run as flat rows of the MC kernel (``_flat``), which
     spreads the constants over the planes (``l``)."""
