@@ -502,12 +502,63 @@ def _tile(params, l, w, c_):
     return tiled
 
 
+# The plain-store MC passes take spans a whole number of rows long (``_block_span``)
+# several at a time: those spans need the same constants, so each constant loaded
+# serves several values. normalize takes 4 spans (2 loads a value instead of 5),
+# grad_input 2 (4.5 instead of 7: with 4, its 17 arrays were too many for LLVM to
+# vectorize the loop, 0.64-0.79x). Kernel times against one span at a time, float32,
+# 1 and 8 chunks on 2 threads, 0.3-6.4 MB: normalize 0.95-1.47x, grad_input 1.0-1.37x
+# (C from 3 to 3136). Rows longer than _BLOCK_MAX_C are not blocked: their constants
+# would have to be tiled over two rows, serially, before the pass.
+_BLOCK_NORMALIZE = 4
+_BLOCK_GRAD = 2
+_BLOCK_MAX_C = 4096
+
+
+@njit(inline="always")
+def _block_span(w, c_):
+    """Span of the blocked plain passes: whole rows, about ``w`` elements (0: none)."""
+    return c_ * max(1, w // c_) if c_ <= _BLOCK_MAX_C else 0
+
+
+@njit(**_ELEM)
+def _normalize_block(xf, yf, hi, lo, a, b, p, w):
+    """``_normalize_plain`` over _BLOCK_NORMALIZE spans of ``w`` elements from p, whose
+    constants ``hi``, ``lo``, ``a``, ``b`` (``w`` of each) are the same."""
+    x0, x1 = xf[p : p + w], xf[p + w : p + 2 * w]
+    x2, x3 = xf[p + 2 * w : p + 3 * w], xf[p + 3 * w : p + 4 * w]
+    y0, y1 = yf[p : p + w], yf[p + w : p + 2 * w]
+    y2, y3 = yf[p + 2 * w : p + 3 * w], yf[p + 3 * w : p + 4 * w]
+    for i in range(w):
+        h_, l_, a_, b_ = hi[i], lo[i], a[i], b[i]
+        y0[i] = store(((load(x0[i]) - h_) - l_) * a_ + b_, y0)
+        y1[i] = store(((load(x1[i]) - h_) - l_) * a_ + b_, y1)
+        y2[i] = store(((load(x2[i]) - h_) - l_) * a_ + b_, y2)
+        y3[i] = store(((load(x3[i]) - h_) - l_) * a_ + b_, y3)
+
+
+@njit(**_ELEM)
+def _grad_input_block(gf, xf, df, hi, lo, k2, mdy, k1, p, w):
+    """``_grad_input_plain`` over _BLOCK_GRAD spans of ``w`` elements from p sharing
+    constants."""
+    g0, g1 = gf[p : p + w], gf[p + w : p + 2 * w]
+    x0, x1 = xf[p : p + w], xf[p + w : p + 2 * w]
+    d0, d1 = df[p : p + w], df[p + w : p + 2 * w]
+    for i in range(w):
+        h_, l_, c2, m_, c1 = hi[i], lo[i], k2[i], mdy[i], k1[i]
+        d0[i] = store((load(g0[i]) - m_ - ((load(x0[i]) - h_) - l_) * c2) * c1, d0)
+        d1[i] = store((load(g1[i]) - m_ - ((load(x1[i]) - h_) - l_) * c2) * c1, d1)
+
+
 @njit(**_PAR)
 def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
-    spans of ``w`` elements; ``l`` > 1 for NCL planes viewed as flat rows."""
+    spans of ``w`` elements (with plain stores, whole rows several at a time where they
+    fit: ``_block_span``); ``l`` > 1 for NCL planes viewed as flat rows."""
     c_ = x2.shape[1]
     total = x2.size
+    wb = 0 if streamed else _block_span(w, c_)
+    w = max(w, wb)
     params = _tile(params, l, w, c_)
     xf = x2.reshape(-1)
     yf = y2.reshape(-1)
@@ -515,7 +566,17 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     _normalize_span(xf[:h], params[0, :h], params[1, :h], params[2, :h], params[3, :h], yf[:h], False)
     for t in prange(np.int64(nchunk)):
         end = h + _cut(t + 1, nchunk, total - h)
-        for p in range(h + _cut(t, nchunk, total - h), end, w):
+        start = h + _cut(t, nchunk, total - h)
+        if wb:
+            ph = start % c_
+            k = ph + wb
+            while start + _BLOCK_NORMALIZE * wb <= end:
+                _normalize_block(
+                    xf, yf, params[0, ph:k], params[1, ph:k], params[2, ph:k], params[3, ph:k],
+                    start, wb,
+                )
+                start += _BLOCK_NORMALIZE * wb
+        for p in range(start, end, w):
             q = min(p + w, end)
             ph = p % c_
             k = ph + q - p
@@ -545,6 +606,8 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
     (hi, lo, k2, mdy, k1), as ``normalize_mc``."""
     c_ = x2.shape[1]
     total = x2.size
+    wb = 0 if streamed else _block_span(w, c_)
+    w = max(w, wb)
     params = _tile(params, l, w, c_)
     gf = dy2.reshape(-1)
     xf = x2.reshape(-1)
@@ -556,7 +619,17 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
     )
     for t in prange(np.int64(nchunk)):
         end = h + _cut(t + 1, nchunk, total - h)
-        for p in range(h + _cut(t, nchunk, total - h), end, w):
+        start = h + _cut(t, nchunk, total - h)
+        if wb:
+            ph = start % c_
+            k = ph + wb
+            while start + _BLOCK_GRAD * wb <= end:
+                _grad_input_block(
+                    gf, xf, df, params[0, ph:k], params[1, ph:k], params[2, ph:k],
+                    params[3, ph:k], params[4, ph:k], start, wb,
+                )
+                start += _BLOCK_GRAD * wb
+        for p in range(start, end, w):
             q = min(p + w, end)
             ph = p % c_
             k = ph + q - p
