@@ -178,14 +178,17 @@ def expand(per_channel, l, out):
     columns = out.shape[1]
     period = min(per_channel.shape[1] * l, columns)
     for k in range(out.shape[0]):
-        c, i = 0, 0
-        for j in range(period):
-            out[k, j] = per_channel[k, c]
-            i += 1
-            if i == l:
-                c, i = c + 1, 0
-        for j in range(period, columns):
-            out[k, j] = out[k, j - period]
+        row = out[k]
+        if l == 1:
+            row[:period] = per_channel[k, :period]
+        else:  # a fill per plane (one loop with a branch per value was 4-6x slower)
+            for c in range(per_channel.shape[1]):
+                row[c * l : min((c + 1) * l, period)] = per_channel[k, c]
+        j = period
+        while j < columns:  # then the filled part copied onward, doubling each time
+            n = min(j, columns - j)  # (j stays a whole number of periods)
+            row[j : j + n] = row[:n]
+            j += n
 
 
 # --- work splitting ------------------------------------------------------------------
