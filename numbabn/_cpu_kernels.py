@@ -133,9 +133,26 @@ def _grad_input_span(gr, xr, hi, lo, k2, mdy, k1, dr, streamed):
     _grad_input_plain(gr, xr, hi, lo, k2, mdy, k1, dr, i1, dr.size)
 
 
+# The MC reductions add rows [lo, hi) into per-channel sums s1, s2, two rows at a time:
+# the sums and the per-channel constant are then loaded and stored once for two values.
+# Kernel times against a row at a time, float32, 8 chunks on 2 threads: stats_mc
+# 1.15-1.54x at 0.3-6.4 MB and 1.06x at 25.7 MB; grad_sums_mc 0.87-1.25x in one run and
+# 1.0-1.2x in the next. (Four rows at a time was faster still in cache, but 1.8x slower
+# than one row at 25.7 MB.)
+
+
 @njit(**_SUM)
 def _sums_rows_mc(x2, lo, hi, shift, s1, s2):
-    for r in range(lo, hi):
+    r = lo
+    while r + 2 <= hi:
+        xa, xb = x2[r], x2[r + 1]
+        for c in range(xa.size):
+            da = np.float64(load(xa[c])) - shift[c]
+            db = np.float64(load(xb[c])) - shift[c]
+            s1[c] += da + db
+            s2[c] += da * da + db * db
+        r += 2
+    if r < hi:
         xr = x2[r]
         for c in range(xr.size):
             d = np.float64(load(xr[c])) - shift[c]
@@ -145,9 +162,19 @@ def _sums_rows_mc(x2, lo, hi, shift, s1, s2):
 
 @njit(**_SUM)
 def _grad_sums_rows_mc(dy2, x2, lo, hi, mean, s1, s2):
-    for r in range(lo, hi):
-        gr = dy2[r]
-        xr = x2[r]
+    r = lo
+    while r + 2 <= hi:
+        ga, gb, xa, xb = dy2[r], dy2[r + 1], x2[r], x2[r + 1]
+        for c in range(xa.size):
+            g1 = np.float64(load(ga[c]))
+            g2 = np.float64(load(gb[c]))
+            s1[c] += g1 + g2
+            d1 = np.float64(load(xa[c])) - mean[c]
+            d2 = np.float64(load(xb[c])) - mean[c]
+            s2[c] += g1 * d1 + g2 * d2
+        r += 2
+    if r < hi:
+        gr, xr = dy2[r], x2[r]
         for c in range(xr.size):
             g = np.float64(load(gr[c]))
             s1[c] += g
