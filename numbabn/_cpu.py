@@ -210,22 +210,13 @@ def _split(layout: Layout, threads: int) -> int:
 def _flat(layout: Layout, max_plane: int, max_period: int) -> Layout | None:
     """For NCL planes too short for a loop each: the layout that views each sample's
     C * L values as one row of an MC tensor with C * L "channels", whose per-channel
-    vectors then hold one value per element of a sample (``_expand``). None for other
-    tensors, planes of more than ``max_plane`` values or more than ``max_period``
-    values per sample."""
+    vectors then hold one value per element of a sample (``_cpu_kernels.expand``).
+    None for other tensors, planes of more than ``max_plane`` values or more than
+    ``max_period`` values per sample."""
     period = layout.c * layout.l
     if layout.kind != "ncl" or layout.l > max_plane or period > max_period:
         return None
     return layout._replace(kind="mc", c=period, l=1)
-
-
-def _expand(per_channel: np.ndarray, layout: Layout, columns: int) -> np.ndarray:
-    """Per-channel values (along the last axis) for ``columns`` flat positions of a
-    sample from its start: position j belongs to channel ``j % (C * L) // L``."""
-    rows = per_channel.reshape(-1, layout.c)
-    out = np.empty((rows.shape[0], columns), per_channel.dtype)
-    kernels.expand(rows, layout.l, out)
-    return out.reshape(per_channel.shape[:-1] + (columns,))
 
 
 def _reduce(
@@ -235,7 +226,8 @@ def _reduce(
     flat = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS)
     if flat is not None:
         rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
-        sums = _reduce(name, rows, _expand(per_channel, layout, flat.c), flat, threads)
+        spread = kernels.tile(per_channel.reshape(1, -1), layout.l, flat.c)[0]
+        sums = _reduce(name, rows, spread, flat, threads)
         return sums.reshape(2, layout.c, layout.l).sum(axis=2)
     split = _split(layout, threads)
     tasks = layout.n * split if layout.kind == "ncl" else split

@@ -199,6 +199,16 @@ def finish_moments(sums, shift, count, mean, var):
 
 
 @njit(cache=True)
+def tile(per_channel, l, columns):
+    """A new array of ``columns`` columns with :func:`expand` of ``per_channel``: the
+    MC elementwise kernels' tiled constants, and the flat reductions' per-channel
+    vectors (one value per position of a sample)."""
+    out = np.empty((per_channel.shape[0], columns), per_channel.dtype)
+    expand(per_channel, l, out)
+    return out
+
+
+@njit(cache=True)
 def expand(per_channel, l, out):
     """out[k, j] = per_channel[k, j % (C * l) // l]: per-channel values spread over the
     flat positions of a sample whose planes hold ``l`` values each (``_cpu._flat``)."""
@@ -523,15 +533,6 @@ def stats_mc(x2, shift, nchunk, part):
         part[t, 0], part[t, 1] = s1, s2
 
 
-@njit(cache=True)
-def _tile(params, l, w, c_):
-    """Per-channel constants (rows of ``params``) spread over ``w + c_ - 1`` columns, one
-    per flat position of a row of ``c_`` values whose planes hold ``l`` values each."""
-    tiled = np.empty((params.shape[0], w + c_ - 1), params.dtype)
-    expand(params, l, tiled)
-    return tiled
-
-
 # The plain-store MC passes take spans a whole number of rows long (``_block_span``)
 # several at a time: those spans need the same constants, so each constant loaded
 # serves several values. normalize takes 4 spans (2 loads a value instead of 5),
@@ -540,8 +541,8 @@ def _tile(params, l, w, c_):
 # 1 and 8 chunks on 2 threads, 0.3-6.4 MB: normalize 0.95-1.47x, grad_input 1.0-1.37x
 # (C from 3 to 3136). Rows longer than _BLOCK_MAX_C are not blocked: their constants
 # would have to be tiled over two rows, serially, before the pass.
-_BLOCK_NORMALIZE = 4
-_BLOCK_GRAD = 2
+_BLOCK_NORMALIZE = 4  # the spans _normalize_block takes (written out there)
+_BLOCK_GRAD = 2  # the spans _grad_input_block takes
 _BLOCK_MAX_C = 4096
 
 
@@ -589,7 +590,7 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
     w = max(w, wb)
-    params = _tile(params, l, w, c_)
+    params = tile(params, l, w + c_ - 1)
     xf = x2.reshape(-1)
     yf = y2.reshape(-1)
     h = _head(yf, streamed)
@@ -638,7 +639,7 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
     w = max(w, wb)
-    params = _tile(params, l, w, c_)
+    params = tile(params, l, w + c_ - 1)
     gf = dy2.reshape(-1)
     xf = x2.reshape(-1)
     df = dx2.reshape(-1)
