@@ -539,8 +539,8 @@ def stats_mc(x2, shift, nchunk, part):
 # grad_input 2 (4.5 instead of 7: with 4, its 17 arrays were too many for LLVM to
 # vectorize the loop, 0.64-0.79x). Kernel times against one span at a time, float32,
 # 1 and 8 chunks on 2 threads, 0.3-6.4 MB: normalize 0.95-1.47x, grad_input 1.0-1.37x
-# (C from 3 to 3136). Rows longer than _BLOCK_MAX_C are not blocked: their constants
-# would have to be tiled over two rows, serially, before the pass.
+# (C from 3 to 3136). Rows longer than _BLOCK_MAX_C are not blocked (their constants
+# would have to be tiled over two rows, serially, before the pass): they go in bands.
 _BLOCK_NORMALIZE = 4  # the spans _normalize_block takes (written out there)
 _BLOCK_GRAD = 2  # the spans _grad_input_block takes
 _BLOCK_MAX_C = 4096
@@ -550,6 +550,54 @@ _BLOCK_MAX_C = 4096
 def _block_span(w, c_):
     """Span of the blocked plain passes: whole rows, about ``w`` elements (0: none)."""
     return c_ * max(1, w // c_) if c_ <= _BLOCK_MAX_C else 0
+
+
+# With plain stores, rows longer than _BLOCK_MAX_C ("wide": a flat NCL sample of many
+# short planes, or thousands of channels) are cut into near-equal bands of about
+# _WIDE_BAND columns, and a task is one band of a run of rows: it builds the band's
+# constants once (``_band``), and they stay in L1 while the rows go by. As flat spans,
+# every constant came from L2 once per row: 4 bytes of constants per byte of float32
+# data. Full eval calls, paired against flat spans, float32, 2 threads: 64x256x7x7
+# 1.07-1.14x, 64x128x7x7 and 32x160x7x7 1.11x, 64x96x7x7 1.02x (train and backward,
+# where this is one pass of several: 0.95-1.06x, level within noise). Streamed
+# (larger) outputs keep the flat spans, which read memory in order: bands measured
+# 0.88x there (128x512x7x7).
+_WIDE_BAND = 2048
+
+
+@njit(inline="always")
+def _wide_grid(nchunk, m, c_):
+    """(bands per row, row runs) for at least ``nchunk`` tasks over an (m, c_) tensor
+    (as many as rows allow): bands are added until the tasks divide evenly into
+    ``nchunk`` runs (a multiple of the thread count), or number 4 * ``nchunk``."""
+    nb = -(-c_ // _WIDE_BAND)
+    nrc = max(1, min(m, -(-nchunk // nb)))
+    while nb * nrc % nchunk and nb * nrc < 4 * nchunk:
+        nb += 1
+    return nb, nrc
+
+
+@njit(inline="always")
+def _wide_task(task, nb, nrc, m, c_):
+    """(first row, end row, first column, end column) of a wide task."""
+    run = task // nb
+    b = task - run * nb
+    r0, r1 = _rows(run, nrc, m)
+    return r0, r1, _cut(b, nb, c_), _cut(b + 1, nb, c_)
+
+
+@njit(inline="always")
+def _band(params, l, c0, c1):
+    """A new array of the constants of columns [c0, c1) of a row: params[k, j // l]."""
+    out = np.empty((params.shape[0], c1 - c0), params.dtype)
+    for k in range(params.shape[0]):
+        row = out[k]
+        if l == 1:
+            row[:] = params[k, c0:c1]
+        else:
+            for ch in range(c0 // l, (c1 - 1) // l + 1):
+                row[max(ch * l, c0) - c0 : min((ch + 1) * l, c1) - c0] = params[k, ch]
+    return out
 
 
 @njit(**_ELEM)
@@ -585,14 +633,26 @@ def _grad_input_block(gf, xf, df, hi, lo, k2, mdy, k1, p, w):
 def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
     spans of ``w`` elements (with plain stores, whole rows several at a time where they
-    fit: ``_block_span``); ``l`` > 1 for NCL planes viewed as flat rows."""
+    fit, ``_block_span``, and longer rows in bands, ``_wide_task``); ``l`` > 1 for NCL
+    planes viewed as flat rows."""
     c_ = x2.shape[1]
+    xf = x2.reshape(-1)
+    yf = y2.reshape(-1)
+    if c_ > _BLOCK_MAX_C and not streamed:
+        nb, nrc = _wide_grid(nchunk, x2.shape[0], c_)
+        for task in prange(np.int64(nb * nrc)):
+            r0, r1, c0, c1 = _wide_task(np.int64(task), nb, nrc, x2.shape[0], c_)
+            kb = _band(params, l, c0, c1)
+            for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
+                q = p + c1 - c0
+                _normalize_span(xf[p:q], kb[0], kb[1], kb[2], kb[3], yf[p:q], streamed)
+            if streamed:
+                _stream.fence()
+        return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
     w = max(w, wb)
     params = tile(params, l, w + c_ - 1)
-    xf = x2.reshape(-1)
-    yf = y2.reshape(-1)
     h = _head(yf, streamed)
     _normalize_span(xf[:h], params[0, :h], params[1, :h], params[2, :h], params[3, :h], yf[:h], False)
     for t in prange(np.int64(nchunk)):
@@ -636,13 +696,26 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 with per-channel params rows
     (hi, lo, k2, mdy, k1), as ``normalize_mc``."""
     c_ = x2.shape[1]
+    gf = dy2.reshape(-1)
+    xf = x2.reshape(-1)
+    df = dx2.reshape(-1)
+    if c_ > _BLOCK_MAX_C and not streamed:
+        nb, nrc = _wide_grid(nchunk, x2.shape[0], c_)
+        for task in prange(np.int64(nb * nrc)):
+            r0, r1, c0, c1 = _wide_task(np.int64(task), nb, nrc, x2.shape[0], c_)
+            kb = _band(params, l, c0, c1)
+            for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
+                q = p + c1 - c0
+                _grad_input_span(
+                    gf[p:q], xf[p:q], kb[0], kb[1], kb[2], kb[3], kb[4], df[p:q], streamed
+                )
+            if streamed:
+                _stream.fence()
+        return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
     w = max(w, wb)
     params = tile(params, l, w + c_ - 1)
-    gf = dy2.reshape(-1)
-    xf = x2.reshape(-1)
-    df = dx2.reshape(-1)
     h = _head(df, streamed)
     _grad_input_span(
         gf[:h], xf[:h], params[0, :h], params[1, :h], params[2, :h], params[3, :h],

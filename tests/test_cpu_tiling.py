@@ -2,7 +2,8 @@
 
 ``expand`` spreads per-channel values over the flat positions of a row (one per value,
 planes of ``l`` values); the plain-store passes then take spans of whole rows several
-at a time (``_block_span``). The functional tests check the passes' results; these
+at a time (``_block_span``), and rows too long for that in bands (``_wide_task``).
+The functional tests check the passes' results; these
 check the layout itself, exactly, on the odd periods the fast paths must get right.
 """
 
@@ -39,3 +40,42 @@ def test_block_span_is_whole_rows():
     assert span(1024, 3) == 1023 and span(1024, 24) == 1008 and span(1024, 1024) == 1024
     assert span(1024, 3136) == 3136  # one row when a row is longer than the span
     assert span(1024, _cpu_kernels._BLOCK_MAX_C + 1) == 0  # not blocked
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("m,c,l", [(7, 4099, 1), (11, 97, 49), (3, 9000, 1), (2, 5, 1000)])
+@pytest.mark.parametrize("nchunk", [1, 3, 8])
+def test_wide_rows_in_bands(m, c, l, nchunk, dtype):
+    """Rows of more than _BLOCK_MAX_C values (true channels, l == 1, or flat NCL planes
+    of l values) are cut into bands of rows and columns; every element is written
+    once, with its own column's constants."""
+    columns = c * l
+    assert columns > _cpu_kernels._BLOCK_MAX_C
+    rng = np.random.default_rng(columns + nchunk)
+    x = rng.standard_normal((m, columns)).astype(dtype)
+    dy = rng.standard_normal((m, columns)).astype(dtype)
+    ctype = np.float64 if dtype == np.float64 else np.float32
+    params = rng.uniform(0.5, 1.5, (5, c)).astype(ctype)
+    k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
+    y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    _cpu_kernels.normalize_mc(k(x), params[:4].copy(), l, 1024, nchunk, False, k(y))
+    _cpu_kernels.grad_input_mc(k(dy), k(x), params, l, 1024, nchunk, False, k(dx))
+    p = params.astype(np.float64)[:, np.arange(columns) // l]
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    xmu = (x64 - p[0]) - p[1]
+    tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-14}[dtype]
+    np.testing.assert_allclose(y, xmu * p[2] + p[3], rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, (dy64 - p[3] - xmu * p[2]) * p[4], rtol=tol, atol=4 * tol)
+
+
+def test_wide_grid_covers_each_element_once():
+    grid, task = _cpu_kernels._wide_grid.py_func, _cpu_kernels._wide_task.py_func
+    for nchunk, m, c in [(8, 64, 12544), (8, 3, 4100), (1, 5, 100352), (8, 64, 4704), (3, 1, 5000)]:
+        nb, nrc = grid(nchunk, m, c)
+        hits = np.zeros((m, c), np.int64)
+        for t in range(nb * nrc):
+            r0, r1, c0, c1 = task(t, nb, nrc, m, c)
+            assert c0 % 16 == 0 and (c1 == c or c1 % 16 == 0)  # cuts on 64-byte boundaries
+            hits[r0:r1, c0:c1] += 1
+        assert (hits == 1).all()
+        assert nb * nrc >= min(nchunk, m * nb)
