@@ -45,8 +45,12 @@ _MIN_TASK_ELEMENTS = 4096
 #   rows (28x28) level (0.98-1.06) at 12.8 and 25.7 MB; 56x56 planes 1.08 / 1.20 at
 #   25.7 MB. So rows must be long, or the bytes a pass reads small enough to sit in
 #   cache anyway.
-# - planes short enough for flat sums (_FLAT_MAX_PLANE_SUMS, below) go flat instead:
-#   fused 0.6x at 4x4 (256x64x4x4), level at 3x3 and 5x5, 1.1-1.7x faster at 6x6 and 8x8.
+# - planes short enough for the flat elementwise passes (_FLAT_MAX_PLANE, below) are
+#   not fused: with the reductions over runs of samples (``kernels.stats_ncl``), the
+#   unfused passes measured 1.2-1.6x faster in train and 1.1-1.7x in backward (paired
+#   full calls, 256x64x5x5 and 128x64x8x8; flat sums beat fusion at 4x4 before). At
+#   10x10 and 14x14 fusion still won in backward (1.05-1.4x) with train mixed
+#   (0.7-1.4x), so longer planes keep the rule above.
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
 _FUSE_MIN_ROW_BYTES = 2048
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
@@ -230,9 +234,13 @@ def _reduce(
         sums = _reduce(name, rows, spread, flat, threads)
         return sums.reshape(2, layout.c, layout.l).sum(axis=2)
     split = _split(layout, threads)
-    tasks = layout.n * split if layout.kind == "ncl" else split
+    if layout.kind == "ncl":  # runs of samples, each cut into ``split`` segments
+        runs = layout.n if split > 1 else min(layout.n, _tasks(threads))
+        work, tasks = (runs, split), runs * split
+    else:
+        work, tasks = (split,), split
     part = np.empty((tasks, 2, layout.c), np.float64)
-    _kernel(name, layout)(*(_kernel_array(a) for a in arrays), per_channel, split, part)
+    _kernel(name, layout)(*(_kernel_array(a) for a in arrays), per_channel, *work, part)
     return part.sum(axis=0)
 
 
@@ -305,12 +313,13 @@ def _moments(v: np.ndarray, layout: Layout, threads: int) -> tuple[np.ndarray, n
 def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
     channels to share out evenly, a channel's data (``value_bytes`` per value) small
-    enough to stay in cache, and long rows or a tensor that fits the cache."""
+    enough to stay in cache, long rows or a tensor that fits the cache, and planes
+    too long for the flat elementwise passes (``_flat``)."""
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
     slab = layout.n * layout.l * value_bytes
     return (
         layout.kind == "ncl"
-        and layout.l > _FLAT_MAX_PLANE_SUMS
+        and _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD) is None
         and threads > 1
         and balanced
         and slab <= _FUSE_MAX_BYTES[which]

@@ -2,9 +2,11 @@
 
 Two views of a tensor (see ``_validate.Layout``):
 
-* ``ncl``: ``x3`` of shape ``(N, C, L)``, C-contiguous. Work is split into
-  ``N * C * nseg`` equal tasks, each one segment of one ``(n, c)`` plane, so a batch
-  with fewer channels than threads still keeps every core busy.
+* ``ncl``: ``x3`` of shape ``(N, C, L)``, C-contiguous. The elementwise passes split
+  the work into ``N * C * nseg`` equal tasks, each one segment of one ``(n, c)``
+  plane, so a batch with fewer channels than threads still keeps every core busy. The
+  reductions take a run of samples per task instead of one plane when planes are
+  short: ``nrun * C * nseg`` tasks (a task per 7x7 plane cost twice its sum).
 * ``mc``: ``x2`` of shape ``(M, C)``, C-contiguous. Work is split into ``nchunk``
   chunks of rows. The reductions run along the contiguous channels of each row. The
   elementwise passes walk the tensor as flat spans of ``w`` elements, whatever C is,
@@ -271,13 +273,32 @@ def _rows(chunk, nchunk, m):
 # --- ncl kernels ---------------------------------------------------------------------
 
 
+@njit(inline="always")
+def _sum_task(task, nrun, nseg, n_, c_, l_):
+    """(samples [n0, n1), channel, segment [lo, hi), partial row) of reduction task
+    ``task``: runs of samples, then channels, then segments of a plane."""
+    run_c = task // nseg
+    s = task - run_c * nseg
+    run = run_c // c_
+    c = run_c - run * c_
+    n0, n1 = _rows(run, nrun, n_)
+    return n0, n1, c, _cut(s, nseg, l_), _cut(s + 1, nseg, l_), run * nseg + s
+
+
 @njit(**_PAR)
-def stats_ncl(x3, shift, nseg, part):
-    """part[n * nseg + s, :, c] = (sum d, sum d^2), d = x - shift[c], over one segment."""
+def stats_ncl(x3, shift, nrun, nseg, part):
+    """part[r * nseg + s, :, c] = (sum d, sum d^2), d = x - shift[c], over segment s of
+    the planes of channel c in run r of the ``nrun`` runs of samples."""
     n_, c_, l_ = x3.shape
-    for task in prange(np.int64(n_ * c_ * nseg)):
-        n, c, s, lo, hi = _segment(np.int64(task), nseg, c_, l_)
-        part[n * nseg + s, 0, c], part[n * nseg + s, 1, c] = _sums_row(x3[n, c, lo:hi], shift[c])
+    for task in prange(np.int64(nrun * c_ * nseg)):
+        n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n0, n1):
+            a, b = _sums_row(x3[n, c, lo:hi], shift[c])
+            s1 += a
+            s2 += b
+        part[row, 0, c], part[row, 1, c] = s1, s2
 
 
 @njit(**_PAR)
@@ -299,14 +320,19 @@ def normalize_ncl(x3, params, nseg, nchunk, streamed, y3):
 
 
 @njit(**_PAR)
-def grad_sums_ncl(dy3, x3, mean, nseg, part):
-    """part[n * nseg + s, :, c] = (sum dy, sum dy * (x - mean[c])) over one segment."""
+def grad_sums_ncl(dy3, x3, mean, nrun, nseg, part):
+    """part[r * nseg + s, :, c] = (sum dy, sum dy * (x - mean[c])), tasks as in
+    ``stats_ncl``."""
     n_, c_, l_ = x3.shape
-    for task in prange(np.int64(n_ * c_ * nseg)):
-        n, c, s, lo, hi = _segment(np.int64(task), nseg, c_, l_)
-        part[n * nseg + s, 0, c], part[n * nseg + s, 1, c] = _grad_sums_row(
-            dy3[n, c, lo:hi], x3[n, c, lo:hi], mean[c]
-        )
+    for task in prange(np.int64(nrun * c_ * nseg)):
+        n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n0, n1):
+            a, b = _grad_sums_row(dy3[n, c, lo:hi], x3[n, c, lo:hi], mean[c])
+            s1 += a
+            s2 += b
+        part[row, 0, c], part[row, 1, c] = s1, s2
 
 
 @njit(**_PAR)
