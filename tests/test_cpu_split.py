@@ -1,6 +1,8 @@
-"""How the NCL reductions split their work: runs of samples, each plane cut into
-segments (``_cpu_kernels.stats_ncl``, ``grad_sums_ncl``). Each partial row must hold
-exactly its own run's and segment's sums; the functional tests check only totals."""
+"""How the NCL kernels split their work. The reductions take runs of samples, each
+plane cut into segments (``_cpu_kernels.stats_ncl``, ``grad_sums_ncl``): each partial
+row must hold exactly its own run's and segment's sums, where the functional tests
+check only totals. The elementwise passes walk plane segments in runs that may start
+mid-plane."""
 
 from __future__ import annotations
 
@@ -54,3 +56,24 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype):
     part[...] = np.nan
     _cpu_kernels.grad_sums_ncl(k(dy), k(x), per_channel, nrun, nseg, part)
     np.testing.assert_allclose(part, _expected((dy, x), per_channel, nrun, nseg, _grad), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "shape,nseg,nchunk",
+    [((3, 5, 100), 1, 4), ((3, 5, 100), 3, 4), ((2, 3, 1000), 4, 5), ((1, 7, 64), 2, 3),
+     ((4, 1, 333), 5, 7), ((5, 4, 48), 1, 1)],
+)
+def test_elementwise_tasks_walk_every_segment(shape, nseg, nchunk):
+    """normalize_ncl and grad_input_ncl deal ``N * C * nseg`` plane segments out in
+    ``nchunk`` runs, which start at any segment of any plane: every element is
+    written once, with its own channel's constants."""
+    rng = np.random.default_rng(sum(shape) * nseg + nchunk)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    params = rng.uniform(0.5, 1.5, (5, shape[1]))
+    y, dx = np.full(shape, np.nan), np.full(shape, np.nan)
+    _cpu_kernels.normalize_ncl(x, params[:4].copy(), nseg, nchunk, False, y)
+    _cpu_kernels.grad_input_ncl(dy, x, params, nseg, nchunk, False, dx)
+    hi, lo, a, b, k1 = (p[None, :, None] for p in params)
+    np.testing.assert_allclose(y, ((x - hi) - lo) * a + b, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(dx, (dy - b - ((x - hi) - lo) * a) * k1, rtol=1e-13, atol=1e-13)
