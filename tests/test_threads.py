@@ -31,3 +31,36 @@ def test_concurrent_calls_agree_with_serial():
         for i, y, dx in pool.map(work, range(32)):
             np.testing.assert_array_equal(y, expected[i % len(xs)])
             assert np.isfinite(dx).all()
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="the CPU thread pool")
+def test_thread_count_follows_numba_per_python_thread():
+    """The CPU backend sizes its work by the calling thread's numba thread count, which
+    it reads without numba's public getter after the first call: it must still follow
+    ``numba.set_num_threads``, which is per Python thread."""
+    import threading
+
+    import numba
+
+    from numbabn import _cpu
+
+    start = numba.get_num_threads()
+    try:
+        assert _cpu._threads() == start
+        numba.set_num_threads(1)
+        assert _cpu._threads() == 1
+        seen = []
+
+        def other():
+            seen.append(_cpu._threads())  # a new thread starts at the default
+            numba.set_num_threads(1)
+            seen.append(_cpu._threads())
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert seen == [numba.config.NUMBA_NUM_THREADS, 1]
+        numba.set_num_threads(start)
+        assert _cpu._threads() == start
+    finally:
+        numba.set_num_threads(start)
