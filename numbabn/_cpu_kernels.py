@@ -689,9 +689,7 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
             kb = _band(params, l, c0, c1)
             for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
                 q = p + c1 - c0
-                _normalize_span(xf[p:q], kb[0], kb[1], kb[2], kb[3], yf[p:q], streamed)
-            if streamed:
-                _stream.fence()
+                _normalize_span(xf[p:q], kb[0], kb[1], kb[2], kb[3], yf[p:q], False)
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
@@ -751,10 +749,8 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
             for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
                 q = p + c1 - c0
                 _grad_input_span(
-                    gf[p:q], xf[p:q], kb[0], kb[1], kb[2], kb[3], kb[4], df[p:q], streamed
+                    gf[p:q], xf[p:q], kb[0], kb[1], kb[2], kb[3], kb[4], df[p:q], False
                 )
-            if streamed:
-                _stream.fence()
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
