@@ -605,7 +605,7 @@ def _block_span(w, c_):
 # 1.07-1.14x, 64x128x7x7 and 32x160x7x7 1.11x, 64x96x7x7 1.02x (train and backward,
 # where this is one pass of several: 0.95-1.06x, level within noise). Streamed
 # (larger) outputs keep the flat spans, which read memory in order: bands measured
-# 0.88x there (128x512x7x7).
+# 0.8-1.0x there (full calls at 64x2048x7x7, 128x512x7x7 and 256x256x7x7).
 _WIDE_BAND = 2048
 
 
