@@ -631,6 +631,14 @@ def _wide_task(task, nb, nrc, m, c_):
 
 
 @njit(inline="always")
+def _wide_pieces(task, nb, nrc, m, c_, params, l):
+    """A wide task as (its band's constants, flat start of its first row's piece, past
+    its last row's, piece length): the pieces start ``c_`` apart."""
+    r0, r1, c0, c1 = _wide_task(task, nb, nrc, m, c_)
+    return _band(params, l, c0, c1), r0 * c_ + c0, r1 * c_ + c0, c1 - c0
+
+
+@njit(inline="always")
 def _band(params, l, c0, c1):
     """A new array of the constants of columns [c0, c1) of a row: params[k, j // l]."""
     out = np.empty((params.shape[0], c1 - c0), params.dtype)
@@ -685,11 +693,9 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     if c_ > _BLOCK_MAX_C and not streamed:
         nb, nrc = _wide_grid(nchunk, x2.shape[0], c_)
         for task in prange(np.int64(nb * nrc)):
-            r0, r1, c0, c1 = _wide_task(np.int64(task), nb, nrc, x2.shape[0], c_)
-            kb = _band(params, l, c0, c1)
-            for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
-                q = p + c1 - c0
-                _normalize_span(xf[p:q], kb[0], kb[1], kb[2], kb[3], yf[p:q], False)
+            kb, p0, p1, wp = _wide_pieces(np.int64(task), nb, nrc, x2.shape[0], c_, params, l)
+            for p in range(p0, p1, c_):
+                _normalize_span(xf[p : p + wp], kb[0], kb[1], kb[2], kb[3], yf[p : p + wp], False)
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
@@ -744,12 +750,11 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
     if c_ > _BLOCK_MAX_C and not streamed:
         nb, nrc = _wide_grid(nchunk, x2.shape[0], c_)
         for task in prange(np.int64(nb * nrc)):
-            r0, r1, c0, c1 = _wide_task(np.int64(task), nb, nrc, x2.shape[0], c_)
-            kb = _band(params, l, c0, c1)
-            for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
-                q = p + c1 - c0
+            kb, p0, p1, wp = _wide_pieces(np.int64(task), nb, nrc, x2.shape[0], c_, params, l)
+            for p in range(p0, p1, c_):
                 _grad_input_span(
-                    gf[p:q], xf[p:q], kb[0], kb[1], kb[2], kb[3], kb[4], df[p:q], False
+                    gf[p : p + wp], xf[p : p + wp], kb[0], kb[1], kb[2], kb[3], kb[4],
+                    df[p : p + wp], False,
                 )
         return
     total = x2.size
