@@ -47,10 +47,10 @@ _MIN_TASK_ELEMENTS = 4096
 #   cache anyway.
 # - planes short enough for the flat elementwise passes (_FLAT_MAX_PLANE, below) are
 #   not fused: with the reductions over runs of samples (``kernels.stats_ncl``), the
-#   unfused passes measured 1.2-1.6x faster in train and 1.1-1.7x in backward (paired
-#   full calls, 256x64x5x5 and 128x64x8x8; flat sums beat fusion at 4x4 before). At
-#   10x10 and 14x14 fusion still won in backward (1.05-1.4x) with train mixed
-#   (0.7-1.4x), so longer planes keep the rule above.
+#   unfused passes measured 1.0-1.7x faster in train (one run at 8x8: 0.96x) and
+#   1.1-1.7x in backward (paired full calls, 256x64x5x5, 256x64x6x6, 128x64x8x8; flat
+#   sums beat fusion at 4x4 before). At 10x10 and 14x14 fusion still won in backward
+#   (1.0-1.4x) with train mixed (0.7-1.4x), so longer planes keep the rule above.
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
 _FUSE_MIN_ROW_BYTES = 2048
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
