@@ -193,9 +193,9 @@ def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 def _threads() -> int:
     """The calling thread's numba thread count (``numba.set_num_threads`` sets it per
     Python thread). Read once per operation and passed down. ``numba.get_num_threads``
-    takes two locks on every call (to start the pool on the first): 2-50 us right
-    after a parallel kernel here, where the count reader it then calls took 0.3-14 us
-    (full calls 1.01-1.09x faster, paired). So after the first read this calls that
+    takes two locks on every call (to start the pool on the first): 1.2-2.5 us in a
+    loop and 51 us right after a 25.7 MB train call here, where the count reader it
+    then calls took 0.5 and 14 us (full calls 1.01-1.09x faster, paired). So after the first read this calls that
     reader directly, and falls back to the public function should numba's internals
     change."""
     n = (_count_reader or _find_count_reader())()
