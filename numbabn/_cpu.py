@@ -195,9 +195,9 @@ def _threads() -> int:
     Python thread). Read once per operation and passed down. ``numba.get_num_threads``
     takes two locks on every call (to start the pool on the first): 1.2-2.5 us in a
     loop and 51 us right after a 25.7 MB train call here, where the count reader it
-    then calls took 0.5 and 14 us (full calls 1.01-1.09x faster, paired). So after the first read this calls that
-    reader directly, and falls back to the public function should numba's internals
-    change."""
+    then calls took 0.5 and 14 us (full calls 1.01-1.09x faster, paired). So after
+    the first read this calls that reader directly, and falls back to the public
+    function should numba's internals change."""
     n = (_count_reader or _find_count_reader())()
     return n if n > 0 else numba.get_num_threads()
 
@@ -236,10 +236,16 @@ def _flat(layout: Layout, max_plane: int, max_period: int) -> Layout | None:
     vectors then hold one value per element of a sample (``_cpu_kernels.expand``).
     None for other tensors, planes of more than ``max_plane`` values or more than
     ``max_period`` values per sample."""
-    period = layout.c * layout.l
-    if layout.kind != "ncl" or layout.l > max_plane or period > max_period:
+    if not _flat_fits(layout, max_plane, max_period):
         return None
-    return layout._replace(kind="mc", c=period, l=1)
+    return layout._replace(kind="mc", c=layout.c * layout.l, l=1)
+
+
+def _flat_fits(layout: Layout, max_plane: int, max_period: int) -> bool:
+    """Whether ``_flat`` views this layout flat (without building the flat layout)."""
+    return (
+        layout.kind == "ncl" and layout.l <= max_plane and layout.c * layout.l <= max_period
+    )
 
 
 def _reduce(
@@ -338,7 +344,7 @@ def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
     slab = layout.n * layout.l * value_bytes
     return (
         layout.kind == "ncl"
-        and _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD) is None
+        and not _flat_fits(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
         and threads > 1
         and balanced
         and slab <= _FUSE_MAX_BYTES[which]

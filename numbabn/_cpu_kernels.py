@@ -210,6 +210,18 @@ def tile(per_channel, l, columns):
     return out
 
 
+@njit(inline="always")
+def _spread(values, l, c0, c1, row):
+    """row[j - c0] = values[j // l] for the flat positions j in [c0, c1) of a sample
+    whose planes hold ``l`` values each: a fill per plane (one loop with a branch per
+    value was 4-6x slower)."""
+    if l == 1:
+        row[: c1 - c0] = values[c0:c1]
+        return
+    for ch in range(c0 // l, (c1 - 1) // l + 1):
+        row[max(ch * l, c0) - c0 : min((ch + 1) * l, c1) - c0] = values[ch]
+
+
 @njit(cache=True)
 def expand(per_channel, l, out):
     """out[k, j] = per_channel[k, j % (C * l) // l]: per-channel values spread over the
@@ -218,11 +230,7 @@ def expand(per_channel, l, out):
     period = min(per_channel.shape[1] * l, columns)
     for k in range(out.shape[0]):
         row = out[k]
-        if l == 1:
-            row[:period] = per_channel[k, :period]
-        else:  # a fill per plane (one loop with a branch per value was 4-6x slower)
-            for c in range(per_channel.shape[1]):
-                row[c * l : min((c + 1) * l, period)] = per_channel[k, c]
+        _spread(per_channel[k], l, 0, period, row)
         j = period
         while j < columns:  # then the filled part copied onward, doubling each time
             n = min(j, columns - j)  # (j stays a whole number of periods)
@@ -243,6 +251,8 @@ def _cut(k, parts, total):
     """Start of piece k of ``parts`` near-equal pieces of ``total`` elements."""
     if k >= parts:
         return total
+    if k == 0:  # no division for the first piece (every plane of a one-segment split)
+        return 0
     return k * total // parts // _GRAIN * _GRAIN
 
 
@@ -267,8 +277,6 @@ def _next_segment(n, c, s, nseg, c_, l_):
         if c == c_:
             c = 0
             n += 1
-    if nseg == 1:
-        return n, c, s, 0, l_
     return n, c, s, _cut(s, nseg, l_), _cut(s + 1, nseg, l_)
 
 
@@ -293,12 +301,9 @@ def _rows(chunk, nchunk, m):
 def _sum_task(task, nrun, nseg, n_, c_, l_):
     """(samples [n0, n1), channel, segment [lo, hi), partial row) of reduction task
     ``task``: runs of samples, then channels, then segments of a plane."""
-    run_c = task // nseg
-    s = task - run_c * nseg
-    run = run_c // c_
-    c = run_c - run * c_
+    run, c, s, lo, hi = _segment(task, nseg, c_, l_)  # runs in place of samples
     n0, n1 = _rows(run, nrun, n_)
-    return n0, n1, c, _cut(s, nseg, l_), _cut(s + 1, nseg, l_), run * nseg + s
+    return n0, n1, c, lo, hi, run * nseg + s
 
 
 @njit(**_PAR)
@@ -643,12 +648,7 @@ def _band(params, l, c0, c1):
     """A new array of the constants of columns [c0, c1) of a row: params[k, j // l]."""
     out = np.empty((params.shape[0], c1 - c0), params.dtype)
     for k in range(params.shape[0]):
-        row = out[k]
-        if l == 1:
-            row[:] = params[k, c0:c1]
-        else:
-            for ch in range(c0 // l, (c1 - 1) // l + 1):
-                row[max(ch * l, c0) - c0 : min((ch + 1) * l, c1) - c0] = params[k, ch]
+        _spread(params[k], l, c0, c1, out[k])
     return out
 
 
