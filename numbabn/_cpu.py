@@ -1,8 +1,11 @@
 """CPU backend: runs the kernels of ``_cpu_kernels`` on NumPy arrays.
 
 Arguments arrive validated (``_validate``). This module views tensors the way the
-kernels want them, sizes the work split, allocates outputs and does the per-channel
-arithmetic between the passes, in float64 on C-length vectors.
+kernels want them, sizes the work split (once per geometry, ``_plan``) and allocates
+outputs. The per-channel arithmetic between the passes runs in kernels too
+(``channel_params``, ``grad_params``; the reductions finish their own statistics):
+each Python step of a call costs microseconds, several times more right after a
+pass has flushed the caches, which on small tensors is more than the passes take.
 
 Which kernels run: small inputs (``_small``) take the single-thread "small" kernels
 (one call, no thread pool); NCL tensors whose channel slabs fit in
@@ -18,14 +21,16 @@ Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
 
 from . import _cpu_kernels as kernels
 from . import _stream
-from ._channel import as64, grad_constants
+from ._channel import as64
 from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
@@ -130,14 +135,18 @@ def _view(a: np.ndarray, layout: Layout) -> np.ndarray:
     return np.ascontiguousarray(_channel_last(a, layout.axis)).reshape(layout.n, layout.c)
 
 
-def _in_order(a: np.ndarray, layout: Layout) -> np.ndarray:
+def _ordered(a: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """``a`` itself if its canonical view needs no copy, else a copy (same shape) in
-    canonical memory order, so that a multi-pass operation copies a strided input once."""
-    if _canonical(a, layout) is not None:
-        return a
+    canonical memory order, so that a multi-pass operation copies a strided input
+    once; and the canonical view of what it returns."""
+    v = _canonical(a, layout)
+    if v is not None:
+        return a, v
     if layout.kind == "ncl":
-        return np.ascontiguousarray(a)
-    return _channel_back(np.ascontiguousarray(_channel_last(a, layout.axis)), layout.axis)
+        a = np.ascontiguousarray(a)
+    else:
+        a = _channel_back(np.ascontiguousarray(_channel_last(a, layout.axis)), layout.axis)
+    return a, _canonical(a, layout)
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -152,13 +161,15 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _empty(layout: Layout, dtype: np.dtype) -> np.ndarray:
-    """An output in the memory order of the layout (channels-last stays channels-last)."""
+def _empty(layout: Layout, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A new output in the memory order of the layout (channels-last stays
+    channels-last), and its canonical view."""
     if layout.kind == "ncl":
-        return _aligned_empty(layout.shape, dtype)
+        y = _aligned_empty(layout.shape, dtype)
+        return y, y.reshape(layout.n, layout.c, layout.l)
     shape = layout.shape
-    moved = shape[: layout.axis] + shape[layout.axis + 1 :] + (shape[layout.axis],)
-    return _channel_back(_aligned_empty(moved, dtype), layout.axis)
+    moved = _aligned_empty(shape[: layout.axis] + shape[layout.axis + 1 :] + (layout.c,), dtype)
+    return _channel_back(moved, layout.axis), moved.reshape(layout.n, layout.c)
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
@@ -179,8 +190,7 @@ def _output(out: np.ndarray | None, x: np.ndarray, layout: Layout):
         v = _canonical(out, layout)
         if v is not None and (not np.may_share_memory(out, x) or _same_view(out, x)):
             return out, v
-    y = _empty(layout, x.dtype)
-    return y, _canonical(y, layout)
+    return _empty(layout, x.dtype)
 
 
 def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -248,25 +258,63 @@ def _flat_fits(layout: Layout, max_plane: int, max_period: int) -> bool:
     )
 
 
-def _reduce(
-    name: str, arrays, per_channel: np.ndarray, layout: Layout, threads: int
-) -> np.ndarray:
-    """Run a two-sum reduction kernel and add its partials: (2, C) float64."""
-    flat = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS)
-    if flat is not None:
-        rows = tuple(a.reshape(flat.n, flat.c) for a in arrays)
-        spread = kernels.tile(per_channel.reshape(1, -1), layout.l, flat.c)[0]
-        sums = _reduce(name, rows, spread, flat, threads)
-        return sums.reshape(2, layout.c, layout.l).sum(axis=2)
-    split = _split(layout, threads)
-    if layout.kind == "ncl":  # runs of samples, each cut into ``split`` segments
-        runs = layout.n if split > 1 else min(layout.n, _tasks(threads))
-        work, tasks = (runs, split), runs * split
+class _Plan(NamedTuple):
+    """How the passes over one layout split their work on a given thread count
+    (:func:`_plan`)."""
+
+    small: bool  # the single-thread kernels (``_small``)
+    fuse_forward: bool  # the fused per-channel passes (``_fuse``)
+    fuse_backward: bool
+    elem: Layout  # the view the elementwise kernels take: the layout, or its flat rows
+    elem_work: tuple  # their work arguments
+    sums: Layout  # the same for the reductions
+    sums_work: tuple
+    sums_tasks: int  # partial rows the reduction writes
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
+    """The work split of ``layout`` (values of ``itemsize`` bytes) on ``threads``
+    threads. A training loop repeats a few geometries, and working this out on each
+    call cost more Python than the kernels of a small call take."""
+    elem = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
+    if elem is not None:
+        elem_work = (layout.l, _MC_SPAN, _split(elem, threads))
+    elif layout.kind == "mc":
+        elem, elem_work = layout, (1, _MC_SPAN, _split(layout, threads))
+    else:  # segments per plane, and the contiguous runs of tasks dealt to the threads
+        split = _split(layout, threads)
+        elem, elem_work = layout, (split, max(1, min(layout.n * layout.c * split, _tasks(threads))))
+    sums = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS) or layout
+    split = _split(sums, threads)
+    if sums.kind == "ncl":  # runs of samples, each cut into ``split`` segments
+        runs = sums.n if split > 1 else min(sums.n, _tasks(threads))
+        sums_work, sums_tasks = (runs, split), runs * split
     else:
-        work, tasks = (split,), split
-    part = np.empty((tasks, 2, layout.c), np.float64)
-    _kernel(name, layout)(*(_kernel_array(a) for a in arrays), per_channel, *work, part)
-    return part.sum(axis=0)
+        sums_work, sums_tasks = (layout.l, split), split  # l == 1 unless flat
+    return _Plan(
+        _small(layout, threads),
+        _fuse(layout, itemsize, "forward", threads),
+        _fuse(layout, 2 * itemsize, "backward", threads),
+        elem, elem_work, sums, sums_work, sums_tasks,
+    )
+
+
+def _plan_for(a: np.ndarray, layout: Layout) -> _Plan:
+    """The plan for tensor ``a`` on the calling thread's thread count."""
+    return _plan(layout, _threads(), a.itemsize)
+
+
+def _reduce(name: str, arrays, extra: tuple, layout: Layout, plan: _Plan) -> np.ndarray:
+    """Run a reduction kernel (``extra``: its per-channel inputs); its (2, C) float64
+    result."""
+    view = plan.sums
+    if view is not layout:  # flat rows: one column per value of a sample
+        arrays = [a.reshape(view.n, view.c) for a in arrays]
+    part = np.empty((plan.sums_tasks, 2, view.c))
+    out = np.empty((2, layout.c))
+    _kernel(name, view.kind)(*map(_kernel_array, arrays), *extra, *plan.sums_work, part, out)
+    return out
 
 
 def _streamed(result: np.ndarray, layout: Layout) -> bool:
@@ -284,36 +332,30 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
 
 
 def _elementwise(
-    name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout, threads: int
+    name: str, arrays, params: np.ndarray, result: np.ndarray, layout: Layout, plan: _Plan
 ) -> None:
     """Run an elementwise kernel with per-channel constants ``params`` (rows of C).
     NCL planes short enough run as flat rows of the MC kernel (``_flat``), which
     spreads the constants over the planes (``l``)."""
-    flat = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
-    if flat is not None:
-        arrays = tuple(a.reshape(flat.n, flat.c) for a in arrays)
-        result = result.reshape(flat.n, flat.c)
-        work = (layout.l, _MC_SPAN, _split(flat, threads))
-        layout = flat
-    elif layout.kind == "mc":
-        work = (1, _MC_SPAN, _split(layout, threads))
-    else:  # segments per plane, and the contiguous runs of tasks dealt to the threads
-        split = _split(layout, threads)
-        work = (split, max(1, min(layout.n * layout.c * split, _tasks(threads))))
-    _kernel(name, layout)(
-        *(_kernel_array(a) for a in arrays), params, *work,
-        _streamed(result, layout), _kernel_array(result),
+    elem = plan.elem
+    if elem is not layout:
+        arrays = [a.reshape(elem.n, elem.c) for a in arrays]
+        result = result.reshape(elem.n, elem.c)
+    _kernel(name, elem.kind)(
+        *map(_kernel_array, arrays), params, *plan.elem_work,
+        _streamed(result, elem), _kernel_array(result),
     )
 
 
-def _kernel(name: str, layout: Layout):
-    return getattr(kernels, f"{name}_{layout.kind}")
+_KERNELS: dict = {}
 
 
-def _shift(v: np.ndarray, layout: Layout) -> np.ndarray:
-    """A value of each channel, the shift that keeps the shifted sums small."""
-    first = v[0, :, 0] if layout.kind == "ncl" else v[0, :]
-    return first.astype(np.float64)
+def _kernel(name: str, kind: str):
+    """The kernel ``name`` for views of ``kind`` ("ncl" or "mc")."""
+    kernel = _KERNELS.get((name, kind))
+    if kernel is None:
+        kernel = _KERNELS[name, kind] = getattr(kernels, f"{name}_{kind}")
+    return kernel
 
 
 def _small(layout: Layout, threads: int) -> bool:
@@ -322,17 +364,14 @@ def _small(layout: Layout, threads: int) -> bool:
     return 0 < layout.n * layout.l * layout.c <= max(limit, _SMALL_VALUES_MIN)
 
 
-def _moments(v: np.ndarray, layout: Layout, threads: int) -> tuple[np.ndarray, np.ndarray]:
+def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     """float64 mean and biased variance of each channel of a canonical view."""
-    if _small(layout, threads):
+    if plan.small:
         stats = np.empty((2, layout.c))
-        _kernel("stats_small", layout)(_kernel_array(v), stats)
+        _kernel("stats_small", layout.kind)(_kernel_array(v), stats)
         return stats[0], stats[1]
-    shift = _shift(v, layout)
-    sums = _reduce("stats", (v,), shift, layout, threads)
-    mean, var = np.empty(layout.c), np.empty(layout.c)
-    kernels.finish_moments(sums, shift, layout.count, mean, var)
-    return mean, var
+    moments = _reduce("stats", (v,), (), layout, plan)
+    return moments[0], moments[1]
 
 
 def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
@@ -353,9 +392,10 @@ def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
     )
 
 
-def _normalize(x, layout, mean, var, eps, weight, bias, out, threads):
-    """y from ``x`` normalized with the given mean and biased variance (float64, or
-    running statistics as stored); any count, even 0. Returns (y, float64 invstd)."""
+def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, plan):
+    """y from ``x`` (canonical view ``xv``) normalized with the given mean and biased
+    variance (float64, or running statistics as stored); any count, even 0. Returns
+    (y, float64 invstd)."""
     y, yv = _output(out, x, layout)
     c = layout.c
     params, stats = np.empty((4, c), stats_dtype(x.dtype)), np.empty((3, c))
@@ -363,19 +403,19 @@ def _normalize(x, layout, mean, var, eps, weight, bias, out, threads):
         _kernel_array(mean), _kernel_array(var), as64(weight, c, 1.0), as64(bias, c, 0.0),
         eps, params, stats,
     )
-    if layout.count * c:
-        if _small(layout, threads):
-            _kernel("normalize_small", layout)(_kernel_array(_view(x, layout)), params, _kernel_array(yv))
-        else:
-            _elementwise("normalize", (_view(x, layout),), params, yv, layout, threads)
+    if plan.small:
+        _kernel("normalize_small", layout.kind)(_kernel_array(xv), params, _kernel_array(yv))
+    elif layout.count * c:
+        _elementwise("normalize", (xv,), params, yv, layout, plan)
     return _finish_output(y, out), stats[2]
 
 
 def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance."""
-    mean, var = _moments(_view(x, chk.layout), chk.layout, _threads())
+    layout = chk.layout
+    mean, var = _moments(_view(x, layout), layout, _plan_for(x, layout))
     sd = stats_dtype(x.dtype)
-    return mean.astype(sd), var.astype(sd)
+    return mean.astype(sd, copy=False), var.astype(sd, copy=False)
 
 
 def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out):
@@ -384,30 +424,29 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     Returns ``(y, mean, invstd)`` with the statistics in :func:`stats_dtype`.
     """
     layout = chk.layout
-    xo = _in_order(x, layout)
-    threads = _threads()
-    small = _small(layout, threads)
-    if small or _fuse(layout, xo.itemsize, "forward", threads):
-        y, yv = _output(out, xo, layout)
-        stats = np.empty((3, layout.c))
+    x, xv = _ordered(x, layout)
+    plan = _plan_for(x, layout)
+    if plan.small or plan.fuse_forward:
+        y, yv = _output(out, x, layout)
+        c = layout.c
+        stats = np.empty((3, c))
         args = (
-            _kernel_array(_view(xo, layout)), as64(weight, layout.c, 1.0),
-            as64(bias, layout.c, 0.0), chk.eps, np.empty((4, layout.c), stats_dtype(x.dtype)),
-            stats,
+            _kernel_array(xv), as64(weight, c, 1.0), as64(bias, c, 0.0), chk.eps,
+            np.empty((4, c), stats_dtype(x.dtype)), stats,
         )
-        if small:
-            _kernel("forward_small", layout)(*args, _kernel_array(yv))
+        if plan.small:
+            _kernel("forward_small", layout.kind)(*args, _kernel_array(yv))
         else:
             kernels.forward_channels(*args, _streamed(yv, layout), _kernel_array(yv))
         y = _finish_output(y, out)
         mean, var, invstd = stats
     else:
-        mean, var = _moments(_view(xo, layout), layout, threads)
-        y, invstd = _normalize(xo, layout, mean, var, chk.eps, weight, bias, out, threads)
+        mean, var = _moments(xv, layout, plan)
+        y, invstd = _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, plan)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
-    return y, mean.astype(sd), invstd.astype(sd)
+    return y, mean.astype(sd, copy=False), invstd.astype(sd, copy=False)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
@@ -424,37 +463,38 @@ def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
     """Normalize with the running statistics."""
+    layout = chk.layout
+    x, xv = _ordered(x, layout)
     return _normalize(
-        x, chk.layout, running_mean, running_var, chk.eps, weight, bias, out, _threads()
+        x, xv, layout, running_mean, running_var, chk.eps, weight, bias, out,
+        _plan_for(x, layout),
     )[0]
 
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     """Gradients (dx, dweight, dbias); see the API contract for the formulas."""
     layout = chk.layout
-    mean64 = mean.astype(np.float64)
-    invstd64 = invstd.astype(np.float64)
-    dy, x = _in_order(dy, layout), _in_order(x, layout)
-    threads = _threads()
-    small = _small(layout, threads)
-    if not (small or _fuse(layout, 2 * x.itemsize, "backward", threads)):
-        sums = local_grad_sums(dy, x, chk, mean64, threads)
+    mean64, invstd64 = as64(mean, layout.c, 0.0), as64(invstd, layout.c, 0.0)
+    (dy, dyv), (x, xv) = _ordered(dy, layout), _ordered(x, layout)
+    plan = _plan_for(x, layout)
+    if not (plan.small or plan.fuse_backward):
+        sums = local_grad_sums(dy, x, chk, mean64, plan)
         return grad_input(
-            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, threads
+            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, plan
         )
     c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = _output(None, x, layout)
-    sums = np.empty((2, c))
+    grads = np.empty((2, c), ctype)
     args = (
-        _kernel_array(_view(dy, layout)), _kernel_array(_view(x, layout)), mean64, invstd64,
-        as64(weight, c, 1.0), training, np.empty((5, c), ctype), sums,
+        _kernel_array(dyv), _kernel_array(xv), mean64, invstd64, as64(weight, c, 1.0),
+        training, np.empty((5, c), ctype), grads,
     )
-    if small:
-        _kernel("backward_small", layout)(*args, _kernel_array(dxv))
+    if plan.small:
+        _kernel("backward_small", layout.kind)(*args, _kernel_array(dxv))
     else:
         kernels.backward_channels(*args, _streamed(dxv, layout), _kernel_array(dxv))
-    return dx, (sums[1] * invstd64).astype(ctype), sums[0].astype(ctype)
+    return dx, grads[0], grads[1]
 
 
 # --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
@@ -465,39 +505,44 @@ def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     layout = chk.layout
     if layout.count == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
-    mean, var = _moments(_view(x, layout), layout, _threads())
+    mean, var = _moments(_view(x, layout), layout, _plan_for(x, layout))
     return mean, var * layout.count
 
 
 def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     """Normalize with given float64 statistics (those of the whole distributed batch)."""
-    return _normalize(x, chk.layout, mean, var, chk.eps, weight, bias, out, _threads())[0]
+    layout = chk.layout
+    x, xv = _ordered(x, layout)
+    return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, _plan_for(x, layout))[0]
 
 
-def local_grad_sums(dy, x, chk: Checked, mean, threads: int | None = None) -> np.ndarray:
-    """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C)."""
+def local_grad_sums(dy, x, chk: Checked, mean, plan: _Plan | None = None) -> np.ndarray:
+    """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C) (``plan``: the
+    caller's :func:`_plan_for`, made here if not given)."""
     layout = chk.layout
     if layout.count == 0:
         return np.zeros((2, layout.c))
     views = (_view(dy, layout), _view(x, layout))
-    return _reduce("grad_sums", views, mean, layout, threads or _threads())
+    return _reduce("grad_sums", views, (mean,), layout, plan or _plan_for(x, layout))
 
 
-def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, threads=None):
+def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, plan=None):
     """(dx, dweight, dbias) from the sums over ``count`` values per channel
-    (``threads``: the caller's :func:`_threads`, read here if not given)."""
+    (``plan``: the caller's :func:`_plan_for`, made here if not given)."""
     layout = chk.layout
+    c = layout.c
     ctype = stats_dtype(x.dtype)
     dx, dxv = _output(None, x, layout)
-    if layout.count * layout.c:
-        params = grad_constants(mean, invstd, weight, sums, count, training, ctype)
+    params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
+    kernels.grad_params(sums, count, mean, invstd, as64(weight, c, 1.0), training, params, grads)
+    if layout.count * c:
         dyv = _view(dy, layout)
-        threads = threads or _threads()
+        plan = plan or _plan_for(x, layout)
         if training:
-            _elementwise("grad_input", (dyv, _view(x, layout)), params, dxv, layout, threads)
+            _elementwise("grad_input", (dyv, _view(x, layout)), params, dxv, layout, plan)
         else:
-            _elementwise("normalize", (dyv,), params, dxv, layout, threads)
-    return dx, (sums[1] * invstd).astype(ctype), sums[0].astype(ctype)
+            _elementwise("normalize", (dyv,), params, dxv, layout, plan)
+    return dx, grads[0], grads[1]
 
 
 def to_host(a) -> np.ndarray:

@@ -16,11 +16,12 @@ Two views of a tensor (see ``_validate.Layout``):
   When streaming, the spans start on vector boundaries of the output, whatever its
   alignment (the few elements before the first boundary are written first).
 
-Reductions write one partial per task into ``part[t, k, c]`` (``k`` = which sum);
-the caller adds the partials over ``t`` in a fixed order, so results are
-deterministic for a given thread count. Sums are float64 of values shifted by a
-per-channel constant close to the data (its first value, or the mean), which keeps
-the variance free of cancellation. Reassociation lets the reductions vectorize;
+Reductions write one partial per task into ``part[t, k, c]`` (``k`` = which sum),
+then, on the calling thread, add the partials over ``t`` in a fixed order into
+their (2, C) result, so results are deterministic for a given thread count. Sums
+are float64 of values shifted by a per-channel constant close to the data (its
+first value, or the mean), which keeps the variance free of cancellation; the
+statistics kernels turn them into mean and biased variance themselves. Reassociation lets the reductions vectorize;
 NaN/Inf handling is untouched (no ``nnan``/``ninf``).
 
 Per-channel constants come packed as rows of one ``params`` array in the compute
@@ -194,17 +195,44 @@ def moments(s1, s2, k, count):
     return k + delta, var if not var < 0.0 else 0.0
 
 
-@njit(cache=True)
-def finish_moments(sums, shift, count, mean, var):
-    for c in range(shift.size):
-        mean[c], var[c] = moments(sums[0, c], sums[1, c], shift[c], count)
+@njit(inline="always")
+def _shifts(x2, l):
+    """The reductions' shift of each column of ``x2``: its channel's first value (a
+    channel is ``l`` adjacent columns of a flat row, one otherwise)."""
+    shift = np.empty(x2.shape[1])
+    for j in range(x2.shape[1]):
+        shift[j] = load(x2[0, j // l * l])
+    return shift
+
+
+@njit(inline="always")
+def _add_partials(part, l, out):
+    """``out[k, c]``: the partial rows ``part[t, k, :]`` added over the tasks t, in
+    task order, and over the ``l`` columns of channel c. (Loops, not array
+    expressions, which a parallel kernel would run as a parallel region of its own.)"""
+    for k in range(2):
+        for c in range(out.shape[1]):
+            out[k, c] = 0.0
+    for t in range(part.shape[0]):
+        for k in range(2):
+            for c in range(out.shape[1]):
+                s = 0.0
+                for i in range(c * l, (c + 1) * l):
+                    s += part[t, k, i]
+                out[k, c] += s
+
+
+@njit(inline="always")
+def _finish_moments(out, shift, l, count):
+    """Shifted sums in ``out`` to (mean, biased variance), in place."""
+    for c in range(out.shape[1]):
+        out[0, c], out[1, c] = moments(out[0, c], out[1, c], shift[c * l], count)
 
 
 @njit(cache=True)
 def tile(per_channel, l, columns):
     """A new array of ``columns`` columns with :func:`expand` of ``per_channel``: the
-    MC elementwise kernels' tiled constants, and the flat reductions' per-channel
-    vectors (one value per position of a sample)."""
+    MC elementwise kernels' tiled constants."""
     out = np.empty((per_channel.shape[0], columns), per_channel.dtype)
     expand(per_channel, l, out)
     return out
@@ -307,10 +335,15 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
 
 
 @njit(**_PAR)
-def stats_ncl(x3, shift, nrun, nseg, part):
-    """part[r * nseg + s, :, c] = (sum d, sum d^2), d = x - shift[c], over segment s of
-    the planes of channel c in run r of the ``nrun`` runs of samples."""
+def stats_ncl(x3, nrun, nseg, part, out):
+    """Mean and biased variance of each channel into ``out`` (2, C), from sums shifted by
+    the channel's first value, d = x - shift[c]: task partials
+    part[r * nseg + s, :, c] = (sum d, sum d^2) over segment s of the planes of channel
+    c in run r of the ``nrun`` runs of samples, then added in task order."""
     n_, c_, l_ = x3.shape
+    shift = np.empty(c_)
+    for c in range(c_):
+        shift[c] = load(x3[0, c, 0])
     for task in prange(np.int64(nrun * c_ * nseg)):
         n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
         s1 = 0.0
@@ -320,6 +353,8 @@ def stats_ncl(x3, shift, nrun, nseg, part):
             s1 += a
             s2 += b
         part[row, 0, c], part[row, 1, c] = s1, s2
+    _add_partials(part, 1, out)
+    _finish_moments(out, shift, 1, n_ * l_)
 
 
 @njit(**_PAR)
@@ -342,9 +377,9 @@ def normalize_ncl(x3, params, nseg, nchunk, streamed, y3):
 
 
 @njit(**_PAR)
-def grad_sums_ncl(dy3, x3, mean, nrun, nseg, part):
-    """part[r * nseg + s, :, c] = (sum dy, sum dy * (x - mean[c])), tasks as in
-    ``stats_ncl``."""
+def grad_sums_ncl(dy3, x3, mean, nrun, nseg, part, out):
+    """(sum dy, sum dy * (x - mean[c])) of each channel into ``out`` (2, C): task
+    partials in ``part`` as in ``stats_ncl``, then added in task order."""
     n_, c_, l_ = x3.shape
     for task in prange(np.int64(nrun * c_ * nseg)):
         n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
@@ -355,6 +390,7 @@ def grad_sums_ncl(dy3, x3, mean, nrun, nseg, part):
             s1 += a
             s2 += b
         part[row, 0, c], part[row, 1, c] = s1, s2
+    _add_partials(part, 1, out)
 
 
 @njit(**_PAR)
@@ -416,16 +452,24 @@ def update_running(rm, rv, mean, var, count, momentum):
 
 
 @njit(cache=True)
-def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, sums):
-    """Channel c's gradient sums into ``sums`` and dx constants into ``params``
-    (eval mode: (0, 0, k1, 0, k1), so that normalize gives dx = dy * k1)."""
-    sums[0, c] = s1
-    sums[1, c] = s2
+def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads):
+    """Channel c's dx constants into ``params`` from its gradient sums (eval mode:
+    (0, 0, k1, 0, k1), so that normalize gives dx = dy * k1), and its (dweight, dbias)
+    into ``grads``."""
+    grads[0, c] = s2 * invstd[c]
+    grads[1, c] = s1
     params[4, c] = invstd[c] * weight[c]
     params[0, c] = mean[c] if training else 0.0
     params[1, c] = mean[c] - params[0, c] if training else 0.0
     params[2, c] = invstd[c] * invstd[c] * s2 / count if training else params[4, c]
     params[3, c] = s1 / count if training else 0.0
+
+
+@njit(cache=True)
+def grad_params(sums, count, mean, invstd, weight, training, params, grads):
+    """``_grad_params`` of every channel, from float64 sums and per-channel inputs."""
+    for c in range(mean.size):
+        _grad_params(c, sums[0, c], sums[1, c], count, mean, invstd, weight, training, params, grads)
 
 
 @njit(cache=True)
@@ -455,7 +499,7 @@ def _forward_channel(x3, c, weight, bias, eps, params, stats, streamed, y3):
 
 
 @njit(cache=True)
-def _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, streamed, dx3):
+def _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, grads, streamed, dx3):
     n_, _, l_ = x3.shape
     s1 = 0.0
     s2 = 0.0
@@ -463,7 +507,7 @@ def _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, 
         a1, a2 = _grad_sums_row(dy3[n, c], x3[n, c], mean[c])
         s1 += a1
         s2 += a2
-    _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, sums)
+    _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
     for n in range(n_):
         if training:
             _grad_input_span(
@@ -488,11 +532,11 @@ def forward_channels(x3, weight, bias, eps, params, stats, streamed, y3):
 
 
 @njit(**_PAR)
-def backward_channels(dy3, x3, mean, invstd, weight, training, params, sums, streamed, dx3):
-    """Fused backward: float64 per-channel inputs; ``sums`` receives (sum dy,
-    sum dy * (x - mean)) and ``params`` the dx constants."""
+def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, streamed, dx3):
+    """Fused backward: float64 per-channel inputs; ``grads`` receives (dweight, dbias)
+    and ``params`` the dx constants."""
     for c in prange(x3.shape[1]):
-        _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, streamed, dx3)
+        _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, grads, streamed, dx3)
 
 
 @njit(cache=True)
@@ -502,9 +546,9 @@ def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
 
 
 @njit(cache=True)
-def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, sums, dx3):
+def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
     for c in range(x3.shape[1]):
-        _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, sums, False, dx3)
+        _backward_channel(dy3, x3, c, mean, invstd, weight, training, params, grads, False, dx3)
 
 
 @njit(cache=True)
@@ -549,13 +593,13 @@ def forward_small_mc(x2, weight, bias, eps, params, stats, y2):
 
 
 @njit(**_ELEM)
-def backward_small_mc(dy2, x2, mean, invstd, weight, training, params, sums, dx2):
+def backward_small_mc(dy2, x2, mean, invstd, weight, training, params, grads, dx2):
     m, c_ = x2.shape
     s1 = np.zeros(c_)
     s2 = np.zeros(c_)
     _grad_sums_rows_mc(dy2, x2, 0, m, mean, s1, s2)
     for c in range(c_):
-        _grad_params(c, s1[c], s2[c], m, mean, invstd, weight, training, params, sums)
+        _grad_params(c, s1[c], s2[c], m, mean, invstd, weight, training, params, grads)
     for r in range(m):
         if training:
             _grad_input_plain(
@@ -569,17 +613,23 @@ def backward_small_mc(dy2, x2, mean, invstd, weight, training, params, sums, dx2
 
 
 @njit(**_PAR)
-def stats_mc(x2, shift, nchunk, part):
-    """part[t, :, c] = (sum d, sum d^2), d = x - shift[c], over row chunk t. Each chunk
-    adds into its own fresh arrays: adding into ``part`` itself, two chunks' sums can
-    share a cache line (``part`` is 16-byte aligned), which two threads then pass back
-    and forth on every row (1.9x slower with 2 chunks on 2 threads)."""
-    m, c_ = x2.shape
+def stats_mc(x2, l, nchunk, part, out):
+    """Mean and biased variance of each channel into ``out`` (2, C), from sums shifted by
+    the channel's first value: part[t, :, j] = (sum d, sum d^2) over row chunk t of
+    column j, then added in chunk order and over the ``l`` columns of each channel
+    (flat rows of NCL samples; ``l == 1`` for true channels). Each chunk adds into its
+    own fresh arrays: adding into ``part`` itself, two chunks' sums can share a cache
+    line (``part`` is 16-byte aligned), which two threads then pass back and forth on
+    every row (1.9x slower with 2 chunks on 2 threads)."""
+    m, cols = x2.shape
+    shift = _shifts(x2, l)
     for t in prange(np.int64(nchunk)):
         lo, hi = _rows(np.int64(t), nchunk, m)
-        s1, s2 = np.zeros(c_), np.zeros(c_)
+        s1, s2 = np.zeros(cols), np.zeros(cols)
         _sums_rows_mc(x2, lo, hi, shift, s1, s2)
         part[t, 0], part[t, 1] = s1, s2
+    _add_partials(part, l, out)
+    _finish_moments(out, shift, l, m * l)
 
 
 # The plain-store MC passes take spans a whole number of rows long (``_block_span``)
@@ -728,15 +778,19 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
 
 
 @njit(**_PAR)
-def grad_sums_mc(dy2, x2, mean, nchunk, part):
-    """part[t, :, c] = (sum dy, sum dy * (x - mean[c])) over row chunk t, added as in
-    ``stats_mc``."""
-    m, c_ = x2.shape
+def grad_sums_mc(dy2, x2, mean, l, nchunk, part, out):
+    """(sum dy, sum dy * (x - mean[c])) of each channel into ``out`` (2, C): chunk
+    partials of each column as in ``stats_mc``, then added over chunks and columns."""
+    m, cols = x2.shape
+    centre = np.empty(cols)
+    for j in range(cols):
+        centre[j] = mean[j // l]
     for t in prange(np.int64(nchunk)):
         lo, hi = _rows(np.int64(t), nchunk, m)
-        s1, s2 = np.zeros(c_), np.zeros(c_)
-        _grad_sums_rows_mc(dy2, x2, lo, hi, mean, s1, s2)
+        s1, s2 = np.zeros(cols), np.zeros(cols)
+        _grad_sums_rows_mc(dy2, x2, lo, hi, centre, s1, s2)
         part[t, 0], part[t, 1] = s1, s2
+    _add_partials(part, l, out)
 
 
 @njit(**_PAR)

@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 
-from helpers import SIDE
+from helpers import SIDE, tune_cpu
 
 
 def pytest_report_header(config):
@@ -28,4 +28,8 @@ def _parallel_kernels_for_mid_sizes(monkeypatch):
     if SIDE == "host":
         from numbabn import _cpu
 
-        monkeypatch.setattr(_cpu, "_SMALL_VALUES", {"ncl": 1 << 15, "mc": 1 << 15})
+        tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 1 << 15, "mc": 1 << 15})
+        yield
+        _cpu._plan.cache_clear()  # no plan made with a test's tunables outlives it
+    else:
+        yield

@@ -62,3 +62,14 @@ def random_batch(shape, dtype, seed=0, loc=0.5, scale=2.0, per_channel_axis=None
 
 def channel_vector(c, dtype, seed, low=0.5, high=1.5):
     return np.random.default_rng(seed).uniform(low, high, c).astype(dtype)
+
+
+def tune_cpu(monkeypatch, **values):
+    """Set tunables of the CPU backend (``_SMALL_VALUES=...``) for one test. The
+    backend caches its work plans per geometry, so the cache is emptied here too (and
+    after every test, by ``conftest``)."""
+    from numbabn import _cpu
+
+    for name, value in values.items():
+        monkeypatch.setattr(_cpu, name, value)
+    _cpu._plan.cache_clear()

@@ -1,7 +1,7 @@
-"""How the NCL kernels split their work. The reductions take runs of samples, each
+"""How the kernels split their work. The NCL reductions take runs of samples, each
 plane cut into segments (``_cpu_kernels.stats_ncl``, ``grad_sums_ncl``): each partial
 row must hold exactly its own run's and segment's sums, where the functional tests
-check only totals. The elementwise passes walk plane segments in runs that may start
+check only totals. The MC reductions fold flat columns into channels. The elementwise passes walk plane segments in runs that may start
 mid-plane."""
 
 from __future__ import annotations
@@ -45,17 +45,55 @@ def _grad(dy, x, mean):
 )
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype):
+    """Each task's partial row, and the results the kernels add up from them: the
+    moments (sums shifted by each channel's first value) and the gradient sums."""
     rng = np.random.default_rng(sum(shape) + nrun + nseg)
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    per_channel = rng.normal(3.0, 1.0, shape[1])
+    mean = rng.normal(3.0, 1.0, shape[1])
     k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
     part = np.full((nrun * nseg, 2, shape[1]), np.nan)
-    _cpu_kernels.stats_ncl(k(x), per_channel, nrun, nseg, part)
-    np.testing.assert_allclose(part, _expected((x,), per_channel, nrun, nseg, _stats), rtol=1e-12, atol=1e-9)
+    out = np.full((2, shape[1]), np.nan)
+    _cpu_kernels.stats_ncl(k(x), nrun, nseg, part, out)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    shift = x64[0, :, 0]
+    np.testing.assert_allclose(part, _expected((x,), shift, nrun, nseg, _stats), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(out[0], x64.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(out[1], x64.var(axis=(0, 2)), rtol=1e-10)
     part[...] = np.nan
-    _cpu_kernels.grad_sums_ncl(k(dy), k(x), per_channel, nrun, nseg, part)
-    np.testing.assert_allclose(part, _expected((dy, x), per_channel, nrun, nseg, _grad), rtol=1e-12, atol=1e-9)
+    out[...] = np.nan
+    _cpu_kernels.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, part, out)
+    expected = _expected((dy, x), mean, nrun, nseg, _grad)
+    np.testing.assert_allclose(part, expected, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(out, _grad(dy64, x64, mean), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("m,c,l,nchunk", [(9, 5, 1, 4), (7, 3, 16, 3), (12, 7, 3, 5), (2, 4, 5, 2)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
+    """The MC reductions over chunks of rows whose channels are ``l`` adjacent columns
+    (NCL samples of short planes viewed flat): each chunk's partial row per column,
+    and per channel the moments (shifted by its first value) and gradient sums."""
+    rng = np.random.default_rng(m * c * l + nchunk)
+    x = rng.normal(3.0, 2.0, (m, c * l)).astype(dtype)
+    dy = rng.standard_normal((m, c * l)).astype(dtype)
+    mean = rng.normal(3.0, 1.0, c)
+    k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    per_channel = x64.reshape(m, c, l).transpose(1, 0, 2).reshape(c, m * l)
+    part, out = np.full((nchunk, 2, c * l), np.nan), np.full((2, c), np.nan)
+    _cpu_kernels.stats_mc(k(x), l, nchunk, part, out)
+    shift = np.repeat(x64[0, ::l], l)
+    for t in range(nchunk):
+        d = x64[t * m // nchunk : (t + 1) * m // nchunk] - shift
+        np.testing.assert_allclose(part[t], [d.sum(axis=0), (d * d).sum(axis=0)], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(out[0], per_channel.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(out[1], per_channel.var(axis=1), rtol=1e-10)
+    out[...] = np.nan
+    _cpu_kernels.grad_sums_mc(k(dy), k(x), mean, l, nchunk, part, out)
+    d = (x64 - np.repeat(mean, l)).reshape(m, c, l)
+    g = dy64.reshape(m, c, l)
+    np.testing.assert_allclose(out, [g.sum(axis=(0, 2)), (g * d).sum(axis=(0, 2))], rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,10 @@ import pytest
 import numbabn
 import numbabn.reference as ref
 from cases import LAYOUTS, SHAPES, on_side
-from helpers import DTYPES, ON_DEVICE, assert_close, channel_vector, random_batch, to_host, to_side
+from helpers import (
+    DTYPES, ON_DEVICE, assert_close, channel_vector, random_batch, to_host, to_side,
+    tune_cpu,
+)
 
 SHAPE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES]
 
@@ -297,7 +300,7 @@ def test_single_thread_limits(monkeypatch):
     shrinking with more threads down to the floor, never for empty inputs."""
     from numbabn import _cpu, _validate
 
-    monkeypatch.setattr(_cpu, "_SMALL_VALUES", SHIPPED_SMALL_VALUES)
+    tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
 
     def small(shape, axis, threads):
         x = np.empty(shape, np.float32)
@@ -319,7 +322,7 @@ def test_mid_sizes_on_the_calling_thread(shape, axis, monkeypatch):
     calling thread): train forward, eval and backward against the reference."""
     from numbabn import _cpu, _validate
 
-    monkeypatch.setattr(_cpu, "_SMALL_VALUES", SHIPPED_SMALL_VALUES)
+    tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
     x = random_batch(shape, np.float32, seed=61, per_channel_axis=axis)
     layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
     assert x.size > 1 << 15 and _cpu._small(layout, 2)

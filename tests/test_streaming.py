@@ -13,7 +13,7 @@ import pytest
 
 import numbabn
 import numbabn.reference as ref
-from helpers import ON_DEVICE, DTYPES, assert_close, channel_vector, random_batch
+from helpers import ON_DEVICE, DTYPES, assert_close, channel_vector, random_batch, tune_cpu
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
@@ -38,8 +38,7 @@ CASES = [
 @pytest.fixture(autouse=True)
 def _no_small_path(monkeypatch):
     if not ON_DEVICE:
-        monkeypatch.setattr(_cpu, "_SMALL_VALUES", {"ncl": 0, "mc": 0})
-        monkeypatch.setattr(_cpu, "_SMALL_VALUES_MIN", 0)
+        tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0}, _SMALL_VALUES_MIN=0)
 
 
 def _run(x, axis, threshold, monkeypatch):
