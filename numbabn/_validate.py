@@ -180,13 +180,13 @@ def _check_float(info: ArrayInfo, name: str) -> None:
         )
 
 
-def _same_side(sides: dict[str, str]) -> str:
-    """The one side of all arrays of a call (``sides``: array name -> side)."""
-    found = set(sides.values())
-    if len(found) > 1:
-        where = ", ".join(f"{k} on {v}" for k, v in sides.items())
-        raise TypeError(f"all arrays of one call must live on the same side: {where}")
-    return found.pop()
+def _one_side(names: tuple[str, ...], sides: tuple[str | None, ...]) -> str:
+    """The side all arrays of a call live on (``sides``: each named array's, None if
+    absent; the first is always given); TypeError when they are not all there."""
+    if sides.count(sides[0]) + sides.count(None) == len(sides):
+        return sides[0]
+    where = ", ".join(f"{k} on {v}" for k, v in zip(names, sides) if v is not None)
+    raise TypeError(f"all arrays of one call must live on the same side: {where}")
 
 
 def normalize_axis(axis: Any, ndim: int) -> int:
@@ -233,6 +233,14 @@ def _plan(dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...], axi
 
 
 def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
+    if (  # the common case, a NumPy array and an int axis, in as few steps as it takes
+        type(a) is np.ndarray
+        and a.dtype in _FLOAT_SET
+        and type(axis) is int
+        and -a.ndim <= axis < a.ndim
+        and a.ndim >= 2
+    ):
+        return ArrayInfo(HOST, a.dtype, a.shape, a.strides, a.flags.writeable), axis % a.ndim
     info = describe(a, name)
     _check_float(info, name)
     ndim = len(info.shape)
@@ -241,31 +249,36 @@ def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
     return info, normalize_axis(axis, ndim)
 
 
-def _check_channel_vector(
-    a: Any, name: str, c: int, sides: dict[str, str], writeable: bool = False
-) -> None:
+def _vector_side(a: Any, name: str, c: int, writeable: bool = False) -> str | None:
+    """The side of per-channel vector ``a`` (None if absent), after checking it."""
     if a is None:
-        return
+        return None
     if (  # the common case, a valid NumPy vector, without building its ArrayInfo
         type(a) is np.ndarray
         and a.dtype in _FLOAT_SET
         and a.shape == (c,)
         and (not writeable or a.flags.writeable)
     ):
-        sides[name] = HOST
-        return
+        return HOST
     info = describe(a, name)
     _check_float(info, name)
     if len(info.shape) != 1 or info.shape[0] != c:
         raise ValueError(f"{name} must have shape ({c},) (one value per channel), got {info.shape}")
     if writeable and not info.writeable:
         raise ValueError(f"{name} is read-only but must be updated in place")
-    sides[name] = info.side
+    return info.side
 
 
-def _check_out(out: Any, x: ArrayInfo, sides: dict[str, str]) -> None:
+def _given(a: Any, name: str) -> Any:
+    if a is None:
+        raise ValueError(f"{name} is required")
+    return a
+
+
+def _out_side(out: Any, x: ArrayInfo) -> str | None:
+    """The side of ``out`` (None if absent), after checking it against ``x``."""
     if out is None:
-        return
+        return None
     info = describe(out, "out")
     if info.dtype != x.dtype:
         raise TypeError(f"out has dtype {info.dtype} but x has dtype {x.dtype}")
@@ -273,7 +286,7 @@ def _check_out(out: Any, x: ArrayInfo, sides: dict[str, str]) -> None:
         raise ValueError(f"out has shape {info.shape} but x has shape {x.shape}")
     if not info.writeable:
         raise ValueError("out is read-only")
-    sides["out"] = info.side
+    return info.side
 
 
 def check_eps(eps: Any, training: bool) -> float:
@@ -316,6 +329,9 @@ class Checked(NamedTuple):
     momentum: float
 
 
+_NORM_ARRAYS = ("x", "running_mean", "running_var", "weight", "bias", "out")
+
+
 def batch_norm_args(
     x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out, min_count=2
 ) -> Checked:
@@ -325,20 +341,21 @@ def batch_norm_args(
     distributed functions pass 0 and check the count of the whole batch themselves.
     """
     xi, axis = _check_tensor(x, "x", axis)
-    sides = {"x": xi.side}
     c = xi.shape[axis]
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")
     training = bool(training)
-    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(a, name, c, sides, writeable=training)
-    _check_channel_vector(weight, "weight", c, sides)
-    _check_channel_vector(bias, "bias", c, sides)
-    _check_out(out, xi, sides)
-    side = _same_side(sides)
+    side = _one_side(_NORM_ARRAYS, (
+        xi.side,
+        _vector_side(running_mean, "running_mean", c, writeable=training),
+        _vector_side(running_var, "running_var", c, writeable=training),
+        _vector_side(weight, "weight", c),
+        _vector_side(bias, "bias", c),
+        _out_side(out, xi),
+    ))
     eps = check_eps(eps, training)
     momentum = check_momentum(momentum)
-    layout = plan_layout(xi, axis)
+    layout = _plan(xi.dtype, xi.shape, xi.strides, axis)
     if training:
         _check_count(layout, min_count, "training")
     elif running_mean is None:
@@ -349,43 +366,49 @@ def batch_norm_args(
 def batch_stats_args(x, axis, min_count=1) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_stats`."""
     xi, axis = _check_tensor(x, "x", axis)
-    layout = plan_layout(xi, axis)
+    layout = _plan(xi.dtype, xi.shape, xi.strides, axis)
     _check_count(layout, min_count, "batch statistics")
     return Checked(xi.side, layout, 0.0, 0.0)
+
+
+_FORWARD_ARRAYS = ("x", "weight", "bias")
 
 
 def batch_norm_forward_args(x, weight, bias, eps, axis, min_count=2) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_forward`."""
     xi, axis = _check_tensor(x, "x", axis)
-    sides = {"x": xi.side}
     c = xi.shape[axis]
-    _check_channel_vector(weight, "weight", c, sides)
-    _check_channel_vector(bias, "bias", c, sides)
-    side = _same_side(sides)
+    side = _one_side(_FORWARD_ARRAYS, (
+        xi.side, _vector_side(weight, "weight", c), _vector_side(bias, "bias", c)
+    ))
     eps = check_eps(eps, True)
-    layout = plan_layout(xi, axis)
+    layout = _plan(xi.dtype, xi.shape, xi.strides, axis)
     _check_count(layout, min_count, "training")
     return Checked(side, layout, eps, 0.0)
+
+
+_BACKWARD_ARRAYS = ("x", "dy", "mean", "invstd", "weight")
 
 
 def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_count=None) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_backward`."""
     xi, axis = _check_tensor(x, "x", axis)
-    dyi = describe(dy, "dy")
-    _check_float(dyi, "dy")
-    if dyi.shape != xi.shape:
-        raise ValueError(f"dy has shape {dyi.shape} but x has shape {xi.shape}")
-    if dyi.dtype != xi.dtype:
-        raise TypeError(f"dy has dtype {dyi.dtype} but x has dtype {xi.dtype}")
-    sides = {"dy": dyi.side, "x": xi.side}
+    if type(dy) is np.ndarray and dy.dtype in _FLOAT_SET:  # the common case
+        dy_side, dy_dtype, dy_shape = HOST, dy.dtype, dy.shape
+    else:
+        dyi = describe(dy, "dy")
+        _check_float(dyi, "dy")
+        dy_side, dy_dtype, dy_shape = dyi.side, dyi.dtype, dyi.shape
+    if dy_shape != xi.shape:
+        raise ValueError(f"dy has shape {dy_shape} but x has shape {xi.shape}")
+    if dy_dtype != xi.dtype:
+        raise TypeError(f"dy has dtype {dy_dtype} but x has dtype {xi.dtype}")
     c = xi.shape[axis]
-    for name, a in (("mean", mean), ("invstd", invstd)):
-        if a is None:
-            raise ValueError(f"{name} is required")
-        _check_channel_vector(a, name, c, sides)
-    _check_channel_vector(weight, "weight", c, sides)
-    side = _same_side(sides)
-    layout = plan_layout(xi, axis)
+    side = _one_side(_BACKWARD_ARRAYS, (
+        xi.side, dy_side, _vector_side(_given(mean, "mean"), "mean", c),
+        _vector_side(_given(invstd, "invstd"), "invstd", c), _vector_side(weight, "weight", c),
+    ))
+    layout = _plan(xi.dtype, xi.shape, xi.strides, axis)
     if min_count is None:
         min_count = 2 if training else 1
     _check_count(layout, min_count, "training backward" if training else "backward")
