@@ -474,7 +474,7 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     """Gradients (dx, dweight, dbias); see the API contract for the formulas."""
     layout = chk.layout
-    mean64, invstd64 = as64(mean, layout.c, 0.0), as64(invstd, layout.c, 0.0)
+    mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
     (dy, dyv), (x, xv) = _ordered(dy, layout), _ordered(x, layout)
     plan = _plan_for(x, layout)
     if not (plan.small or plan.fuse_backward):

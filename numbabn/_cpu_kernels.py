@@ -21,8 +21,9 @@ then, on the calling thread, add the partials over ``t`` in a fixed order into
 their (2, C) result, so results are deterministic for a given thread count. Sums
 are float64 of values shifted by a per-channel constant close to the data (its
 first value, or the mean), which keeps the variance free of cancellation; the
-statistics kernels turn them into mean and biased variance themselves. Reassociation lets the reductions vectorize;
-NaN/Inf handling is untouched (no ``nnan``/``ninf``).
+statistics kernels turn them into mean and biased variance themselves.
+Reassociation lets the reductions vectorize; NaN/Inf handling is untouched (no
+``nnan``/``ninf``).
 
 Per-channel constants come packed as rows of one ``params`` array in the compute
 type (float32 for float16/float32 data, float64 for float64). The mean is passed as
@@ -208,8 +209,8 @@ def _shifts(x2, l):
 @njit(inline="always")
 def _add_partials(part, l, out):
     """``out[k, c]``: the partial rows ``part[t, k, :]`` added over the tasks t, in
-    task order, and over the ``l`` columns of channel c. (Loops, not array
-    expressions, which a parallel kernel would run as a parallel region of its own.)"""
+    task order, and over the ``l`` columns of channel c. (Loops rather than array
+    expressions: in a parallel kernel, numba turns those into parallel regions.)"""
     for k in range(2):
         for c in range(out.shape[1]):
             out[k, c] = 0.0
