@@ -341,3 +341,21 @@ def test_mid_sizes_on_the_calling_thread(shape, axis, monkeypatch):
     assert_close(dx, dxr, np.float32, factor=4)
     assert_close(db, dbr, np.float32, scale=np.sqrt(count), factor=2)
     assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's work plans")
+def test_tuned_limits_take_effect_on_a_cached_geometry(monkeypatch):
+    """The CPU backend caches its work plan per geometry; the tests' tuning helper
+    must not leave a stale one behind, or a test meant for one path runs another."""
+    from numbabn import _cpu, _validate
+
+    x = random_batch((16, 8, 9), np.float32, seed=67)
+    layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
+    tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
+    assert _cpu._plan_for(x, layout).small
+    numbabn.batch_stats(x)
+    tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0}, _SMALL_VALUES_MIN=0)
+    assert not _cpu._plan_for(x, layout).small
+    mean, var = numbabn.batch_stats(x)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
