@@ -119,10 +119,11 @@ def _canonical(a: np.ndarray, layout: Layout) -> np.ndarray | None:
         if not a.flags.c_contiguous:
             return None
         return a.reshape(layout.n, layout.c, layout.l)
-    moved = _channel_last(a, layout.axis)
-    if not moved.flags.c_contiguous:
+    if layout.axis != a.ndim - 1:
+        a = _channel_last(a, layout.axis)
+    if not a.flags.c_contiguous:
         return None
-    return moved.reshape(layout.n, layout.c)
+    return a.reshape(layout.n, layout.c)
 
 
 def _view(a: np.ndarray, layout: Layout) -> np.ndarray:
@@ -149,11 +150,15 @@ def _ordered(a: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     return a, _canonical(a, layout)
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _aligned_empty(
+    shape: tuple[int, ...], dtype: np.dtype, nbytes: int | None = None
+) -> np.ndarray:
     """``np.empty`` on a cache-line boundary when the kernels may stream into it
-    (large ``malloc`` blocks start 16 bytes past a page boundary)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
+    (large ``malloc`` blocks start 16 bytes past a page boundary); ``nbytes``: its size
+    in bytes, if the caller knows it."""
+    if nbytes is None:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _stream.MIN_BYTES:
         return np.empty(shape, dtype)
     raw = np.empty(nbytes + _ALIGN, np.uint8)
@@ -161,15 +166,18 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _empty(layout: Layout, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A new output in the memory order of the layout (channels-last stays
-    channels-last), and its canonical view."""
+def _empty(layout: Layout, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A new array of the shape and dtype of ``like``, in the memory order of the layout
+    (channels-last stays channels-last), and its canonical view."""
     if layout.kind == "ncl":
-        y = _aligned_empty(layout.shape, dtype)
+        y = _aligned_empty(layout.shape, like.dtype, like.nbytes)
         return y, y.reshape(layout.n, layout.c, layout.l)
-    shape = layout.shape
-    moved = _aligned_empty(shape[: layout.axis] + shape[layout.axis + 1 :] + (layout.c,), dtype)
-    return _channel_back(moved, layout.axis), moved.reshape(layout.n, layout.c)
+    shape, axis = layout.shape, layout.axis
+    if axis == len(shape) - 1:
+        y = _aligned_empty(shape, like.dtype, like.nbytes)
+        return y, y.reshape(layout.n, layout.c)
+    moved = _aligned_empty(shape[:axis] + shape[axis + 1 :] + (layout.c,), like.dtype, like.nbytes)
+    return _channel_back(moved, axis), moved.reshape(layout.n, layout.c)
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
@@ -190,7 +198,7 @@ def _output(out: np.ndarray | None, x: np.ndarray, layout: Layout):
         v = _canonical(out, layout)
         if v is not None and (not np.may_share_memory(out, x) or _same_view(out, x)):
             return out, v
-    return _empty(layout, x.dtype)
+    return _empty(layout, x)
 
 
 def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -298,11 +306,6 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
         _fuse(layout, 2 * itemsize, "backward", threads),
         elem, elem_work, sums, sums_work, sums_tasks,
     )
-
-
-def _plan_for(a: np.ndarray, layout: Layout) -> _Plan:
-    """The plan for tensor ``a`` on the calling thread's thread count."""
-    return _plan(layout, _threads(), a.itemsize)
 
 
 def _reduce(name: str, arrays, extra: tuple, layout: Layout, plan: _Plan) -> np.ndarray:
@@ -413,7 +416,7 @@ def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, plan):
 def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance."""
     layout = chk.layout
-    mean, var = _moments(_view(x, layout), layout, _plan_for(x, layout))
+    mean, var = _moments(_view(x, layout), layout, _plan(layout, _threads(), x.itemsize))
     sd = stats_dtype(x.dtype)
     return mean.astype(sd, copy=False), var.astype(sd, copy=False)
 
@@ -425,7 +428,7 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     """
     layout = chk.layout
     x, xv = _ordered(x, layout)
-    plan = _plan_for(x, layout)
+    plan = _plan(layout, _threads(), x.itemsize)
     if plan.small or plan.fuse_forward:
         y, yv = _output(out, x, layout)
         c = layout.c
@@ -465,10 +468,8 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
     """Normalize with the running statistics."""
     layout = chk.layout
     x, xv = _ordered(x, layout)
-    return _normalize(
-        x, xv, layout, running_mean, running_var, chk.eps, weight, bias, out,
-        _plan_for(x, layout),
-    )[0]
+    plan = _plan(layout, _threads(), x.itemsize)
+    return _normalize(x, xv, layout, running_mean, running_var, chk.eps, weight, bias, out, plan)[0]
 
 
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
@@ -476,7 +477,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     layout = chk.layout
     mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
     (dy, dyv), (x, xv) = _ordered(dy, layout), _ordered(x, layout)
-    plan = _plan_for(x, layout)
+    plan = _plan(layout, _threads(), x.itemsize)
     if not (plan.small or plan.fuse_backward):
         sums = local_grad_sums(dy, x, chk, mean64, plan)
         return grad_input(
@@ -505,7 +506,7 @@ def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     layout = chk.layout
     if layout.count == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
-    mean, var = _moments(_view(x, layout), layout, _plan_for(x, layout))
+    mean, var = _moments(_view(x, layout), layout, _plan(layout, _threads(), x.itemsize))
     return mean, var * layout.count
 
 
@@ -513,22 +514,24 @@ def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     """Normalize with given float64 statistics (those of the whole distributed batch)."""
     layout = chk.layout
     x, xv = _ordered(x, layout)
-    return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, _plan_for(x, layout))[0]
+    plan = _plan(layout, _threads(), x.itemsize)
+    return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, plan)[0]
 
 
 def local_grad_sums(dy, x, chk: Checked, mean, plan: _Plan | None = None) -> np.ndarray:
     """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C) (``plan``: the
-    caller's :func:`_plan_for`, made here if not given)."""
+    caller's :func:`_plan`, made here if not given)."""
     layout = chk.layout
     if layout.count == 0:
         return np.zeros((2, layout.c))
     views = (_view(dy, layout), _view(x, layout))
-    return _reduce("grad_sums", views, (mean,), layout, plan or _plan_for(x, layout))
+    plan = plan or _plan(layout, _threads(), x.itemsize)
+    return _reduce("grad_sums", views, (mean,), layout, plan)
 
 
 def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, plan=None):
     """(dx, dweight, dbias) from the sums over ``count`` values per channel
-    (``plan``: the caller's :func:`_plan_for`, made here if not given)."""
+    (``plan``: the caller's :func:`_plan`, made here if not given)."""
     layout = chk.layout
     c = layout.c
     ctype = stats_dtype(x.dtype)
@@ -537,7 +540,7 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
     kernels.grad_params(sums, count, mean, invstd, as64(weight, c, 1.0), training, params, grads)
     if layout.count * c:
         dyv = _view(dy, layout)
-        plan = plan or _plan_for(x, layout)
+        plan = plan or _plan(layout, _threads(), x.itemsize)
         if training:
             _elementwise("grad_input", (dyv, _view(x, layout)), params, dxv, layout, plan)
         else:

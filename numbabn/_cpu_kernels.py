@@ -470,7 +470,8 @@ def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads
 def grad_params(sums, count, mean, invstd, weight, training, params, grads):
     """``_grad_params`` of every channel, from float64 sums and per-channel inputs."""
     for c in range(mean.size):
-        _grad_params(c, sums[0, c], sums[1, c], count, mean, invstd, weight, training, params, grads)
+        s1, s2 = sums[0, c], sums[1, c]
+        _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads)
 
 
 @njit(cache=True)

@@ -1,8 +1,8 @@
 """How the kernels split their work. The NCL reductions take runs of samples, each
 plane cut into segments (``_cpu_kernels.stats_ncl``, ``grad_sums_ncl``): each partial
 row must hold exactly its own run's and segment's sums, where the functional tests
-check only totals. The MC reductions fold flat columns into channels. The elementwise passes walk plane segments in runs that may start
-mid-plane."""
+check only totals. The MC reductions fold flat columns into channels. The
+elementwise passes walk plane segments in runs that may start mid-plane."""
 
 from __future__ import annotations
 
@@ -86,14 +86,16 @@ def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
     shift = np.repeat(x64[0, ::l], l)
     for t in range(nchunk):
         d = x64[t * m // nchunk : (t + 1) * m // nchunk] - shift
-        np.testing.assert_allclose(part[t], [d.sum(axis=0), (d * d).sum(axis=0)], rtol=1e-12, atol=1e-9)
+        expected = [d.sum(axis=0), (d * d).sum(axis=0)]
+        np.testing.assert_allclose(part[t], expected, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(out[0], per_channel.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(out[1], per_channel.var(axis=1), rtol=1e-10)
     out[...] = np.nan
     _cpu_kernels.grad_sums_mc(k(dy), k(x), mean, l, nchunk, part, out)
     d = (x64 - np.repeat(mean, l)).reshape(m, c, l)
     g = dy64.reshape(m, c, l)
-    np.testing.assert_allclose(out, [g.sum(axis=(0, 2)), (g * d).sum(axis=(0, 2))], rtol=1e-12, atol=1e-9)
+    expected = [g.sum(axis=(0, 2)), (g * d).sum(axis=(0, 2))]
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.parametrize(

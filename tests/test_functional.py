@@ -352,10 +352,10 @@ def test_tuned_limits_take_effect_on_a_cached_geometry(monkeypatch):
     x = random_batch((16, 8, 9), np.float32, seed=67)
     layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
     tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
-    assert _cpu._plan_for(x, layout).small
+    assert _cpu._plan(layout, 2, x.itemsize).small
     numbabn.batch_stats(x)
     tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0}, _SMALL_VALUES_MIN=0)
-    assert not _cpu._plan_for(x, layout).small
+    assert not _cpu._plan(layout, 2, x.itemsize).small
     mean, var = numbabn.batch_stats(x)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
