@@ -128,12 +128,7 @@ def _canonical(a: np.ndarray, layout: Layout) -> np.ndarray | None:
 
 def _view(a: np.ndarray, layout: Layout) -> np.ndarray:
     """The canonical view of ``a``, copying it into canonical order if it must."""
-    v = _canonical(a, layout)
-    if v is not None:
-        return v
-    if layout.kind == "ncl":
-        return np.ascontiguousarray(a).reshape(layout.n, layout.c, layout.l)
-    return np.ascontiguousarray(_channel_last(a, layout.axis)).reshape(layout.n, layout.c)
+    return _ordered(a, layout)[1]
 
 
 def _ordered(a: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:

@@ -197,13 +197,24 @@ def moments(s1, s2, k, count):
 
 
 @njit(inline="always")
-def _shifts(x2, l):
-    """The reductions' shift of each column of ``x2``: its channel's first value (a
-    channel is ``l`` adjacent columns of a flat row, one otherwise)."""
-    shift = np.empty(x2.shape[1])
-    for j in range(x2.shape[1]):
-        shift[j] = load(x2[0, j // l * l])
-    return shift
+def _firsts(row, l):
+    """The first value of each channel of ``row``, whose channels are ``l`` adjacent
+    entries: the reductions' shifts."""
+    first = np.empty(row.size // l)
+    for c in range(first.size):
+        first[c] = load(row[c * l])
+    return first
+
+
+@njit(inline="always")
+def _columns(values, l):
+    """``values[j // l]`` for each column j of a flat row whose channels are ``l``
+    columns wide. (A loop rather than ``_spread``'s slice copies, which in a parallel
+    kernel numba may run as parallel regions of their own.)"""
+    out = np.empty(values.size * l)
+    for j in range(out.size):
+        out[j] = values[j // l]
+    return out
 
 
 @njit(inline="always")
@@ -224,10 +235,11 @@ def _add_partials(part, l, out):
 
 
 @njit(inline="always")
-def _finish_moments(out, shift, l, count):
-    """Shifted sums in ``out`` to (mean, biased variance), in place."""
+def _finish_moments(out, shift, count):
+    """Sums shifted by ``shift`` (one per channel) in ``out`` to (mean, biased
+    variance), in place."""
     for c in range(out.shape[1]):
-        out[0, c], out[1, c] = moments(out[0, c], out[1, c], shift[c * l], count)
+        out[0, c], out[1, c] = moments(out[0, c], out[1, c], shift[c], count)
 
 
 @njit(cache=True)
@@ -342,9 +354,7 @@ def stats_ncl(x3, nrun, nseg, part, out):
     part[r * nseg + s, :, c] = (sum d, sum d^2) over segment s of the planes of channel
     c in run r of the ``nrun`` runs of samples, then added in task order."""
     n_, c_, l_ = x3.shape
-    shift = np.empty(c_)
-    for c in range(c_):
-        shift[c] = load(x3[0, c, 0])
+    shift = _firsts(x3[0, :, 0], 1)
     for task in prange(np.int64(nrun * c_ * nseg)):
         n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
         s1 = 0.0
@@ -355,7 +365,7 @@ def stats_ncl(x3, nrun, nseg, part, out):
             s2 += b
         part[row, 0, c], part[row, 1, c] = s1, s2
     _add_partials(part, 1, out)
-    _finish_moments(out, shift, 1, n_ * l_)
+    _finish_moments(out, shift, n_ * l_)
 
 
 @njit(**_PAR)
@@ -624,14 +634,15 @@ def stats_mc(x2, l, nchunk, part, out):
     line (``part`` is 16-byte aligned), which two threads then pass back and forth on
     every row (1.9x slower with 2 chunks on 2 threads)."""
     m, cols = x2.shape
-    shift = _shifts(x2, l)
+    first = _firsts(x2[0], l)
+    shift = _columns(first, l)
     for t in prange(np.int64(nchunk)):
         lo, hi = _rows(np.int64(t), nchunk, m)
         s1, s2 = np.zeros(cols), np.zeros(cols)
         _sums_rows_mc(x2, lo, hi, shift, s1, s2)
         part[t, 0], part[t, 1] = s1, s2
     _add_partials(part, l, out)
-    _finish_moments(out, shift, l, m * l)
+    _finish_moments(out, first, m * l)
 
 
 # The plain-store MC passes take spans a whole number of rows long (``_block_span``)
@@ -784,9 +795,7 @@ def grad_sums_mc(dy2, x2, mean, l, nchunk, part, out):
     """(sum dy, sum dy * (x - mean[c])) of each channel into ``out`` (2, C): chunk
     partials of each column as in ``stats_mc``, then added over chunks and columns."""
     m, cols = x2.shape
-    centre = np.empty(cols)
-    for j in range(cols):
-        centre[j] = mean[j // l]
+    centre = _columns(mean, l)
     for t in prange(np.int64(nchunk)):
         lo, hi = _rows(np.int64(t), nchunk, m)
         s1, s2 = np.zeros(cols), np.zeros(cols)

@@ -67,8 +67,7 @@ def batch_norm(
     chk = _validate.batch_norm_args(
         x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
     )
-    be = backend(chk.side)
-    kw = {} if stream is None else _validate.stream_kwargs(chk.side, stream)
+    be, kw = backend(chk.side), _validate.stream_kwargs(chk.side, stream)
     if training:
         y, _, _ = be.forward_train(x, chk, weight, bias, running_mean, running_var, out, **kw)
         return y
@@ -91,8 +90,7 @@ def batch_stats(x: Array, *, axis: int = 1, stream: Any = None) -> tuple[Array, 
         float32 for float16/float32 input, float64 for float64 input.
     """
     chk = _validate.batch_stats_args(x, axis)
-    kw = {} if stream is None else _validate.stream_kwargs(chk.side, stream)
-    return backend(chk.side).batch_stats(x, chk, **kw)
+    return backend(chk.side).batch_stats(x, chk, **_validate.stream_kwargs(chk.side, stream))
 
 
 def batch_norm_forward(
@@ -126,7 +124,7 @@ def batch_norm_forward(
         float16/float32 input, float64 for float64 input.
     """
     chk = _validate.batch_norm_forward_args(x, weight, bias, eps, axis)
-    kw = {} if stream is None else _validate.stream_kwargs(chk.side, stream)
+    kw = _validate.stream_kwargs(chk.side, stream)
     return backend(chk.side).forward_train(x, chk, weight, bias, None, None, None, **kw)
 
 
@@ -173,5 +171,5 @@ def batch_norm_backward(
     """
     training = bool(training)
     chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training)
-    kw = {} if stream is None else _validate.stream_kwargs(chk.side, stream)
+    kw = _validate.stream_kwargs(chk.side, stream)
     return backend(chk.side).backward(dy, x, chk, mean, invstd, weight, training, **kw)
