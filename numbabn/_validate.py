@@ -232,18 +232,17 @@ def _plan(dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...], axi
     return Layout("mc", True, axis, shape, n, c, 1)
 
 
-def _float_info(a: Any, name: str) -> ArrayInfo:
-    """The :class:`ArrayInfo` of ``a``; TypeError unless it is an array of a float dtype
-    numbabn supports."""
-    if type(a) is np.ndarray and a.dtype in _FLOAT_SET:  # the common case, in one step
-        return ArrayInfo(HOST, a.dtype, a.shape, a.strides, a.flags.writeable)
+def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
+    if (  # the common case, a NumPy array and an int axis, in as few steps as it takes
+        type(a) is np.ndarray
+        and a.dtype in _FLOAT_SET
+        and type(axis) is int
+        and -a.ndim <= axis < a.ndim
+        and a.ndim >= 2
+    ):
+        return ArrayInfo(HOST, a.dtype, a.shape, a.strides, a.flags.writeable), axis % a.ndim
     info = describe(a, name)
     _check_float(info, name)
-    return info
-
-
-def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
-    info = _float_info(a, name)
     ndim = len(info.shape)
     if ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), got shape {info.shape}")
@@ -394,14 +393,19 @@ _BACKWARD_ARRAYS = ("x", "dy", "mean", "invstd", "weight")
 def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_count=None) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_backward`."""
     xi, axis = _check_tensor(x, "x", axis)
-    dyi = _float_info(dy, "dy")
-    if dyi.shape != xi.shape:
-        raise ValueError(f"dy has shape {dyi.shape} but x has shape {xi.shape}")
-    if dyi.dtype != xi.dtype:
-        raise TypeError(f"dy has dtype {dyi.dtype} but x has dtype {xi.dtype}")
+    if type(dy) is np.ndarray and dy.dtype in _FLOAT_SET:  # the common case
+        dy_side, dy_dtype, dy_shape = HOST, dy.dtype, dy.shape
+    else:
+        dyi = describe(dy, "dy")
+        _check_float(dyi, "dy")
+        dy_side, dy_dtype, dy_shape = dyi.side, dyi.dtype, dyi.shape
+    if dy_shape != xi.shape:
+        raise ValueError(f"dy has shape {dy_shape} but x has shape {xi.shape}")
+    if dy_dtype != xi.dtype:
+        raise TypeError(f"dy has dtype {dy_dtype} but x has dtype {xi.dtype}")
     c = xi.shape[axis]
     side = _one_side(_BACKWARD_ARRAYS, (
-        xi.side, dyi.side, _vector_side(_given(mean, "mean"), "mean", c),
+        xi.side, dy_side, _vector_side(_given(mean, "mean"), "mean", c),
         _vector_side(_given(invstd, "invstd"), "invstd", c), _vector_side(weight, "weight", c),
     ))
     layout = _plan(xi.dtype, xi.shape, xi.strides, axis)
