@@ -268,6 +268,7 @@ class _Plan(NamedTuple):
     small: bool  # the single-thread kernels (``_small``)
     fuse_forward: bool  # the fused per-channel passes (``_fuse``)
     fuse_backward: bool
+    runs: int  # runs of channels the fused passes deal to the threads
     elem: Layout  # the view the elementwise kernels take: the layout, or its flat rows
     elem_work: tuple  # their work arguments
     sums: Layout  # the same for the reductions
@@ -299,6 +300,7 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
         _small(layout, threads),
         _fuse(layout, itemsize, "forward", threads),
         _fuse(layout, 2 * itemsize, "backward", threads),
+        max(1, min(threads, layout.c)),
         elem, elem_work, sums, sums_work, sums_tasks,
     )
 
@@ -435,7 +437,7 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         if plan.small:
             _kernel("forward_small", layout.kind)(*args, _kernel_array(yv))
         else:
-            kernels.forward_channels(*args, _streamed(yv, layout), _kernel_array(yv))
+            kernels.forward_channels(*args, plan.runs, _streamed(yv, layout), _kernel_array(yv))
         y = _finish_output(y, out)
         mean, var, invstd = stats
     else:
@@ -489,7 +491,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     if plan.small:
         _kernel("backward_small", layout.kind)(*args, _kernel_array(dxv))
     else:
-        kernels.backward_channels(*args, _streamed(dxv, layout), _kernel_array(dxv))
+        kernels.backward_channels(*args, plan.runs, _streamed(dxv, layout), _kernel_array(dxv))
     return dx, grads[0], grads[1]
 
 

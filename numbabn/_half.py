@@ -62,3 +62,16 @@ def _store(value, like):
         target = like.dtype
         return lambda value, like: target(value)
     return None
+
+
+def zero(a):
+    """0 in the compute type of array ``a``'s elements (float32 or float64)."""
+
+
+@overload(zero, inline="always")
+def _zero(a):
+    if a.dtype in (types.uint16, types.float32):
+        return lambda a: types.float32(0.0)
+    if a.dtype == types.float64:
+        return lambda a: 0.0
+    return None

@@ -1,0 +1,170 @@
+"""The fused per-channel passes (``_cpu_kernels.forward_channels``,
+``backward_channels`` and the small kernels built on the same runs). Each run of
+channels writes one channel while it sums the next (``_stream._fused_row``), so a
+channel's sums are taken either alone (the first of a run) or next to another
+channel's writes, into outputs that are streamed or not and lie anywhere. The order
+of the additions must not depend on any of that: the statistics, and so the outputs,
+must be bitwise the same whatever the split into runs, the streaming and the output's
+alignment, and close to the float64 reference. (Where the outputs are float32 or
+float16, a different order of float64 additions rarely shows in them; the float64
+cases are the ones that catch it, and the forward cases' float64 statistics.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import ON_DEVICE
+
+pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
+
+if not ON_DEVICE:
+    from numbabn import _cpu_kernels, _stream
+
+# Plane lengths: whole cache lines for every dtype (1504), not (1501, 37), less than a
+# line (5); a single channel, and more runs than threads.
+SHAPES = [(3, 4, 1504), (3, 4, 1501), (5, 3, 37), (4, 5, 5), (2, 1, 300)]
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+def _bits(a):
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _line_aligned(n, dtype):
+    """n elements that start on a cache line (64 bytes)."""
+    item = np.dtype(dtype).itemsize
+    raw = np.empty(n * item + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + n * item].view(dtype)
+
+
+def _outputs(shape, dtype):
+    """Outputs that start on a cache line, and one and three elements past one."""
+    n = int(np.prod(shape))
+    for offset in (0, 1, 3):
+        yield offset, _line_aligned(n + 3, dtype)[offset : offset + n].reshape(shape)
+
+
+def _splits(c):
+    return sorted({1, 2, 3, c})
+
+
+def _ctype(dtype):
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_statistics_do_not_depend_on_split_or_output(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    c = shape[1]
+    # Values near 0 span many binades: float32 sums are then not exact in float64, and a
+    # different order of the additions shows in the last bits (float16 sums are exact).
+    x = rng.normal(0.3, 2.0, shape).astype(dtype)
+    weight, bias = rng.uniform(0.5, 1.5, c), rng.uniform(-1, 1, c)
+    results = []
+    for ntask in _splits(c):
+        for streamed in (False, True):
+            for offset, y in _outputs(shape, dtype):
+                params, stats = np.empty((4, c), _ctype(dtype)), np.empty((3, c))
+                _cpu_kernels.forward_channels(
+                    _bits(x), weight, bias, 1e-5, params, stats, ntask, streamed, _bits(y)
+                )
+                results.append(((ntask, streamed, offset), stats.copy(), y.copy()))
+    params, stats = np.empty((4, c), _ctype(dtype)), np.empty((3, c))
+    y = np.empty(shape, dtype)
+    _cpu_kernels.forward_small_ncl(_bits(x), weight, bias, 1e-5, params, stats, _bits(y))
+    results.append(("small", stats, y))
+    small = np.empty((2, c))
+    _cpu_kernels.stats_small_ncl(_bits(x), small)
+    np.testing.assert_array_equal(small, stats[:2], err_msg="stats_small_ncl")
+    _, stats0, y0 = results[0]
+    for how, st, yy in results[1:]:
+        np.testing.assert_array_equal(st, stats0, err_msg=f"statistics of {how}")
+        np.testing.assert_array_equal(yy, y0, err_msg=f"y of {how}")
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 2)), x64.var(axis=(0, 2))
+    np.testing.assert_allclose(stats0[0], mean, rtol=1e-14)
+    np.testing.assert_allclose(stats0[1], var, rtol=1e-11)
+    yref = (x64 - mean[:, None]) / np.sqrt(var[:, None] + 1e-5) * weight[:, None] + bias[:, None]
+    tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(y0.astype(np.float64), yref, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_sums_do_not_depend_on_split_or_output(shape, dtype, training):
+    rng = np.random.default_rng(sum(shape) + training)
+    c = shape[1]
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=(0, 2))
+    invstd = 1 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5)
+    weight = rng.uniform(0.5, 1.5, c)
+    ctype = _ctype(dtype)
+    results = []
+    for ntask in _splits(c):
+        for streamed in (False, True):
+            for offset, dx in _outputs(shape, dtype):
+                params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
+                _cpu_kernels.backward_channels(
+                    _bits(dy), _bits(x), mean, invstd, weight, training, params, grads, ntask,
+                    streamed, _bits(dx),
+                )
+                results.append(((ntask, streamed, offset), grads.copy(), dx.copy()))
+    params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
+    dx = np.empty(shape, dtype)
+    _cpu_kernels.backward_small_ncl(
+        _bits(dy), _bits(x), mean, invstd, weight, training, params, grads, _bits(dx)
+    )
+    results.append(("small", grads, dx))
+    _, grads0, dx0 = results[0]
+    for how, g, d in results[1:]:
+        np.testing.assert_array_equal(g, grads0, err_msg=f"dweight, dbias of {how}")
+        np.testing.assert_array_equal(d, dx0, err_msg=f"dx of {how}")
+    xhat = (x64 - mean[:, None]) * invstd[:, None]
+    dbias = dy64.sum(axis=(0, 2))
+    dweight = (dy64 * xhat).sum(axis=(0, 2))
+    count = shape[0] * shape[2]
+    if training:
+        dxref = (dy64 - dbias[:, None] / count - xhat * dweight[:, None] / count)
+    else:
+        dxref = dy64
+    dxref = dxref * (invstd * weight)[:, None]
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(grads0[1], dbias, rtol=rtol, atol=1e-9)
+    np.testing.assert_allclose(grads0[0], dweight, rtol=rtol, atol=1e-9)
+    tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(dx0.astype(np.float64), dxref, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fused_forward_in_place(streamed):
+    """y may be x: a channel is written only after its sums, and the next channel's
+    sums read only that channel."""
+    shape = (3, 4, 1504)
+    x = np.random.default_rng(1).normal(5.0, 3.0, shape).astype(np.float32)
+    expected, stats = np.empty_like(x), np.empty((3, 4))
+    args = (np.ones(4), np.zeros(4), 1e-5, np.empty((4, 4), np.float32))
+    _cpu_kernels.forward_channels(x, *args, stats, 2, streamed, expected)
+    buf = _line_aligned(x.size, np.float32).reshape(shape)
+    buf[...] = x
+    _cpu_kernels.forward_channels(buf, *args, np.empty((3, 4)), 2, streamed, buf)
+    np.testing.assert_array_equal(buf, expected)
+
+
+def test_line_blocks():
+    raw = _line_aligned(200, np.float32)
+    for offset in range(17):
+        for size in (0, 3, 16, 17, 40, 100):
+            y = raw[offset : offset + size]
+            start, blocks = _stream.line_blocks(y)
+            first = (-offset) % 16
+            assert start == min(first, size)
+            assert blocks == (size - start) // 16
+            assert (y[start:].ctypes.data % 64 == 0) or start == size
+    odd = np.frombuffer(np.zeros(100, np.uint8).data, np.float32, 20, offset=1)
+    assert _stream.line_blocks(odd) == (0, 0)
