@@ -304,6 +304,12 @@ def tiny_overhead(profile):
     ]
     for name, fn, peer in rows:
         print(f"2x3x4x5 {name}: {_wall(fn):.1f} us per call wall time (torch {_wall(peer):.1f} us)", flush=True)
+    for name, fn, peer in rows:
+        gpu, hidden = _gpu(fn, reps=50)
+        gpu_t, _ = _gpu(peer, reps=50)
+        print(f"2x3x4x5 {name}: {gpu:.1f} us per call device time{'' if hidden else ' (host-bound)'}, "
+              f"torch {gpu_t:.1f} us; Python calls per call: {_python_calls(fn)} "
+              f"(torch {_python_calls(peer)})", flush=True)
     if profile:
         _overhead_parts(tiny, trm, trv, tw, tb)
         pr = cProfile.Profile()
@@ -316,6 +322,24 @@ def tiny_overhead(profile):
         pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(40)
         print("\n".join(s.getvalue().splitlines()[:60]))
     return True
+
+
+def _python_calls(fn) -> int:
+    """Function calls (Python and C) that one call of ``fn`` makes, as a profiler
+    sees them: with the host time per call, where the host time of a call goes."""
+    fn()
+    count = [0]
+
+    def tracer(frame, event, arg):
+        if event in ("call", "c_call"):
+            count[0] += 1
+
+    sys.setprofile(tracer)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count[0]
 
 
 def _overhead_parts(x, rm, rv, w, b):
@@ -472,8 +496,8 @@ def main():
         section("check strided", check_strided)
         section("check negative strides", check_negative_strides)
         section("check huge", check_huge)
-    section("tiny overhead", tiny_overhead, args.profile)
     _sleep_ms = _sleep_time()
+    section("tiny overhead", tiny_overhead, args.profile)
     print(f"\n(sleep kernel {_sleep_ms:.1f} ms; gpu = device time per call, wall = host time per call)")
     print(f"{'layout':<5} {'dtype':<8} {'shape':<14} {'op':<10} {'numbabn':>9} {'torch':>9} {'floor':>9} "
           f"{'x torch':>9} {'of floor':>8} {'nb wall':>9} {'th wall':>9}   (us)", flush=True)
