@@ -75,16 +75,24 @@ def _item_bytes(a):
 
 
 @njit(inline="always")
-def bounds(y):
-    """(start, stop): the aligned whole-vector part of 1-D contiguous array ``y``;
-    (0, 0) for an array whose address is not a multiple of its item size."""
+def _boundary(y, nbytes):
+    """(index of the first multiple of ``nbytes`` in 1-D contiguous array ``y``, at most
+    its size; values per ``nbytes``), or (0, 0) for an array whose address is not a
+    multiple of its item size."""
     item = item_bytes(y)
     if y.ctypes.data % item:
         return 0, 0
-    per = VECTOR_BYTES // item
-    start = (-(y.ctypes.data // item)) % per
-    if start > y.size:
-        start = y.size
+    per = nbytes // item
+    return min((-(y.ctypes.data // item)) % per, y.size), per
+
+
+@njit(inline="always")
+def bounds(y):
+    """(start, stop): the aligned whole-vector part of 1-D contiguous array ``y``;
+    (0, 0) for an array whose address is not a multiple of its item size."""
+    start, per = _boundary(y, VECTOR_BYTES)
+    if per == 0:
+        return 0, 0
     return start, start + (y.size - start) // per * per
 
 
@@ -99,13 +107,9 @@ def line_blocks(y):
     Lines written whole by consecutive stores leave the write-combining buffers at
     once; with a row that starts mid-line, each line took the end of one block and
     the start of the next, and the fused rows (below) ran 1.3x slower."""
-    item = item_bytes(y)
-    if y.ctypes.data % item:
+    start, per = _boundary(y, LINE_BYTES)
+    if per == 0:
         return 0, 0
-    per = LINE_BYTES // item
-    start = (-(y.ctypes.data // item)) % per
-    if start > y.size:
-        start = y.size
     return start, (y.size - start) // per
 
 
@@ -189,23 +193,38 @@ class _Vectors:
         return self.builder.fadd(a, b, flags=("contract",))
 
 
-def _vector_loop(builder, start, stop, step, body):
-    """for (i = start; i < stop; i += step) body(i)"""
+def _loop(builder, start, stop, step, inits, body):
+    """for (i = start; i < stop; i += step) values = body(i, values), with ``inits``
+    the values before the loop; returns the values after it."""
     i64 = ir.IntType(64)
     entry = builder.block
-    cond = builder.append_basic_block("stream.cond")
-    loop = builder.append_basic_block("stream.body")
-    done = builder.append_basic_block("stream.done")
+    cond = builder.append_basic_block("loop.cond")
+    loop = builder.append_basic_block("loop.body")
+    done = builder.append_basic_block("loop.done")
     builder.branch(cond)
     builder.position_at_end(cond)
     i = builder.phi(i64)
     i.add_incoming(start, entry)
+    phis = []
+    for value in inits:
+        phi = builder.phi(value.type)
+        phi.add_incoming(value, entry)
+        phis.append(phi)
     builder.cbranch(builder.icmp_signed("<", i, stop), loop, done)
     builder.position_at_end(loop)
-    body(i)
-    i.add_incoming(builder.add(i, ir.Constant(i64, step)), builder.block)
+    new = body(i, phis)
+    end = builder.block
+    i.add_incoming(builder.add(i, ir.Constant(i64, step)), end)
+    for phi, value in zip(phis, new):
+        phi.add_incoming(value, end)
     builder.branch(cond)
     builder.position_at_end(done)
+    return phis
+
+
+def _vector_loop(builder, start, stop, step, body):
+    """for (i = start; i < stop; i += step) body(i)"""
+    _loop(builder, start, stop, step, [], lambda i, _: body(i) or [])
 
 
 def _compute_type(param):
@@ -222,6 +241,21 @@ def _lanes(context, out):
 
 
 # --- the two elementwise formulas ----------------------------------------------------------
+
+
+def _normalized(vec, x, params, i):
+    """((x[i] - hi) - lo) * a + b for the vector at i; ``x`` and each of ``params``
+    (hi, lo, a, b) a (numba type, value) pair."""
+    hi, lo, a, b = (vec.param(t, v, i) for t, v in params)
+    return vec.add(vec.mul(vec.sub(vec.sub(vec.load(*x, i), hi), lo), a), b)
+
+
+def _gradient(vec, g, x, params, i):
+    """(g[i] - mdy - ((x[i] - hi) - lo) * k2) * k1 for the vector at i; ``params``
+    (hi, lo, k2, mdy, k1) as in :func:`_normalized`."""
+    hi, lo, k2, mdy, k1 = (vec.param(t, v, i) for t, v in params)
+    xmu = vec.sub(vec.sub(vec.load(*x, i), hi), lo)
+    return vec.mul(vec.sub(vec.sub(vec.load(*g, i), mdy), vec.mul(xmu, k2)), k1)
 
 
 @intrinsic
@@ -242,8 +276,8 @@ def normalize(typingctx, x, y, start, stop, hi, lo, a, b):
         vec = _Vectors(context, builder, _lanes(context, yty), compute)
 
         def body(i):
-            d = vec.sub(vec.sub(vec.load(xty, xv, i), vec.param(hty, hv, i)), vec.param(lty, lv, i))
-            vec.store_nt(yty, yv, i, vec.add(vec.mul(d, vec.param(aty, av, i)), vec.param(bty, bv, i)))
+            params = ((hty, hv), (lty, lv), (aty, av), (bty, bv))
+            vec.store_nt(yty, yv, i, _normalized(vec, (xty, xv), params, i))
 
         _vector_loop(builder, i0, i1, vec.lanes, body)
         return context.get_dummy_value()
@@ -265,10 +299,8 @@ def grad_input(typingctx, dy, x, dx, start, stop, hi, lo, k2, mdy, k1):
         vec = _Vectors(context, builder, _lanes(context, dty), compute)
 
         def body(i):
-            xmu = vec.sub(vec.sub(vec.load(xty, xv, i), vec.param(hty, hv, i)), vec.param(lty, lv, i))
-            g = vec.sub(vec.load(gty, gv, i), vec.param(mty, mv, i))
-            r = vec.mul(vec.sub(g, vec.mul(xmu, vec.param(k2ty, k2v, i))), vec.param(k1ty, k1v, i))
-            vec.store_nt(dty, dv, i, r)
+            params = ((hty, hv), (lty, lv), (k2ty, k2v), (mty, mv), (k1ty, k1v))
+            vec.store_nt(dty, dv, i, _gradient(vec, (gty, gv), (xty, xv), params, i))
 
         _vector_loop(builder, i0, i1, vec.lanes, body)
         return context.get_dummy_value()
@@ -294,35 +326,6 @@ def grad_input(typingctx, dy, x, dx, start, stop, hi, lo, k2, mdy, k1):
 # the additions, and thereby the sums to the last bit, depend on the row lengths
 # alone, not on where the output lies or whether it is streamed. The caller adds the
 # values past the last whole block, and the lanes at the end (``_cpu_kernels``).
-
-
-def _counted_loop(builder, start, stop, inits, body):
-    """for (i = start; i < stop; i++) values = body(i, values); returns the values
-    after the loop (``inits`` before it)."""
-    i64 = ir.IntType(64)
-    entry = builder.block
-    cond = builder.append_basic_block("fused.cond")
-    loop = builder.append_basic_block("fused.body")
-    done = builder.append_basic_block("fused.done")
-    builder.branch(cond)
-    builder.position_at_end(cond)
-    i = builder.phi(i64)
-    i.add_incoming(start, entry)
-    phis = []
-    for value in inits:
-        phi = builder.phi(value.type)
-        phi.add_incoming(value, entry)
-        phis.append(phi)
-    builder.cbranch(builder.icmp_signed("<", i, stop), loop, done)
-    builder.position_at_end(loop)
-    new = body(i, phis)
-    end = builder.block
-    i.add_incoming(builder.add(i, ir.Constant(i64, 1)), end)
-    for phi, value in zip(phis, new):
-        phi.add_incoming(value, end)
-    builder.branch(cond)
-    builder.position_at_end(done)
-    return phis
 
 
 def _store_plain(vec, aty, arr, i, v):
@@ -365,8 +368,8 @@ def _fused_row(formula, sums, nt):
     def signature(args):
         store_arrays = args[:2] if formula == "normalize" else args[:3]
         consts = args[4:n_store] if formula == "normalize" else args[5:n_store]
-        sum_arrays = args[n_store : n_store + n_sums - 2]  # the rows and acc
-        if not _contiguous(*store_arrays, *sum_arrays, *consts):
+        rows = args[n_store : n_store + n_sums - 3]
+        if not _contiguous(*store_arrays, *rows, args[-1], *consts):  # args[-1]: acc
             return None
         compute = _compute_type(consts[-1])
 
@@ -389,16 +392,11 @@ def _fused_row(formula, sums, nt):
             nsum = ins[-2][1]
             acc_ty, acc_v = ins[-1]
 
-            def param(j, i):
-                return vec.param(params[j][0], params[j][1], i)
-
             def store(i):
-                xmu = vec.sub(vec.sub(vec.load(xt, xv, i), param(0, i)), param(1, i))
                 if formula == "normalize":
-                    r = vec.add(vec.mul(xmu, param(2, i)), param(3, i))
+                    r = _normalized(vec, (xt, xv), params, i)
                 else:
-                    g = vec.sub(vec.load(gt, gv, i), param(3, i))
-                    r = vec.mul(vec.sub(g, vec.mul(xmu, param(2, i))), param(4, i))
+                    r = _gradient(vec, (gt, gv), (xt, xv), params, i)
                 if nt:
                     vec.store_nt(yt, yv, i, r)
                 else:
@@ -445,9 +443,9 @@ def _fused_row(formula, sums, nt):
             ]
             accs = [builder.load(p, align=8) for p in slots]
             both_end = builder.select(builder.icmp_signed("<", nstore, nsum), nstore, nsum)
-            accs = _counted_loop(builder, ir.Constant(i64, 0), both_end, accs, both)
-            accs = _counted_loop(builder, both_end, nsum, accs, sum_block)
-            _counted_loop(builder, both_end, nstore, [], store_only)
+            accs = _loop(builder, ir.Constant(i64, 0), both_end, 1, accs, both)
+            accs = _loop(builder, both_end, nsum, 1, accs, sum_block)
+            _loop(builder, both_end, nstore, 1, [], store_only)
             for p, v in zip(slots, accs):
                 builder.store(v, p, align=8)
             return context.get_dummy_value()
