@@ -134,7 +134,7 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
     eps = chk.eps if chk.eps > 0 else 1.0
     launcher(kernel, grid, block, stream)(
-        *kernel_args((xv,), layout), *(_vector(a) for a in (weight, bias, running_mean, running_var)),
+        *kernel_args((xv,), layout), *[_vector(a) for a in (weight, bias, running_mean, running_var)],
         flags, eps,
         chk.momentum, partials, counters, chan,
     )
@@ -193,7 +193,7 @@ def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream,
     chan = fresh[1]
     blocks = -(-c // K.BLOCK)
     launcher(K.eval_params, blocks, K.BLOCK, stream)(
-        *(_vector(a) for a in (running_mean, running_var, weight, bias)), _flags(weight, bias),
+        *[_vector(a) for a in (running_mean, running_var, weight, bias)], _flags(weight, bias),
         eps, chan,
     )
     return fresh
@@ -219,7 +219,7 @@ def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like
     chan = fresh[1]
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     launcher(kernel, grid, block, stream)(
-        *kernel_args((dyv, xv), layout), *(_vector(a) for a in (mean, invstd, weight)), _flags(weight, training=training),
+        *kernel_args((dyv, xv), layout), *[_vector(a) for a in (mean, invstd, weight)], _flags(weight, training=training),
         partials, counters, chan,
     )
     return fresh, dyv, xv

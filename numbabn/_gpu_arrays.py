@@ -60,8 +60,9 @@ def _simulator_array(a):
     )
 
 
-def strided(a, shape, strides):
-    """A view of ``a``'s memory with the given shape and byte strides."""
+def strided(a, shape, strides, info=None):
+    """A view of ``a``'s memory with the given shape and byte strides (``info``: ``a``'s
+    ArrayInfo, if the caller has it)."""
     if _SIM:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
@@ -76,7 +77,7 @@ def strided(a, shape, strides):
         # freed when their last array goes. With negative strides numba places the
         # data pointer.
         return DeviceNDArray(shape, strides, a.dtype, gpu_data=a.gpu_data)
-    info = describe(a, "array")
+    info = info or describe(a, "array")
     if min(info.strides, default=0) < 0:  # rare: let numba place the data pointer
         base = cuda.as_cuda_array(a)
         return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
@@ -160,7 +161,7 @@ def _view_geometry(info, layout: Layout):
         if pre is None or post is None:
             return None
         strides = (pre[1], c_stride, post[1])
-        if any(s < 0 or s % info.dtype.itemsize for s in strides):  # no flat walk
+        if any([s < 0 or s % info.dtype.itemsize for s in strides]):  # no flat walk
             return None
         return (layout.n, layout.c, layout.l), strides
     rest = _merge(info.shape[:ax] + info.shape[ax + 1 :], info.strides[:ax] + info.strides[ax + 1 :])
@@ -180,25 +181,26 @@ def operands(view, layout: Layout) -> tuple:
     if layout.kind == "mc":
         return (view,)
     item = view.dtype.itemsize
-    strides = tuple(s // item for s in view.strides)
-    extent = 1 + sum((e - 1) * s for e, s in zip(view.shape, strides)) if view.size else 0
+    strides = tuple([s // item for s in view.strides])
+    extent = 1 + sum([(e - 1) * s for e, s in zip(view.shape, strides)]) if view.size else 0
     return strided(view, (extent,), (item,)), strides
 
 
 def kernel_args(views, layout: Layout) -> tuple:
     """The leading arguments of a kernel that reads ``views``: each view's operands,
     then, for NCL kernels, (N, L)."""
-    args = tuple(x for v in views for x in operands(v, layout))
+    args = tuple([x for v in views for x in operands(v, layout)])
     return args + ((layout.n, layout.l),) if layout.kind == "ncl" else args
 
 
 def input_view(a, name, layout: Layout, stream):
     """The kernel view of an input; if its strides cannot be walked as (N, C, L) or
     (M, C), the view of a device copy in the layout's memory order."""
-    geometry = _view_geometry(describe(a, name), layout)
+    info = describe(a, name)
+    geometry = _view_geometry(info, layout)
     if geometry is not None:
-        return strided(a, *geometry)
-    _, tmp = empty(layout, describe(a, name).dtype, stream)
+        return strided(a, *geometry, info)
+    _, tmp = empty(layout, info.dtype, stream)
     copy_strided(numba_array(a), tmp, stream)
     return kernel_view(tmp, name, layout)
 
@@ -217,7 +219,7 @@ def _compress(shape, *strides):
     axes = [(e, *st) for e, *st in zip(shape, *strides) if e != 1]
     merged = []
     for e, *st in axes:
-        if merged and all(p == q * e for p, q in zip(merged[-1][1:], st)):
+        if merged and all([p == q * e for p, q in zip(merged[-1][1:], st)]):
             last = merged.pop()
             merged.append((last[0] * e, *st))
         else:
@@ -279,9 +281,9 @@ def allocate(shape, strides, dtype, like, stream):
         import torch
 
         t = torch.empty_strided(
-            shape, tuple(s // item for s in strides), dtype=torch_dtype(dtype), device=like.device
+            shape, tuple([s // item for s in strides]), dtype=torch_dtype(dtype), device=like.device
         )
-        return t, strided(t, shape, strides)
+        return t, _view(t.data_ptr(), tuple(shape), tuple(strides), np.dtype(dtype))
     import cupy
 
     with cupy.cuda.Device(like.device.id):

@@ -118,12 +118,19 @@ def _kind(a):
     dtype, rank and layout (C, F or A, as numba's ``_numba_type_`` decides it); for a
     tuple its items' kinds; for a scalar its Python type. None: not known here."""
     if getattr(a, "__cuda_ndarray__", False) is True:
-        flags = a.flags
-        broadcast = 0 in a.strides and a.size != 0
-        return (a.dtype, a.ndim, flags["C_CONTIGUOUS"] and not broadcast,
-                flags["F_CONTIGUOUS"] and not broadcast)
+        # A numba array's kind never changes: kept on the array (the cached views come
+        # back call after call; reading ``flags`` builds a dict each time).
+        kind = a.__dict__.get("_numbabn_kind")
+        if kind is None:
+            flags = a.flags
+            broadcast = 0 in a.strides and a.size != 0
+            kind = a.__dict__["_numbabn_kind"] = (
+                a.dtype, a.ndim, flags["C_CONTIGUOUS"] and not broadcast,
+                flags["F_CONTIGUOUS"] and not broadcast,
+            )
+        return kind
     if isinstance(a, tuple):
-        kinds = tuple(_kind(x) for x in a)
+        kinds = tuple([_kind(x) for x in a])
         return None if None in kinds else (tuple, *kinds)
     t = type(a)
     return t if t in _SCALARS else None
@@ -197,7 +204,7 @@ class Launch:
 
     def __call__(self, *args):
         try:
-            kinds = (_current_context(), *(_kind(a) for a in args))
+            kinds = (_current_context(), *[_kind(a) for a in args])
             direct = self._direct.get(kinds, False)
         except TypeError:  # an unhashable kind: numba decides
             return self.configured(*args)

@@ -140,7 +140,7 @@ def _torch_info(a: Any) -> ArrayInfo | None:
     if dtype is None or not a.is_cuda:
         return None
     item = dtype.itemsize
-    return ArrayInfo(DEVICE, dtype, tuple(a.shape), tuple(s * item for s in a.stride()), True)
+    return ArrayInfo(DEVICE, dtype, tuple(a.shape), tuple([s * item for s in a.stride()]), True)
 
 
 def describe(a: Any, name: str) -> ArrayInfo:
