@@ -559,29 +559,21 @@ def _normalize_row_moments(xr, yr, hi, lo, a, b, streamed, zr, k, acc, t1, t2):
 
 
 @njit(inline="always", **_ELEM)
-def _grad_row_sums(gr, xr, dr, hi, lo, p, q, k1, training, streamed, gz, xz, mu, acc, t1, t2):
-    """dx of row (gr, xr) into ``dr`` (training: the gradient formula; eval: dy * k1
-    through normalize's, see ``_grad_params``) and, in the same loop, the gradient sums
-    (g, g * (z - mu)) of the next channel's rows (gz, xz), as ``_normalize_row_moments``."""
+def _grad_row_sums(gr, xr, dr, hi, lo, p, q, k1, training, gz, xz, mu, acc, t1, t2):
+    """dx of row (gr, xr) into streamed ``dr`` (training: the gradient formula; eval:
+    dy * k1 through normalize's, see ``_grad_params``) and, in the same loop, the
+    gradient sums (g, g * (z - mu)) of the next channel's rows (gz, xz), as
+    ``_normalize_row_moments``. (Backward into outputs that stay in cache does not
+    interleave: ``_backward_run_cached``.)"""
     block = _block(dr)
-    s, nstore = _store_blocks(dr, streamed, block)
+    s, nstore = _stream.line_blocks(dr)
     nsum = xz.size // block
     if training:
-        if streamed:
-            _stream.grad_input_grads_nt(
-                gr, xr, dr, s, nstore, hi, lo, p, q, k1, gz, xz, mu, nsum, acc
-            )
-        else:
-            _stream.grad_input_grads_plain(
-                gr, xr, dr, s, nstore, hi, lo, p, q, k1, gz, xz, mu, nsum, acc
-            )
+        _stream.grad_input_grads_nt(gr, xr, dr, s, nstore, hi, lo, p, q, k1, gz, xz, mu, nsum, acc)
         _grad_input_plain(gr, xr, hi, lo, p, q, k1, dr, 0, s)
         _grad_input_plain(gr, xr, hi, lo, p, q, k1, dr, s + nstore * block, dr.size)
     else:
-        if streamed:
-            _stream.normalize_grads_nt(gr, dr, s, nstore, hi, lo, p, q, gz, xz, mu, nsum, acc)
-        else:
-            _stream.normalize_grads_plain(gr, dr, s, nstore, hi, lo, p, q, gz, xz, mu, nsum, acc)
+        _stream.normalize_grads_nt(gr, dr, s, nstore, hi, lo, p, q, gz, xz, mu, nsum, acc)
         _normalize_plain(gr, hi, lo, p, q, dr, 0, s)
         _normalize_plain(gr, hi, lo, p, q, dr, s + nstore * block, dr.size)
     return _grads_tail(gz, xz, mu, nsum * block, t1, t2)
@@ -593,11 +585,13 @@ def _channel_sums(x3, c, k, acc):
     acc.fill(0.0)
     t1 = 0.0
     t2 = 0.0
-    z = zero(x3)
+    z, block = zero(x3), _block(x3)
     for n in range(x3.shape[0]):
-        none = x3[n, c, :0]  # no output row: the loop only sums
-        t1, t2 = _normalize_row_moments(none, none, z, z, z, z, False, x3[n, c], k, acc, t1, t2)
-    return _acc_total(acc, _block(x3), t1, t2)
+        row, none = x3[n, c], x3[n, c, :0]  # no output row: the loop only sums
+        nsum = row.size // block
+        _stream.normalize_moments_plain(none, none, 0, 0, z, z, z, z, row, k, nsum, acc)
+        t1, t2 = _moments_tail(row, k, nsum * block, t1, t2)
+    return _acc_total(acc, block, t1, t2)
 
 
 @njit(**_ELEM)
@@ -606,13 +600,13 @@ def _channel_grad_sums(dy3, x3, c, mu, acc):
     acc.fill(0.0)
     t1 = 0.0
     t2 = 0.0
-    z = zero(x3)
+    z, block = zero(x3), _block(x3)
     for n in range(x3.shape[0]):
-        none = x3[n, c, :0]
-        t1, t2 = _grad_row_sums(
-            none, none, none, z, z, z, z, z, True, False, dy3[n, c], x3[n, c], mu, acc, t1, t2
-        )
-    return _acc_total(acc, _block(x3), t1, t2)
+        g, row, none = dy3[n, c], x3[n, c], x3[n, c, :0]
+        nsum = row.size // block
+        _stream.grad_input_grads_plain(none, none, none, 0, 0, z, z, z, z, z, g, row, mu, nsum, acc)
+        t1, t2 = _grads_tail(g, row, mu, nsum * block, t1, t2)
+    return _acc_total(acc, block, t1, t2)
 
 
 @njit(cache=True)
@@ -622,6 +616,13 @@ def _channel_moments(x3, c):
     k = np.float64(load(x3[0, c, 0]))
     s1, s2 = _channel_sums(x3, c, k, np.empty(_stream.ACC_SIZE))
     return moments(s1, s2, k, n_ * l_)
+
+
+@njit(inline="always")
+def _next_channel(c, c1, l_):
+    """(the channel summed while channel c of run [c0, c1) is written, the length of
+    its rows to sum: 0 after the run's last channel)."""
+    return min(c + 1, c1 - 1), (l_ if c + 1 < c1 else 0)
 
 
 @njit(**_ELEM)
@@ -637,8 +638,7 @@ def _forward_run(x3, c0, c1, weight, bias, eps, params, stats, streamed, y3):
         mean, var = moments(s1, s2, k, n_ * l_)
         _norm_params(c, mean, var, weight, bias, eps, params, stats)
         hi, lo, a, b = params[0, c], params[1, c], params[2, c], params[3, c]
-        nxt = min(c + 1, c1 - 1)
-        width = l_ if c + 1 < c1 else 0  # after the last channel: nothing to sum
+        nxt, width = _next_channel(c, c1, l_)
         k = np.float64(load(x3[0, nxt, 0]))
         acc.fill(0.0)
         t1 = 0.0
@@ -656,8 +656,8 @@ def _forward_run(x3, c0, c1, weight, bias, eps, params, stats, streamed, y3):
 def _backward_run_cached(
     dy3, x3, c0, c1, mean, invstd, weight, training, params, grads, acc, dx3
 ):
-    """``_backward_run`` for data in cache: each channel's sums (in the same order),
-    then its dx."""
+    """Backward of channels [c0, c1) for data in cache: each channel's gradient sums
+    (in the order of ``_backward_run``), then its dx (``acc``: scratch for the sums)."""
     n_, _, l_ = x3.shape
     for c in range(c0, c1):
         s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
@@ -676,34 +676,26 @@ def _backward_run_cached(
 
 
 @njit(**_ELEM)
-def _backward_run(dy3, x3, c0, c1, mean, invstd, weight, training, params, grads, streamed, dx3):
-    """Backward of channels [c0, c1), each channel's dx computed while the next one's
-    gradient sums are taken (as ``_forward_run``)."""
+def _backward_run(dy3, x3, c0, c1, mean, invstd, weight, training, params, grads, dx3):
+    """Backward of channels [c0, c1) into a streamed ``dx3``, each channel's dx computed
+    while the next one's gradient sums are taken (as ``_forward_run``)."""
     n_, _, l_ = x3.shape
     acc = np.empty(_stream.ACC_SIZE)
-    if not streamed:
-        _backward_run_cached(
-            dy3, x3, c0, c1, mean, invstd, weight, training, params, grads, acc, dx3
-        )
-        return
     s1, s2 = _channel_grad_sums(dy3, x3, c0, mean[c0], acc)
     for c in range(c0, c1):
         _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
         hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
-        nxt = min(c + 1, c1 - 1)
-        width = l_ if c + 1 < c1 else 0
-        mu = mean[nxt]
+        nxt, width = _next_channel(c, c1, l_)
         acc.fill(0.0)
         t1 = 0.0
         t2 = 0.0
         for n in range(n_):
             t1, t2 = _grad_row_sums(
-                dy3[n, c], x3[n, c], dx3[n, c], hi, lo, p, q, k1, training, streamed,
-                dy3[n, nxt, :width], x3[n, nxt, :width], mu, acc, t1, t2,
+                dy3[n, c], x3[n, c], dx3[n, c], hi, lo, p, q, k1, training,
+                dy3[n, nxt, :width], x3[n, nxt, :width], mean[nxt], acc, t1, t2,
             )
         s1, s2 = _acc_total(acc, _block(x3), t1, t2)
-    if streamed:
-        _stream.fence()
+    _stream.fence()
 
 
 @njit(inline="always")
@@ -737,14 +729,12 @@ def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, nt
         if c0 >= c1:
             continue
         args = (dy3, x3, c0, c1, mean, invstd, weight)  # constant flags, as forward_channels
-        if training and streamed:
-            _backward_run(*args, True, params, grads, True, dx3)
+        if not streamed:
+            _backward_run_cached(*args, training, params, grads, np.empty(_stream.ACC_SIZE), dx3)
         elif training:
-            _backward_run(*args, True, params, grads, False, dx3)
-        elif streamed:
-            _backward_run(*args, False, params, grads, True, dx3)
+            _backward_run(*args, True, params, grads, dx3)
         else:
-            _backward_run(*args, False, params, grads, False, dx3)
+            _backward_run(*args, False, params, grads, dx3)
 
 
 @njit(cache=True)
@@ -754,8 +744,9 @@ def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
 
 @njit(cache=True)
 def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
-    _backward_run(
-        dy3, x3, 0, x3.shape[1], mean, invstd, weight, training, params, grads, False, dx3
+    _backward_run_cached(
+        dy3, x3, 0, x3.shape[1], mean, invstd, weight, training, params, grads,
+        np.empty(_stream.ACC_SIZE), dx3,
     )
 
 

@@ -473,12 +473,12 @@ def _fused_row(formula, sums, nt):
 
 # normalize_moments(x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc): train forward.
 # normalize_grads(x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc): eval-mode
-# backward (dx = dy * k1 through normalize's formula), next channel's gradient sums.
+# backward (dx = dy * k1 through normalize's formula), next channel's gradient sums;
+# streamed only (backward into outputs that stay in cache does not interleave).
 # grad_input_grads(dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc):
 # training backward.
 normalize_moments_nt = _fused_row("normalize", "moments", True)
 normalize_moments_plain = _fused_row("normalize", "moments", False)
 normalize_grads_nt = _fused_row("normalize", "grads", True)
-normalize_grads_plain = _fused_row("normalize", "grads", False)
 grad_input_grads_nt = _fused_row("grad_input", "grads", True)
 grad_input_grads_plain = _fused_row("grad_input", "grads", False)
