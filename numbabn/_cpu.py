@@ -56,8 +56,17 @@ _MIN_TASK_ELEMENTS = 4096
 #   1.1-1.7x in backward (paired full calls, 256x64x5x5, 256x64x6x6, 128x64x8x8; flat
 #   sums beat fusion at 4x4 before). At 10x10 and 14x14 fusion still won in backward
 #   (1.0-1.4x) with train mixed (0.7-1.4x), so longer planes keep the rule above.
+# - since train forward interleaves (a channel written while the next is summed, see
+#   ``_cpu_kernels``), it gains at any slab size when rows are long, even once two
+#   threads' slabs no longer fit the L3: paired full calls, fused against the rule
+#   before, x slabs of 3.2-51 MB, float32: 112x112 and 224x224 planes 1.04-1.28x,
+#   64x64 1.06-1.09x, 56x56 1.00-1.05x; but 32x32 and 28x28 planes 0.74-0.85x (4 and
+#   3 MB slabs of 1024 rows each); float16 and float64 1.03-1.07x. Backward keeps its
+#   limit: with the cache flushed before each call, slabs of 6.4-12.8 MB ran
+#   0.40-0.48x (1.08-1.15x when warm).
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
 _FUSE_MIN_ROW_BYTES = 2048
+_FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": None}
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
 # passes then run the MC kernels over each sample's C * L values as one row, with the
@@ -377,16 +386,21 @@ def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np
 def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
     channels to share out evenly, a channel's data (``value_bytes`` per value) small
-    enough to stay in cache, long rows or a tensor that fits the cache, and planes
-    too long for the flat elementwise passes (``_flat``)."""
+    enough to stay in cache (train forward: or rows long enough), long rows or a
+    tensor that fits the cache, and planes too long for the flat elementwise passes
+    (``_flat``)."""
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
     slab = layout.n * layout.l * value_bytes
+    long_rows = _FUSE_ANY_SLAB_ROW_BYTES[which]
     return (
         layout.kind == "ncl"
         and not _flat_fits(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
         and threads > 1
         and balanced
-        and slab <= _FUSE_MAX_BYTES[which]
+        and (
+            slab <= _FUSE_MAX_BYTES[which]
+            or (long_rows is not None and layout.l * value_bytes >= long_rows)
+        )
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
         and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 4)
     )

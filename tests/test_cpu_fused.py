@@ -14,12 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import ON_DEVICE
+from helpers import ON_DEVICE, assert_close, random_batch, tune_cpu
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
 if not ON_DEVICE:
-    from numbabn import _cpu_kernels, _stream
+    import numbabn
+    from numbabn import _cpu, _cpu_kernels, _stream, _validate, reference
 
 # Plane lengths: whole cache lines for every dtype (1504), not (1501, 37), less than a
 # line (5); a single channel, and more runs than threads.
@@ -168,3 +169,27 @@ def test_line_blocks():
             assert (y[start:].ctypes.data % 64 == 0) or start == size
     odd = np.frombuffer(np.zeros(100, np.uint8).data, np.float32, 20, offset=1)
     assert _stream.line_blocks(odd) == (0, 0)
+
+
+def test_train_forward_fuses_long_rows_past_the_slab_limit(monkeypatch):
+    """``_cpu._fuse``: train forward takes the fused pass for rows of 12 KB or more
+    whatever a channel's slab (here 3 MB, past the 2 MB limit); backward keeps its
+    limit, and so do shorter rows (28x28 planes). Through that path, on 2 threads, a
+    call gives the float64 reference's result."""
+
+    def plan(shape):  # on 2 threads (np.empty does not touch the memory)
+        info = _validate.describe(np.empty(shape, np.float32), "x")
+        return _cpu._plan(_validate.plan_layout(info, 1), 2, 4)
+
+    long_rows = (3, 2, 64, 4096)  # x slab 3 MB, rows 1 MB
+    assert plan(long_rows).fuse_forward and not plan(long_rows).fuse_backward
+    assert not plan((1024, 8, 28, 28)).fuse_forward  # 3.2 MB slab of 3 KB rows
+    assert plan((64, 8, 112, 112)).fuse_forward  # 3.2 MB slab of 49 KB rows
+
+    tune_cpu(monkeypatch, _threads=lambda: 2)
+    x = random_batch(long_rows, np.float32, seed=3, per_channel_axis=1)
+    y, mean, invstd = numbabn.batch_norm_forward(x)
+    yr, meanr, invstdr = reference.batch_norm_forward(x)
+    assert_close(y, yr, np.float32)
+    assert_close(mean, meanr, np.float32)
+    assert_close(invstd, invstdr, np.float32)
