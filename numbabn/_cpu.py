@@ -66,7 +66,7 @@ _MIN_TASK_ELEMENTS = 4096
 #   0.40-0.48x (1.08-1.15x when warm).
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
 _FUSE_MIN_ROW_BYTES = 2048
-_FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": None}
+_FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": math.inf}
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
 # passes then run the MC kernels over each sample's C * L values as one row, with the
@@ -391,7 +391,6 @@ def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
     (``_flat``)."""
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
     slab = layout.n * layout.l * value_bytes
-    long_rows = _FUSE_ANY_SLAB_ROW_BYTES[which]
     return (
         layout.kind == "ncl"
         and not _flat_fits(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
@@ -399,7 +398,7 @@ def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
         and balanced
         and (
             slab <= _FUSE_MAX_BYTES[which]
-            or (long_rows is not None and layout.l * value_bytes >= long_rows)
+            or layout.l * value_bytes >= _FUSE_ANY_SLAB_ROW_BYTES[which]
         )
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
         and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 4)

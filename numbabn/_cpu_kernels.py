@@ -665,12 +665,11 @@ def _forward_run(x3, c0, c1, weight, bias, eps, params, stats, streamed, y3):
 
 
 @njit(**_ELEM)
-def _backward_run_cached(
-    dy3, x3, c0, c1, mean, invstd, weight, training, params, grads, acc, dx3
-):
+def _backward_run_cached(dy3, x3, c0, c1, mean, invstd, weight, training, params, grads, dx3):
     """Backward of channels [c0, c1) for data in cache: each channel's gradient sums
-    (in the order of ``_backward_run``), then its dx (``acc``: scratch for the sums)."""
+    (in the order of ``_backward_run``), then its dx."""
     n_, _, l_ = x3.shape
+    acc = np.empty(_stream.ACC_SIZE)
     for c in range(c0, c1):
         s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
         _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
@@ -742,7 +741,7 @@ def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, nt
             continue
         args = (dy3, x3, c0, c1, mean, invstd, weight)  # constant flags, as forward_channels
         if not streamed:
-            _backward_run_cached(*args, training, params, grads, np.empty(_stream.ACC_SIZE), dx3)
+            _backward_run_cached(*args, training, params, grads, dx3)
         elif training:
             _backward_run(*args, True, params, grads, dx3)
         else:
@@ -756,10 +755,8 @@ def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
 
 @njit(cache=True)
 def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
-    _backward_run_cached(
-        dy3, x3, 0, x3.shape[1], mean, invstd, weight, training, params, grads,
-        np.empty(_stream.ACC_SIZE), dx3,
-    )
+    c_ = x3.shape[1]
+    _backward_run_cached(dy3, x3, 0, c_, mean, invstd, weight, training, params, grads, dx3)
 
 
 @njit(cache=True)
