@@ -23,7 +23,9 @@ ends.
 
 The fused rows (the end of this module) are vector loops of the same kind that write
 one channel's row (streamed, or with plain stores) and add up the next channel's row
-in the same iterations, for the fused per-channel passes.
+in the same iterations, for the fused per-channel passes. The line loops after them
+write one cache line of columns down several channels-last rows, with that line's
+per-channel constants loaded once.
 """
 
 from __future__ import annotations
@@ -167,7 +169,10 @@ class _Vectors:
         return v
 
     def param(self, pty, value, i):
-        """A per-channel parameter: a splatted scalar or a vector load of an array."""
+        """A per-channel parameter: a splatted scalar, a vector load of an array, or
+        (``pty`` None) a vector loaded before the loop."""
+        if pty is None:
+            return value
         if isinstance(pty, types.Array):
             return self.load(pty, value, i)
         scalar = self.context.cast(self.builder, value, pty, self.compute)
@@ -482,3 +487,68 @@ normalize_moments_plain = _fused_row("normalize", "moments", False)
 normalize_grads_nt = _fused_row("normalize", "grads", True)
 grad_input_grads_nt = _fused_row("grad_input", "grads", True)
 grad_input_grads_plain = _fused_row("grad_input", "grads", False)
+
+
+# --- lines down the rows: channels-last passes with their constants in registers ------
+# The MC passes above index their constants like the data (arrays tiled over a span):
+# 5 or 4 constant loads for every vector of data. The loops below take one cache line
+# of columns at a time down ``nrows`` rows (``stride`` apart): the constants of those
+# columns are loaded once, before the loop, and each row costs the loads and the store
+# of its line alone.
+
+
+def _lines(formula):
+    """An intrinsic that writes ``formula`` ("normalize" or "grad_input") of one line of
+    columns, from flat index ``start`` down ``nrows`` rows ``stride`` apart, streamed
+    (every line 64-byte aligned); the constants are 1-D arrays of the row's columns,
+    read at ``j`` (the line's first column)."""
+    n_arrays = 2 if formula == "normalize" else 3
+
+    def signature(args):
+        arrays, consts = args[:n_arrays], args[n_arrays + 3 : -1]
+        if not _contiguous(*arrays, *consts):
+            return None
+        compute = _compute_type(consts[-1])
+
+        def codegen(context, builder, sig, vals):
+            ins = list(zip(sig.args, vals))
+            arrays, (_, start), (_, nrows), (_, stride) = ins[:n_arrays], *ins[n_arrays : n_arrays + 3]
+            consts, (_, j) = ins[n_arrays + 3 : -1], ins[-1]
+            out_ty, out_v = arrays[-1]
+            vec = _Vectors(context, builder, _lanes(context, out_ty), compute)
+            i64 = ir.IntType(64)
+            step = ir.Constant(i64, vec.lanes)
+            halves = [[(None, vec.load(t, v, at)) for t, v in consts] for at in (j, builder.add(j, step))]
+
+            def body(r):
+                base = builder.add(start, builder.mul(r, stride))
+                for half, params in enumerate(halves):
+                    i = builder.add(base, step) if half else base
+                    if formula == "normalize":
+                        v = _normalized(vec, arrays[0], params, i)
+                    else:
+                        v = _gradient(vec, arrays[0], arrays[1], params, i)
+                    vec.store_nt(out_ty, out_v, i, v)
+
+            _vector_loop(builder, ir.Constant(i64, 0), nrows, 1, body)
+            return context.get_dummy_value()
+
+        return types.none(*args), codegen
+
+    if formula == "normalize":
+
+        def lines(typingctx, x, y, start, nrows, stride, hi, lo, a, b, j):
+            return signature((x, y, start, nrows, stride, hi, lo, a, b, j))
+
+    else:
+
+        def lines(typingctx, dy, x, dx, start, nrows, stride, hi, lo, k2, mdy, k1, j):
+            return signature((dy, x, dx, start, nrows, stride, hi, lo, k2, mdy, k1, j))
+
+    return intrinsic(lines)
+
+
+# normalize_lines(x, y, start, nrows, stride, hi, lo, a, b, j);
+# grad_input_lines(dy, x, dx, start, nrows, stride, hi, lo, k2, mdy, k1, j)
+normalize_lines = _lines("normalize")
+grad_input_lines = _lines("grad_input")

@@ -32,6 +32,9 @@ CASES = [
     ((67, 5, 7), -1),
     ((13, 3, 11, 29), -1),
     ((4, 1, 640), 1),
+    # rows of whole cache lines for every dtype: down the rows a line at a time
+    ((67, 3, 32), -1),
+    ((37, 4, 8), 1),
 ]
 
 
@@ -73,11 +76,12 @@ def test_streamed_equals_plain(shape, axis, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["ncl", "mc"])
-def test_kernels_stream_when_asked(layout, dtype):
-    """The elementwise kernels with streamed=True on aligned outputs, offsets included."""
+@pytest.mark.parametrize("layout,c", [("ncl", 6), ("mc", 6), ("mc", 32)])
+def test_kernels_stream_when_asked(layout, c, dtype):
+    """The elementwise kernels with streamed=True on aligned outputs, offsets included
+    (MC rows of 32 values are whole cache lines for every dtype, and go down the rows a
+    line at a time, several rows per sweep, over chunks of uneven length)."""
     rng = np.random.default_rng(7)
-    c = 6
     kshape = (2, c, 992) if layout == "ncl" else (1001, c)
     x = rng.standard_normal(kshape).astype(dtype)
     dy = rng.standard_normal(kshape).astype(dtype)
@@ -85,8 +89,7 @@ def test_kernels_stream_when_asked(layout, dtype):
     params = rng.uniform(0.5, 1.5, (5, c)).astype(ctype)
     results = []
     for streamed in (False, True):
-        y = _cpu._aligned_empty(kshape, dtype)
-        dx = _cpu._aligned_empty(kshape, dtype)
+        y, dx = _misaligned(kshape, dtype, 0), _misaligned(kshape, dtype, 0)  # line-aligned
         k = _cpu._kernel_array
         if layout == "ncl":
             _cpu_kernels.normalize_ncl(k(x), params, 2, 3, streamed, k(y))
