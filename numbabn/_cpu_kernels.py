@@ -941,44 +941,45 @@ def _grad_input_block(gf, xf, df, hi, lo, k2, mdy, k1, p, w):
 
 
 # Streamed MC passes over rows of whole cache lines (C a multiple of 16 float32
-# values, 8 float64, 32 float16) into a line-aligned output go down the rows a line of
-# columns at a time (``_stream._lines``): a line's constants are loaded once for a few
-# rows, and every store writes a whole aligned line. Kernels alone against the tiled
-# spans, float32, 32x56x56x64, 2 threads, cache warm / flushed: grad_input 1.5x / 1.3x
-# (the lines went _LINE_ROW_BYTES of rows at a time: 256-1024 bytes measured alike,
-# 2-64 KB 0.8-1.0x, the lines then far apart in memory). Rows up to
-# _LINE_MAX_ROW_BYTES long, whose constants stay in L1; full calls, paired against the
-# version before: 32x56x56x64 train 1.15-1.28x, eval 1.07-1.54x, backward 1.12-1.35x,
-# 12544x512 1.05-1.17x; longer rows gained nothing and lost up to 0.92x flushed
-# (3136x2048, and 2048x64x7x7 as flat rows of 12.5 KB).
+# values, 8 float64, 32 float16) go down the rows a line of columns at a time
+# (``_stream._lines``): a line's constants are loaded once for a few rows, and every
+# store writes a whole aligned line. An output that does not start on a line boundary
+# (``out=`` from ``np.empty``: 16 bytes past one) is walked in rows shifted to start on
+# one, which wrap into the next row, with the constants tiled one line past the row.
+# Kernels alone against the tiled spans, float32, 32x56x56x64, 2 threads, cache warm /
+# flushed: grad_input 1.5x / 1.3x (the lines went _LINE_ROW_BYTES of rows at a time:
+# 256-1024 bytes measured alike, 2-64 KB 0.8-1.0x, the lines then far apart in memory).
+# Rows up to _LINE_MAX_ROW_BYTES long, whose constants stay in L1; full calls, paired
+# against the version before: 32x56x56x64 train 1.15-1.28x, eval 1.07-1.54x, backward
+# 1.12-1.35x, 12544x512 1.05-1.17x; longer rows gained nothing and lost up to 0.92x
+# flushed (3136x2048, and 2048x64x7x7 as flat rows of 12.5 KB).
 _LINE_ROW_BYTES = 512
 _LINE_MAX_ROW_BYTES = 2048
 
 
 @njit(inline="always")
 def _whole_lines(yf, c_):
-    """Rows of ``c_`` values of ``yf`` (flat) are whole cache lines from a line
-    boundary, and short enough for ``_stream._lines``."""
+    """Rows of ``c_`` values of ``yf`` (flat) are whole cache lines, short enough for
+    ``_stream._lines``, and ``yf`` lies on its item size."""
     row = c_ * _stream.item_bytes(yf)
     return (
-        yf.ctypes.data % _stream.LINE_BYTES == 0
+        _stream.line_blocks(yf)[1] > 0
         and row % _stream.LINE_BYTES == 0
         and row <= _LINE_MAX_ROW_BYTES
     )
 
 
 @njit(inline="always")
-def _line_steps(yf, c_):
-    """(values per line, rows per sweep of a line) for ``_whole_lines`` rows."""
+def _line_plan(yf, c_, m, params, l):
+    """How the line loops walk ``m`` ``_whole_lines`` rows of ``c_`` columns: (shift: the
+    values of ``yf`` before its first line boundary, values per line, rows per sweep,
+    shifted rows walked as lines, the constants of columns 0 to ``c_`` + a line, the
+    columns tiled over again)."""
     item = _stream.item_bytes(yf)
-    return _stream.LINE_BYTES // item, max(1, _LINE_ROW_BYTES // (c_ * item))
-
-
-@njit(inline="always")
-def _column_params(params, l, c_):
-    """The constants of each of the ``c_`` columns of a row: ``params`` itself for
-    true channels, spread over the ``l`` values of each plane for flat NCL rows."""
-    return params if l == 1 else tile(params, l, c_)
+    shift = _stream.line_blocks(yf)[0]
+    per = _stream.LINE_BYTES // item
+    rows = max(1, _LINE_ROW_BYTES // (c_ * item))
+    return shift, per, rows, m - (shift > 0), tile(params, l, c_ + per)
 
 
 @njit(**_PAR)
@@ -986,7 +987,7 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
     spans of ``w`` elements (with plain stores, whole rows several at a time where they
     fit, ``_block_span``, and longer rows in bands, ``_wide_task``; streamed rows of
-    whole cache lines a line of columns at a time, ``_whole_lines``); ``l`` > 1 for NCL
+    whole cache lines a line of columns at a time, ``_line_plan``); ``l`` > 1 for NCL
     planes viewed as flat rows."""
     c_ = x2.shape[1]
     xf = x2.reshape(-1)
@@ -999,15 +1000,18 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
                 _normalize_span(xf[p : p + wp], kb[0], kb[1], kb[2], kb[3], yf[p : p + wp], False)
         return
     if streamed and _whole_lines(yf, c_):
-        k = _column_params(params, l, c_)
-        per, rows = _line_steps(yf, c_)
+        s, per, rows, full, k = _line_plan(yf, c_, x2.shape[0], params, l)
         for t in prange(np.int64(nchunk)):
-            r0, r1 = _rows(np.int64(t), nchunk, x2.shape[0])
+            r0, r1 = _rows(np.int64(t), nchunk, full)
             for r in range(r0, r1, rows):
                 nr = min(rows, r1 - r)
-                for j in range(0, c_, per):
+                for j in range(s, s + c_, per):
                     _stream.normalize_lines(xf, yf, r * c_ + j, nr, c_, k[0], k[1], k[2], k[3], j)
             _stream.fence()
+        e = full * c_ + s  # the values before the shifted rows, and after them
+        _normalize_span(xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], yf[:s], False)
+        h = s + xf.size - e
+        _normalize_span(xf[e:], k[0, s:h], k[1, s:h], k[2, s:h], k[3, s:h], yf[e:], False)
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
@@ -1072,17 +1076,24 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
                 )
         return
     if streamed and _whole_lines(df, c_):
-        k = _column_params(params, l, c_)
-        per, rows = _line_steps(df, c_)
+        s, per, rows, full, k = _line_plan(df, c_, x2.shape[0], params, l)
         for t in prange(np.int64(nchunk)):
-            r0, r1 = _rows(np.int64(t), nchunk, x2.shape[0])
+            r0, r1 = _rows(np.int64(t), nchunk, full)
             for r in range(r0, r1, rows):
                 nr = min(rows, r1 - r)
-                for j in range(0, c_, per):
+                for j in range(s, s + c_, per):
                     _stream.grad_input_lines(
                         gf, xf, df, r * c_ + j, nr, c_, k[0], k[1], k[2], k[3], k[4], j
                     )
             _stream.fence()
+        e = full * c_ + s  # as normalize_mc
+        _grad_input_span(
+            gf[:s], xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], k[4, :s], df[:s], False
+        )
+        h = s + xf.size - e
+        _grad_input_span(
+            gf[e:], xf[e:], k[0, s:h], k[1, s:h], k[2, s:h], k[3, s:h], k[4, s:h], df[e:], False
+        )
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)

@@ -76,12 +76,15 @@ def test_streamed_equals_plain(shape, axis, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("items", [0, 3])
 @pytest.mark.parametrize("layout,c", [("ncl", 6), ("mc", 6), ("mc", 32)])
-def test_kernels_stream_when_asked(layout, c, dtype):
-    """The elementwise kernels with streamed=True on aligned outputs, offsets included
-    (MC rows of 32 values are whole cache lines for every dtype, and go down the rows a
-    line at a time, several rows per sweep, over chunks of uneven length)."""
+def test_kernels_stream_when_asked(layout, c, items, dtype):
+    """The elementwise kernels with streamed=True, into outputs on a cache line or
+    ``items`` values past one (MC rows of 32 values are whole cache lines for every
+    dtype, and go down the rows a line at a time, several rows per sweep, over chunks
+    of uneven length; past a line, in rows shifted onto line boundaries)."""
     rng = np.random.default_rng(7)
+    offset = items * np.dtype(dtype).itemsize
     kshape = (2, c, 992) if layout == "ncl" else (1001, c)
     x = rng.standard_normal(kshape).astype(dtype)
     dy = rng.standard_normal(kshape).astype(dtype)
@@ -89,7 +92,7 @@ def test_kernels_stream_when_asked(layout, c, dtype):
     params = rng.uniform(0.5, 1.5, (5, c)).astype(ctype)
     results = []
     for streamed in (False, True):
-        y, dx = _misaligned(kshape, dtype, 0), _misaligned(kshape, dtype, 0)  # line-aligned
+        y, dx = _misaligned(kshape, dtype, offset), _misaligned(kshape, dtype, offset)
         k = _cpu._kernel_array
         if layout == "ncl":
             _cpu_kernels.normalize_ncl(k(x), params, 2, 3, streamed, k(y))
