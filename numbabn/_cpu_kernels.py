@@ -955,22 +955,31 @@ def _grad_input_block(gf, xf, df, hi, lo, k2, mdy, k1, p, w):
 # flushed (3136x2048, and 2048x64x7x7 as flat rows of 12.5 KB).
 _LINE_ROW_BYTES = 512
 _LINE_MAX_ROW_BYTES = 2048
+# With plain stores (outputs that stay in cache) the loads bound the pass, and longer
+# sweeps share each line's constants among more rows (4 KB: kernels alone 1.1-1.2x
+# faster than 1 KB sweeps). Full calls paired against the blocked spans, rows up to
+# _LINE_MAX_ROW_BYTES_PLAIN: 32x28x28x32 float32 1.34-2.14x, float64 1.07-1.30x,
+# 64x14x14x128 float32 1.06-1.46x, float16 1.09-1.21x; rows of 1-2 KB went either way
+# from run to run (0.74-1.46x: 32x14x14x256, 64x7x7x512, 3136x512, 2048x32x4x4 as flat
+# rows, float32; 64x14x14x128 float64), and keep the blocked spans.
+_LINE_ROW_BYTES_PLAIN = 4096
+_LINE_MAX_ROW_BYTES_PLAIN = 512
 
 
 @njit(inline="always")
-def _whole_lines(yf, c_):
+def _whole_lines(yf, c_, streamed):
     """Rows of ``c_`` values of ``yf`` (flat) are whole cache lines, short enough for
     ``_stream._lines``, and ``yf`` lies on its item size."""
     row = c_ * _stream.item_bytes(yf)
     return (
         _stream.line_blocks(yf)[1] > 0
         and row % _stream.LINE_BYTES == 0
-        and row <= _LINE_MAX_ROW_BYTES
+        and row <= (_LINE_MAX_ROW_BYTES if streamed else _LINE_MAX_ROW_BYTES_PLAIN)
     )
 
 
 @njit(inline="always")
-def _line_plan(yf, c_, m, params, l):
+def _line_plan(yf, c_, m, params, l, streamed):
     """How the line loops walk ``m`` ``_whole_lines`` rows of ``c_`` columns: (shift: the
     values of ``yf`` before its first line boundary, values per line, rows per sweep,
     shifted rows walked as lines, the constants of columns 0 to ``c_`` + a line, the
@@ -978,7 +987,8 @@ def _line_plan(yf, c_, m, params, l):
     item = _stream.item_bytes(yf)
     shift = _stream.line_blocks(yf)[0]
     per = _stream.LINE_BYTES // item
-    rows = max(1, _LINE_ROW_BYTES // (c_ * item))
+    sweep = _LINE_ROW_BYTES if streamed else _LINE_ROW_BYTES_PLAIN
+    rows = max(1, sweep // (c_ * item))
     return shift, per, rows, m - (shift > 0), tile(params, l, c_ + per)
 
 
@@ -999,15 +1009,20 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
             for p in range(p0, p1, c_):
                 _normalize_span(xf[p : p + wp], kb[0], kb[1], kb[2], kb[3], yf[p : p + wp], False)
         return
-    if streamed and _whole_lines(yf, c_):
-        s, per, rows, full, k = _line_plan(yf, c_, x2.shape[0], params, l)
+    if _whole_lines(yf, c_, streamed):
+        s, per, rows, full, k = _line_plan(yf, c_, x2.shape[0], params, l, streamed)
         for t in prange(np.int64(nchunk)):
             r0, r1 = _rows(np.int64(t), nchunk, full)
             for r in range(r0, r1, rows):
                 nr = min(rows, r1 - r)
                 for j in range(s, s + c_, per):
-                    _stream.normalize_lines(xf, yf, r * c_ + j, nr, c_, k[0], k[1], k[2], k[3], j)
-            _stream.fence()
+                    p = r * c_ + j
+                    if streamed:
+                        _stream.normalize_lines(xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], j)
+                    else:
+                        _stream.normalize_lines_plain(xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], j)
+            if streamed:
+                _stream.fence()
         e = full * c_ + s  # the values before the shifted rows, and after them
         _normalize_span(xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], yf[:s], False)
         h = s + xf.size - e
@@ -1075,17 +1090,24 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
                     df[p : p + wp], False,
                 )
         return
-    if streamed and _whole_lines(df, c_):
-        s, per, rows, full, k = _line_plan(df, c_, x2.shape[0], params, l)
+    if _whole_lines(df, c_, streamed):
+        s, per, rows, full, k = _line_plan(df, c_, x2.shape[0], params, l, streamed)
         for t in prange(np.int64(nchunk)):
             r0, r1 = _rows(np.int64(t), nchunk, full)
             for r in range(r0, r1, rows):
                 nr = min(rows, r1 - r)
                 for j in range(s, s + c_, per):
-                    _stream.grad_input_lines(
-                        gf, xf, df, r * c_ + j, nr, c_, k[0], k[1], k[2], k[3], k[4], j
-                    )
-            _stream.fence()
+                    p = r * c_ + j
+                    if streamed:
+                        _stream.grad_input_lines(
+                            gf, xf, df, p, nr, c_, k[0], k[1], k[2], k[3], k[4], j
+                        )
+                    else:
+                        _stream.grad_input_lines_plain(
+                            gf, xf, df, p, nr, c_, k[0], k[1], k[2], k[3], k[4], j
+                        )
+            if streamed:
+                _stream.fence()
         e = full * c_ + s  # as normalize_mc
         _grad_input_span(
             gf[:s], xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], k[4, :s], df[:s], False

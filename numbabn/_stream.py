@@ -497,7 +497,7 @@ grad_input_grads_plain = _fused_row("grad_input", "grads", False)
 # of its line alone.
 
 
-def _lines(formula):
+def _lines(formula, nt=True):
     """An intrinsic that writes ``formula`` ("normalize" or "grad_input") of one line of
     columns, from flat index ``start`` down ``nrows`` rows ``stride`` apart, streamed
     (every line 64-byte aligned); the constants are 1-D arrays of the row's columns,
@@ -528,7 +528,10 @@ def _lines(formula):
                         v = _normalized(vec, arrays[0], params, i)
                     else:
                         v = _gradient(vec, arrays[0], arrays[1], params, i)
-                    vec.store_nt(out_ty, out_v, i, v)
+                    if nt:
+                        vec.store_nt(out_ty, out_v, i, v)
+                    else:
+                        _store_plain(vec, out_ty, out_v, i, v)
 
             _vector_loop(builder, ir.Constant(i64, 0), nrows, 1, body)
             return context.get_dummy_value()
@@ -552,3 +555,5 @@ def _lines(formula):
 # grad_input_lines(dy, x, dx, start, nrows, stride, hi, lo, k2, mdy, k1, j)
 normalize_lines = _lines("normalize")
 grad_input_lines = _lines("grad_input")
+normalize_lines_plain = _lines("normalize", False)
+grad_input_lines_plain = _lines("grad_input", False)
