@@ -992,6 +992,44 @@ def _line_plan(yf, c_, m, params, l, streamed):
     return shift, per, rows, m - (shift > 0), tile(params, l, c_ + per)
 
 
+def _line(gf, xf, yf, p, nr, c_, k, j, streamed):
+    """One line of columns from flat index ``p`` down ``nr`` rows (``_stream._lines``):
+    normalize's y when ``gf`` is None, else grad_input's dx with gradient ``gf``."""
+
+
+@overload(_line, inline="always")
+def _line_impl(gf, xf, yf, p, nr, c_, k, j, streamed):
+    if isinstance(gf, types.NoneType):
+
+        def normalize(gf, xf, yf, p, nr, c_, k, j, streamed):
+            if streamed:
+                _stream.normalize_lines(xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], j)
+            else:
+                _stream.normalize_lines_plain(xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], j)
+
+        return normalize
+
+    def grad_input(gf, xf, yf, p, nr, c_, k, j, streamed):
+        if streamed:
+            _stream.grad_input_lines(gf, xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], k[4], j)
+        else:
+            _stream.grad_input_lines_plain(gf, xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], k[4], j)
+
+    return grad_input
+
+
+@njit(inline="always")
+def _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed):
+    """Shifted rows [r0, r1) of a ``_line_plan`` (shift ``s``, ``per`` values a line,
+    ``rows`` a sweep), a sweep at a time, each line of columns down it (``_line``)."""
+    for r in range(r0, r1, rows):
+        nr = min(rows, r1 - r)
+        for j in range(s, s + c_, per):
+            _line(gf, xf, yf, r * c_ + j, nr, c_, k, j, streamed)
+    if streamed:
+        _stream.fence()
+
+
 @njit(**_PAR)
 def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
@@ -1013,16 +1051,7 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
         s, per, rows, full, k = _line_plan(yf, c_, x2.shape[0], params, l, streamed)
         for t in prange(np.int64(nchunk)):
             r0, r1 = _rows(np.int64(t), nchunk, full)
-            for r in range(r0, r1, rows):
-                nr = min(rows, r1 - r)
-                for j in range(s, s + c_, per):
-                    p = r * c_ + j
-                    if streamed:
-                        _stream.normalize_lines(xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], j)
-                    else:
-                        _stream.normalize_lines_plain(xf, yf, p, nr, c_, k[0], k[1], k[2], k[3], j)
-            if streamed:
-                _stream.fence()
+            _line_task(None, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
         e = full * c_ + s  # the values before the shifted rows, and after them
         _normalize_span(xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], yf[:s], False)
         h = s + xf.size - e
@@ -1094,20 +1123,7 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
         s, per, rows, full, k = _line_plan(df, c_, x2.shape[0], params, l, streamed)
         for t in prange(np.int64(nchunk)):
             r0, r1 = _rows(np.int64(t), nchunk, full)
-            for r in range(r0, r1, rows):
-                nr = min(rows, r1 - r)
-                for j in range(s, s + c_, per):
-                    p = r * c_ + j
-                    if streamed:
-                        _stream.grad_input_lines(
-                            gf, xf, df, p, nr, c_, k[0], k[1], k[2], k[3], k[4], j
-                        )
-                    else:
-                        _stream.grad_input_lines_plain(
-                            gf, xf, df, p, nr, c_, k[0], k[1], k[2], k[3], k[4], j
-                        )
-            if streamed:
-                _stream.fence()
+            _line_task(gf, xf, df, k, s, per, rows, r0, r1, c_, streamed)
         e = full * c_ + s  # as normalize_mc
         _grad_input_span(
             gf[:s], xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], k[4, :s], df[:s], False
