@@ -499,9 +499,10 @@ grad_input_grads_plain = _fused_row("grad_input", "grads", False)
 
 def _lines(formula, nt=True):
     """An intrinsic that writes ``formula`` ("normalize" or "grad_input") of one line of
-    columns, from flat index ``start`` down ``nrows`` rows ``stride`` apart, streamed
-    (every line 64-byte aligned); the constants are 1-D arrays of the row's columns,
-    read at ``j`` (the line's first column)."""
+    columns, from flat index ``start`` down ``nrows`` rows ``stride`` apart, with
+    non-temporal stores if ``nt`` (every line then 64-byte aligned), else plain ones;
+    the constants are 1-D arrays of the row's columns, read at ``j`` (the line's first
+    column)."""
     n_arrays = 2 if formula == "normalize" else 3
 
     def signature(args):
@@ -536,7 +537,8 @@ def _lines(formula, nt=True):
             _vector_loop(builder, ir.Constant(i64, 0), nrows, 1, body)
             return context.get_dummy_value()
 
-        return types.none(*args), codegen
+        index = types.int64  # start, nrows, stride, j: cast to the IR's i64
+        return types.none(*arrays, index, index, index, *consts, index), codegen
 
     if formula == "normalize":
 
