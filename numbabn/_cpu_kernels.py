@@ -940,8 +940,9 @@ def _grad_input_block(gf, xf, df, hi, lo, k2, mdy, k1, p, w):
         d1[i] = store((load(g1[i]) - m_ - ((load(x1[i]) - h_) - l_) * c2) * c1, d1)
 
 
-# Streamed MC passes over rows of whole cache lines (C a multiple of 16 float32
-# values, 8 float64, 32 float16) go down the rows a line of columns at a time
+# MC passes over rows of whole cache lines (C a multiple of 16 float32 values, 8
+# float64, 32 float16), streamed (below) or not (further below), go down the rows a
+# line of columns at a time
 # (``_stream._lines``): a line's constants are loaded once for a few rows, and every
 # store writes a whole aligned line. An output that does not start on a line boundary
 # (``out=`` from ``np.empty``: 16 bytes past one) is walked in rows shifted to start on
@@ -1034,9 +1035,9 @@ def _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed):
 def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
     spans of ``w`` elements (with plain stores, whole rows several at a time where they
-    fit, ``_block_span``, and longer rows in bands, ``_wide_task``; streamed rows of
-    whole cache lines a line of columns at a time, ``_line_plan``); ``l`` > 1 for NCL
-    planes viewed as flat rows."""
+    fit, ``_block_span``, and longer rows in bands, ``_wide_task``; rows of whole cache
+    lines, ``_whole_lines``, streamed or not, a line of columns at a time down the
+    rows, ``_line_task``); ``l`` > 1 for NCL planes viewed as flat rows."""
     c_ = x2.shape[1]
     xf = x2.reshape(-1)
     yf = y2.reshape(-1)
