@@ -553,42 +553,51 @@ def _grads_tail(gr, zr, mu, i0, t1, t2):
 
 
 @njit(inline="always", **_ELEM)
-def _normalize_row_moments(xr, yr, hi, lo, a, b, streamed, zr, k, acc, t1, t2):
+def _normalize_row_moments(xr, yr, hi, lo, a, b, streamed, zr, k, acc, t1, t2, pn):
     """Normalize row ``xr`` into ``yr`` (its channel's constants) and, in the same loop
     (``_stream._fused_row``), add the shifted sums (d, d^2), d = z - k, of row ``zr``
     (the next channel's; may be empty) into ``acc``; the values past its last block
-    go into (t1, t2), which are returned."""
+    go into (t1, t2), which are returned. ``pn``: elements from ``zr`` to the next
+    row to be summed (``_pnext``), which the loop prefetches near the row's end."""
     block = _block(yr)
     s, nstore = _store_blocks(yr, streamed, block)
     nsum = zr.size // block
     if streamed:
-        _stream.normalize_moments_nt(xr, yr, s, nstore, hi, lo, a, b, zr, k, nsum, acc)
+        _stream.normalize_moments_nt(xr, yr, s, nstore, hi, lo, a, b, zr, k, nsum, acc, pn)
     else:
-        _stream.normalize_moments_plain(xr, yr, s, nstore, hi, lo, a, b, zr, k, nsum, acc)
+        _stream.normalize_moments_plain(xr, yr, s, nstore, hi, lo, a, b, zr, k, nsum, acc, pn)
     _normalize_plain(xr, hi, lo, a, b, yr, 0, s)
     _normalize_plain(xr, hi, lo, a, b, yr, s + nstore * block, yr.size)
     return _moments_tail(zr, k, nsum * block, t1, t2)
 
 
 @njit(inline="always", **_ELEM)
-def _grad_row_sums(gr, xr, dr, hi, lo, p, q, k1, training, gz, xz, mu, acc, t1, t2):
+def _grad_row_sums(gr, xr, dr, hi, lo, p, q, k1, training, gz, xz, mu, acc, t1, t2, pn):
     """dx of row (gr, xr) into streamed ``dr`` (training: the gradient formula; eval:
     dy * k1 through normalize's, see ``_grad_params``) and, in the same loop, the
     gradient sums (g, g * (z - mu)) of the next channel's rows (gz, xz), as
-    ``_normalize_row_moments``. (Backward into outputs that stay in cache does not
-    interleave: ``_backward_run_cached``.)"""
+    ``_normalize_row_moments`` (``pn`` too). (Backward into outputs that stay in cache
+    does not interleave: ``_backward_run_cached``.)"""
     block = _block(dr)
     s, nstore = _stream.line_blocks(dr)
     nsum = xz.size // block
     if training:
-        _stream.grad_input_grads_nt(gr, xr, dr, s, nstore, hi, lo, p, q, k1, gz, xz, mu, nsum, acc)
+        _stream.grad_input_grads_nt(
+            gr, xr, dr, s, nstore, hi, lo, p, q, k1, gz, xz, mu, nsum, acc, pn
+        )
         _grad_input_plain(gr, xr, hi, lo, p, q, k1, dr, 0, s)
         _grad_input_plain(gr, xr, hi, lo, p, q, k1, dr, s + nstore * block, dr.size)
     else:
-        _stream.normalize_grads_nt(gr, dr, s, nstore, hi, lo, p, q, gz, xz, mu, nsum, acc)
+        _stream.normalize_grads_nt(gr, dr, s, nstore, hi, lo, p, q, gz, xz, mu, nsum, acc, pn)
         _normalize_plain(gr, hi, lo, p, q, dr, 0, s)
         _normalize_plain(gr, hi, lo, p, q, dr, s + nstore * block, dr.size)
     return _grads_tail(gz, xz, mu, nsum * block, t1, t2)
+
+
+@njit(inline="always")
+def _pnext(x3, n):
+    """Elements from row (n, c) of C-contiguous ``x3`` to row (n + 1, c); 0 for the last n."""
+    return x3.shape[1] * x3.shape[2] if n + 1 < x3.shape[0] else 0
 
 
 @njit(**_ELEM)
@@ -601,7 +610,8 @@ def _channel_sums(x3, c, k, acc):
     for n in range(x3.shape[0]):
         row, none = x3[n, c], x3[n, c, :0]  # no output row: the loop only sums
         nsum = row.size // block
-        _stream.normalize_moments_plain(none, none, 0, 0, z, z, z, z, row, k, nsum, acc)
+        pn = _pnext(x3, n)
+        _stream.normalize_moments_plain(none, none, 0, 0, z, z, z, z, row, k, nsum, acc, pn)
         t1, t2 = _moments_tail(row, k, nsum * block, t1, t2)
     return _acc_total(acc, block, t1, t2)
 
@@ -616,7 +626,8 @@ def _channel_grad_sums(dy3, x3, c, mu, acc):
     for n in range(x3.shape[0]):
         g, row, none = dy3[n, c], x3[n, c], x3[n, c, :0]
         nsum = row.size // block
-        _stream.grad_input_grads_plain(none, none, none, 0, 0, z, z, z, z, z, g, row, mu, nsum, acc)
+        pn = _pnext(x3, n)
+        _stream.grad_input_grads_plain(none, none, none, 0, 0, z, z, z, z, z, g, row, mu, nsum, acc, pn)
         t1, t2 = _grads_tail(g, row, mu, nsum * block, t1, t2)
     return _acc_total(acc, block, t1, t2)
 
@@ -657,7 +668,8 @@ def _forward_run(x3, c0, c1, weight, bias, eps, params, stats, streamed, y3):
         t2 = 0.0
         for n in range(n_):
             t1, t2 = _normalize_row_moments(
-                x3[n, c], y3[n, c], hi, lo, a, b, streamed, x3[n, nxt, :width], k, acc, t1, t2
+                x3[n, c], y3[n, c], hi, lo, a, b, streamed, x3[n, nxt, :width], k, acc, t1, t2,
+                _pnext(x3, n),
             )
         s1, s2 = _acc_total(acc, _block(x3), t1, t2)
     if streamed:
@@ -703,7 +715,7 @@ def _backward_run(dy3, x3, c0, c1, mean, invstd, weight, training, params, grads
         for n in range(n_):
             t1, t2 = _grad_row_sums(
                 dy3[n, c], x3[n, c], dx3[n, c], hi, lo, p, q, k1, training,
-                dy3[n, nxt, :width], x3[n, nxt, :width], mean[nxt], acc, t1, t2,
+                dy3[n, nxt, :width], x3[n, nxt, :width], mean[nxt], acc, t1, t2, _pnext(x3, n),
             )
         s1, s2 = _acc_total(acc, _block(x3), t1, t2)
     _stream.fence()

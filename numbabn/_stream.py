@@ -350,6 +350,20 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
+def _prefetch(context, builder, aty, arr, i):
+    """Ask for the cache line holding element ``i`` of contiguous array ``arr`` (type
+    ``aty``), for reading, into every cache level. A hint: an address outside the
+    array is allowed and never faults."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    data = context.make_array(aty)(context, builder, arr).data
+    ptr = builder.bitcast(builder.gep(data, [i]), i8p)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    # (read, highest locality, data cache)
+    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 def _splat(builder, value, vtype):
     v = ir.Constant(vtype, ir.Undefined)
     for k in range(vtype.count):
@@ -360,13 +374,34 @@ def _splat(builder, value, vtype):
 # The accumulators hold one lane per element of a vector: at most 32 bytes of float16.
 ACC_SIZE = 4 * (VECTOR_BYTES // 2)
 
+# The sum rows come from memory, one row of a channel after another, and consecutive
+# rows of a channel lie C * L values apart: the hardware prefetcher loses the stream at
+# every row end and learns it again on the next row. So the sums side prefetches the
+# block PREFETCH_BLOCKS ahead of the one it adds, and from the end of a row on, the
+# start of the next row (``pnext`` elements further on, given by the caller; never
+# more than one row ahead). Results are bitwise the same. Measured on the 2-core
+# development machine, cache flushed before each call:
+# - the distance, separate processes alternating, float32 train forward 32x64x56x56
+#   1.15-1.2x faster at 16-32 blocks ahead (8: 1.1x), 128x64x28x28 1.2-1.4x;
+#   prefetching the re-read side too (the rows being written, in L2 or L3) gained
+#   nothing;
+# - at 24 blocks, paired against no prefetch in one process (train / backward):
+#   32x64x56x56 float32 1.03-1.17x / 1.01-1.11x; 64x128x56x56 1.11-1.13x /
+#   0.96-1.03x; 128x64x28x28 1.20-1.24x / 1.19-1.21x; 32x64x112x112 (50 KB rows)
+#   0.98-1.04x / 0.93-1.00x; float16 32x64x56x56 1.20x / 1.08x, 128x64x28x28
+#   0.95-1.01x / 1.20-1.21x; float64 16x64x56x56 1.11x / 1.02x.
+PREFETCH_BLOCKS = 24
+
 
 def _fused_row(formula, sums, nt):
     """An intrinsic that runs ``formula`` ("normalize" or "grad_input", the arithmetic
     of :func:`normalize` and :func:`grad_input`) over ``nstore`` blocks of one row from
     ``s``, with non-temporal stores if ``nt`` (else plain ones), and adds float64
     ``sums`` of the next channel's row over its first ``nsum`` blocks into ``acc``:
-    "moments", d and d^2 with d = z - k; "grads", g and g * (z - k) (rows g, z)."""
+    "moments", d and d^2 with d = z - k; "grads", g and g * (z - k) (rows g, z).
+    The last argument, ``pnext``, is how many elements after the start of the sum
+    rows the next rows to be summed start (prefetched near this row's end; any value
+    is safe, 0 when there is no next row)."""
     n_store = 8 if formula == "normalize" else 10  # arrays, s, nstore, constants
     n_sums = 4 if sums == "moments" else 5  # arrays, k, nsum, acc
 
@@ -374,7 +409,8 @@ def _fused_row(formula, sums, nt):
         store_arrays = args[:2] if formula == "normalize" else args[:3]
         consts = args[4:n_store] if formula == "normalize" else args[5:n_store]
         rows = args[n_store : n_store + n_sums - 3]
-        if not _contiguous(*store_arrays, *rows, args[-1], *consts):  # args[-1]: acc
+        acc = args[n_store + n_sums - 1]
+        if not _contiguous(*store_arrays, *rows, acc, *consts):
             return None
         compute = _compute_type(consts[-1])
 
@@ -386,6 +422,7 @@ def _fused_row(formula, sums, nt):
             wide = _Vectors(context, builder, lanes, types.float64)
             i64 = ir.IntType(64)
             ins = list(zip(tys, vals))
+            ins, pnext = ins[:-1], ins[-1][1]
             if formula == "normalize":
                 (xt, xv), (yt, yv), (_, s), (_, nstore) = ins[:4]
                 params = ins[4:8]
@@ -425,7 +462,23 @@ def _fused_row(formula, sums, nt):
                 store(base)
                 store(builder.add(base, ir.Constant(i64, lanes)))
 
+            def ahead(m, arrays):
+                # the block PREFETCH_BLOCKS ahead on the sum rows (at most a row
+                # ahead), or past their end that far into the next ones
+                blk = ir.Constant(i64, 2 * lanes)
+                most = ir.Constant(i64, PREFETCH_BLOCKS)
+                # never further than one row ahead: short rows prefetch the next one
+                dist = builder.select(builder.icmp_signed("<", nsum, most), nsum, most)
+                off = builder.add(m, dist)
+                past = builder.icmp_signed(">=", off, nsum)
+                idx = builder.mul(off, blk)
+                wrapped = builder.add(builder.sub(idx, builder.mul(nsum, blk)), pnext)
+                idx = builder.select(past, wrapped, idx)
+                for aty, arr in arrays:
+                    _prefetch(context, builder, aty, arr, idx)
+
             def sum_block(m, accs):
+                ahead(m, rows)
                 base = builder.mul(m, ir.Constant(i64, 2 * lanes))
                 first = add(base, accs[0:2])
                 second = add(builder.add(base, ir.Constant(i64, lanes)), accs[2:4])
@@ -455,23 +508,23 @@ def _fused_row(formula, sums, nt):
                 builder.store(v, p, align=8)
             return context.get_dummy_value()
 
-        return types.none(*args), codegen
+        return types.none(*args[:-1], types.int64), codegen
 
     # numba's intrinsics take no *args: one explicit parameter list per combination
     if (formula, sums) == ("normalize", "moments"):
 
-        def fused(typingctx, x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc):
-            return signature((x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc))
+        def fused(typingctx, x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc, pn):
+            return signature((x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc, pn))
 
     elif (formula, sums) == ("normalize", "grads"):
 
-        def fused(typingctx, x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc):
-            return signature((x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc))
+        def fused(typingctx, x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc, pn):
+            return signature((x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc, pn))
 
     else:
 
-        def fused(typingctx, dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc):
-            return signature((dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc))
+        def fused(typingctx, dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc, pn):
+            return signature((dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc, pn))
 
     return intrinsic(fused)
 
