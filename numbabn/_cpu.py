@@ -21,6 +21,7 @@ Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from typing import NamedTuple
@@ -175,8 +176,20 @@ def _aligned_empty(
     if nbytes < _stream.MIN_BYTES:
         return np.empty(shape, dtype)
     raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+    # one array constructor, not slice-view-reshape: with _address, 42-60 us per
+    # 25.7 MB output right after a pass had flushed the caches, against 55-117 us
+    # (np.empty alone: 14-34 us)
+    return np.ndarray(shape, dtype, raw, -_address(raw) % _ALIGN)
+
+
+def _address(a: np.ndarray) -> int:
+    """The address of ``a``'s data. ``a.ctypes`` builds a Python helper object, several
+    times slower when the caches are cold; ctypes' view of the buffer is taken in C
+    (for writable C-contiguous arrays, the outputs here)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):
+        return a.ctypes.data
 
 
 def _empty(layout: Layout, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -344,7 +357,7 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     row = layout.l * result.itemsize
     return result.nbytes >= _stream.MIN_BYTES and result.flags.aligned and (
         layout.kind == "mc"
-        or (result.ctypes.data % vector == 0 and row % vector == 0)
+        or (_address(result) % vector == 0 and row % vector == 0)
         or row >= _STREAM_MIN_ROW_BYTES
     )
 
