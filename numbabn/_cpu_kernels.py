@@ -363,14 +363,37 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
     return n0, n1, c, lo, hi, run * nseg + s
 
 
+@njit(inline="always")
+def _clear(p):
+    for k in range(p.shape[0]):
+        for c in range(p.shape[1]):
+            p[k, c] = 0.0
+
+
 @njit(**_PAR)
-def stats_ncl(x3, nrun, nseg, part, out):
+def stats_ncl(x3, nrun, nseg, sweep, part, out):
     """Mean and biased variance of each channel into ``out`` (2, C), from sums shifted by
     the channel's first value, d = x - shift[c]: task partials
     part[r * nseg + s, :, c] = (sum d, sum d^2) over segment s of the planes of channel
-    c in run r of the ``nrun`` runs of samples, then added in task order."""
+    c in run r of the ``nrun`` runs of samples, then added in task order. ``sweep``
+    (whole planes, nseg 1): one task per run, which reads its samples in memory order,
+    all channels of a sample before the next; else a task per run, channel and
+    segment. The additions are the same either way."""
     n_, c_, l_ = x3.shape
     shift = _firsts(x3[0, :, 0], 1)
+    if sweep:
+        for run in prange(np.int64(nrun)):
+            n0, n1 = _rows(np.int64(run), nrun, n_)
+            p = part[run]
+            _clear(p)
+            for n in range(n0, n1):
+                for c in range(c_):
+                    a, b = _sums_row(x3[n, c], shift[c])
+                    p[0, c] += a
+                    p[1, c] += b
+        _add_partials(part, 1, out)
+        _finish_moments(out, shift, n_ * l_)
+        return
     for task in prange(np.int64(nrun * c_ * nseg)):
         n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
         s1 = 0.0
@@ -404,10 +427,22 @@ def normalize_ncl(x3, params, nseg, nchunk, streamed, y3):
 
 
 @njit(**_PAR)
-def grad_sums_ncl(dy3, x3, mean, nrun, nseg, part, out):
+def grad_sums_ncl(dy3, x3, mean, nrun, nseg, sweep, part, out):
     """(sum dy, sum dy * (x - mean[c])) of each channel into ``out`` (2, C): task
     partials in ``part`` as in ``stats_ncl``, then added in task order."""
     n_, c_, l_ = x3.shape
+    if sweep:
+        for run in prange(np.int64(nrun)):
+            n0, n1 = _rows(np.int64(run), nrun, n_)
+            p = part[run]
+            _clear(p)
+            for n in range(n0, n1):
+                for c in range(c_):
+                    a, b = _grad_sums_row(dy3[n, c], x3[n, c], mean[c])
+                    p[0, c] += a
+                    p[1, c] += b
+        _add_partials(part, 1, out)
+        return
     for task in prange(np.int64(nrun * c_ * nseg)):
         n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
         s1 = 0.0

@@ -14,7 +14,7 @@ from helpers import ON_DEVICE
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
 if not ON_DEVICE:
-    from numbabn import _cpu_kernels
+    from numbabn import _cpu, _cpu_kernels, _validate
 
 
 def _expected(a, per_channel, nrun, nseg, fn):
@@ -44,9 +44,14 @@ def _grad(dy, x, mean):
      ((7, 1, 97), 2, 2), ((2, 5, 17), 2, 1), ((13, 2, 4099), 4, 5)],
 )
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype):
+@pytest.mark.parametrize("sweep", [False, True])
+def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype, sweep):
     """Each task's partial row, and the results the kernels add up from them: the
-    moments (sums shifted by each channel's first value) and the gradient sums."""
+    moments (sums shifted by each channel's first value) and the gradient sums; with
+    ``sweep`` (whole planes only: a task per run, all channels of a sample in turn),
+    bitwise the same as with a task per run and channel."""
+    if sweep and nseg > 1:
+        pytest.skip("the sweep takes whole planes")
     rng = np.random.default_rng(sum(shape) + nrun + nseg)
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -54,7 +59,11 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype):
     k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
     part = np.full((nrun * nseg, 2, shape[1]), np.nan)
     out = np.full((2, shape[1]), np.nan)
-    _cpu_kernels.stats_ncl(k(x), nrun, nseg, part, out)
+    _cpu_kernels.stats_ncl(k(x), nrun, nseg, sweep, part, out)
+    if sweep:
+        part_t, out_t = np.full_like(part, np.nan), np.full_like(out, np.nan)
+        _cpu_kernels.stats_ncl(k(x), nrun, nseg, False, part_t, out_t)
+        assert np.array_equal(part, part_t) and np.array_equal(out, out_t)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     shift = x64[0, :, 0]
     np.testing.assert_allclose(part, _expected((x,), shift, nrun, nseg, _stats), rtol=1e-12, atol=1e-9)
@@ -62,10 +71,28 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype):
     np.testing.assert_allclose(out[1], x64.var(axis=(0, 2)), rtol=1e-10)
     part[...] = np.nan
     out[...] = np.nan
-    _cpu_kernels.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, part, out)
+    _cpu_kernels.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, sweep, part, out)
+    if sweep:
+        part_t, out_t = np.full_like(part, np.nan), np.full_like(out, np.nan)
+        _cpu_kernels.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, False, part_t, out_t)
+        assert np.array_equal(part, part_t) and np.array_equal(out, out_t)
     expected = _expected((dy, x), mean, nrun, nseg, _grad)
     np.testing.assert_allclose(part, expected, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(out, _grad(dy64, x64, mean), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "shape,threads,work",
+    [((256, 8, 14, 14), 2, (8, 1, True)), ((4, 8, 14, 14), 2, (4, 1, True)),
+     ((3, 8, 14, 14), 2, (3, 1, False)), ((6, 8, 14, 14), 4, (6, 1, False)),
+     ((2, 1, 40000), 2, (2, 4, False))],
+)
+def test_reductions_sweep_whole_planes_when_runs_share_out(shape, threads, work):
+    """``_cpu._plan``: (runs, segments, sweep) of the NCL reductions. The sweep takes
+    whole planes, in runs that cover the threads evenly (as many as the tasks wanted,
+    or a multiple of the threads)."""
+    info = _validate.describe(np.empty(shape, np.float32), "x")
+    assert _cpu._plan(_validate.plan_layout(info, 1), threads, 4).sums_work == work
 
 
 @pytest.mark.parametrize("m,c,l,nchunk", [(9, 5, 1, 4), (7, 3, 16, 3), (12, 7, 3, 5), (2, 4, 5, 2)])
