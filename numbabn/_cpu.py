@@ -65,17 +65,8 @@ _MIN_TASK_ELEMENTS = 4096
 #   3 MB slabs of 1024 rows each); float16 and float64 1.03-1.07x. Backward keeps its
 #   limit: with the cache flushed before each call, slabs of 6.4-12.8 MB ran
 #   0.40-0.48x (1.08-1.15x when warm).
-# - the fused passes now prefetch the next row of the channel they sum (``_stream``,
-#   PREFETCH_BLOCKS), which made short rows cheaper. Backward tensors larger than the
-#   last-level cache therefore fuse from 14x14 float32 planes (768-byte rows of each
-#   tensor): paired, cache flushed before each call, fused against unfused, 256x256x14x14
-#   1.34-1.52x (three runs), 512x128x14x14 1.12-1.24x, 128x256x14x14 1.21x; but
-#   64x256x14x14 (dy and x together 25.7 MB, within the cache) 1.02-1.15x flushed and
-#   0.77x warm, and 12x12 planes 0.66-0.93x. Train forward at 14x14 stayed mixed
-#   (0.65-1.36x), so its rule is unchanged.
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
 _FUSE_MIN_ROW_BYTES = 2048
-_FUSE_MIN_ROW_BYTES_OUT_OF_CACHE = {"forward": math.inf, "backward": 1536}
 _FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": math.inf}
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
@@ -435,14 +426,7 @@ def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
             or layout.l * value_bytes >= _FUSE_ANY_SLAB_ROW_BYTES[which]
         )
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
-        and (
-            layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES
-            or slab * layout.c <= _stream.LLC_BYTES // 4
-            or (
-                layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES_OUT_OF_CACHE[which]
-                and slab * layout.c > _stream.LLC_BYTES
-            )
-        )
+        and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 4)
     )
 
 

@@ -171,42 +171,6 @@ def test_line_blocks():
     assert _stream.line_blocks(odd) == (0, 0)
 
 
-def test_backward_fuses_14x14_planes_only_out_of_cache(monkeypatch):
-    """``_cpu._fuse``: backward takes the fused pass for rows of 14x14 float32 planes
-    when dy and x do not fit the last-level cache, not when they do, and never for
-    12x12 planes; train forward keeps its 2 KB row limit. Through that path, on 2
-    threads, the gradients are the float64 reference's."""
-    monkeypatch.setattr(_stream, "LLC_BYTES", 32 << 20)
-    _cpu._plan.cache_clear()
-
-    def plan(shape, dtype=np.float32):
-        info = _validate.describe(np.empty(shape, dtype), "x")
-        return _cpu._plan(_validate.plan_layout(info, 1), 2, np.dtype(dtype).itemsize)
-
-    assert plan((256, 256, 14, 14)).fuse_backward  # dy and x 102 MB
-    assert not plan((256, 256, 14, 14)).fuse_forward
-    assert not plan((64, 256, 14, 14)).fuse_backward  # 25.7 MB: in cache
-    assert not plan((512, 256, 12, 12)).fuse_backward  # 576-byte rows
-    assert not plan((512, 256, 14, 14), np.float16).fuse_backward  # 392-byte rows
-
-    # the same rule on a small tensor (dy and x 225 KB), with a cache of 128 KB
-    monkeypatch.setattr(_stream, "LLC_BYTES", 128 << 10)
-    tune_cpu(monkeypatch, _threads=lambda: 2, _SMALL_VALUES={"ncl": 0, "mc": 0}, _SMALL_VALUES_MIN=0)
-    shape = (24, 6, 14, 14)
-    assert plan(shape).fuse_backward and not (plan(shape).fuse_forward or plan(shape).small)
-    calls = []
-    fused = _cpu_kernels.backward_channels
-    monkeypatch.setattr(_cpu.kernels, "backward_channels", lambda *a: calls.append(1) or fused(*a))
-    x = random_batch(shape, np.float32, seed=5, per_channel_axis=1)
-    dy = random_batch(shape, np.float32, seed=6, per_channel_axis=1)
-    _, mean, invstd = reference.batch_norm_forward(x)
-    got = numbabn.batch_norm_backward(dy, x, mean, invstd)
-    want = reference.batch_norm_backward(dy, x, mean, invstd)
-    assert calls
-    for g, w in zip(got, want):
-        assert_close(g, w, np.float32)
-
-
 def test_train_forward_fuses_long_rows_past_the_slab_limit(monkeypatch):
     """``_cpu._fuse``: train forward takes the fused pass for rows of 12 KB or more
     whatever a channel's slab (here 3 MB, past the 2 MB limit); backward keeps its
