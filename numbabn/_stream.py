@@ -352,16 +352,16 @@ def _fma(builder, a, b, c):
 
 def _prefetch(context, builder, aty, arr, i):
     """Ask for the cache line holding element ``i`` of contiguous array ``arr`` (type
-    ``aty``), for reading, into every cache level. A hint: an address outside the
-    array is allowed and never faults."""
+    ``aty``), for reading, into L2 (x86 ``prefetcht1``). A hint: an address outside
+    the array is allowed and never faults."""
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     data = context.make_array(aty)(context, builder, arr).data
     ptr = builder.bitcast(builder.gep(data, [i]), i8p)
     fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-    # (read, highest locality, data cache)
-    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    # (read, locality 2 of 0-3, data cache)
+    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
 
 
 def _splat(builder, value, vtype):
@@ -377,20 +377,24 @@ ACC_SIZE = 4 * (VECTOR_BYTES // 2)
 # The sum rows come from memory, one row of a channel after another, and consecutive
 # rows of a channel lie C * L values apart: the hardware prefetcher loses the stream at
 # every row end and learns it again on the next row. So the sums side prefetches the
-# block PREFETCH_BLOCKS ahead of the one it adds, and from the end of a row on, the
-# start of the next row (``pnext`` elements further on, given by the caller; never
+# block PREFETCH_BLOCKS ahead of the one it adds into L2, and from the end of a row on,
+# the start of the next row (``pnext`` elements further on, given by the caller; never
 # more than one row ahead). Results are bitwise the same. Measured on the 2-core
-# development machine, cache flushed before each call:
-# - the distance, separate processes alternating, float32 train forward 32x64x56x56
-#   1.15-1.2x faster at 16-32 blocks ahead (8: 1.1x), 128x64x28x28 1.2-1.4x;
-#   prefetching the re-read side too (the rows being written, in L2 or L3) gained
-#   nothing;
-# - at 24 blocks, paired against no prefetch in one process (train / backward):
-#   32x64x56x56 float32 1.03-1.17x / 1.01-1.11x; 64x128x56x56 1.11-1.13x /
-#   0.96-1.03x; 128x64x28x28 1.20-1.24x / 1.19-1.21x; 32x64x112x112 (50 KB rows)
-#   0.98-1.04x / 0.93-1.00x; float16 32x64x56x56 1.20x / 1.08x, 128x64x28x28
-#   0.95-1.01x / 1.20-1.21x; float64 16x64x56x56 1.11x / 1.02x.
-PREFETCH_BLOCKS = 24
+# development machine, cache flushed before each call, float32 unless said:
+# - against no prefetch, paired in one process (train / backward), into every cache
+#   level (prefetcht0) 24 blocks ahead: 32x64x56x56 1.03-1.17x / 1.01-1.11x,
+#   64x128x56x56 1.11-1.13x / 0.96-1.03x, 128x64x28x28 1.20-1.24x / 1.19-1.21x,
+#   50 KB rows level;
+# - into L2 (prefetcht1), paired against that: 48-128 blocks ahead alike; train /
+#   backward 32x64x56x56 1.07-1.19x / 1.19-1.31x, 64x128x56x56 1.01-1.08x /
+#   1.13-1.18x, 128x64x28x28 1.07-1.18x / 1.03-1.09x; float64 16x64x56x56 1.05x /
+#   1.19x; float16 0.87-1.01x / 0.98-1.04x (level); 14x14 planes (one row ahead)
+#   backward 0.93-0.96x; 24 blocks ahead into L2 0.95-1.12x; prefetching the rows
+#   being re-read too (from L2 or L3) gained nothing. Our guess at why L2 is better
+#   (not measured directly): a prefetch into L1 holds one of the core's few L1 miss
+#   buffers until its line arrives from memory, as the loop's loads and streamed
+#   stores do.
+PREFETCH_BLOCKS = 64
 
 
 def _fused_row(formula, sums, nt):
