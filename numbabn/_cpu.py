@@ -50,7 +50,10 @@ _MIN_TASK_ELEMENTS = 4096
 #   (128x64x14x14), 1.43 / 1.21 at 3.2 MB (in cache from the call before); 3136-byte
 #   rows (28x28) level (0.98-1.06) at 12.8 and 25.7 MB; 56x56 planes 1.08 / 1.20 at
 #   25.7 MB. So rows must be long, or the bytes a pass reads small enough to sit in
-#   cache anyway.
+#   cache anyway. (Both sides have since learnt to follow such rows: the fused loops
+#   prefetch across row ends, ``_stream.PREFETCH_BLOCKS``, and the unfused reductions
+#   read in memory order, ``_SWEEP``. Fused against unfused, backward at 14x14 planes
+#   out of cache then measured 0.67-1.16x, so the rule stands.)
 # - planes short enough for the flat elementwise passes (_FLAT_MAX_PLANE, below) are
 #   not fused: with the reductions over runs of samples (``kernels.stats_ncl``), the
 #   unfused passes measured 1.0-1.7x faster in train (one run at 8x8: 0.96x) and

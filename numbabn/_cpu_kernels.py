@@ -364,10 +364,23 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
 
 
 @njit(inline="always")
-def _clear(p):
-    for k in range(p.shape[0]):
+def _sweep_run(dy3, x3, per_channel, run, nrun, grads, part):
+    """Run ``run`` of ``nrun`` runs of samples, read in memory order (every channel's
+    plane of a sample in turn): its partial row ``part[run]``, the moments of x3
+    shifted by ``per_channel`` or (``grads``) the gradient sums about it (dy3)."""
+    p = part[run]
+    for k in range(2):
         for c in range(p.shape[1]):
             p[k, c] = 0.0
+    n0, n1 = _rows(run, nrun, x3.shape[0])
+    for n in range(n0, n1):
+        for c in range(x3.shape[1]):
+            if grads:
+                a, b = _grad_sums_row(dy3[n, c], x3[n, c], per_channel[c])
+            else:
+                a, b = _sums_row(x3[n, c], per_channel[c])
+            p[0, c] += a
+            p[1, c] += b
 
 
 @njit(**_PAR)
@@ -383,14 +396,7 @@ def stats_ncl(x3, nrun, nseg, sweep, part, out):
     shift = _firsts(x3[0, :, 0], 1)
     if sweep:
         for run in prange(np.int64(nrun)):
-            n0, n1 = _rows(np.int64(run), nrun, n_)
-            p = part[run]
-            _clear(p)
-            for n in range(n0, n1):
-                for c in range(c_):
-                    a, b = _sums_row(x3[n, c], shift[c])
-                    p[0, c] += a
-                    p[1, c] += b
+            _sweep_run(x3, x3, shift, np.int64(run), nrun, False, part)
         _add_partials(part, 1, out)
         _finish_moments(out, shift, n_ * l_)
         return
@@ -433,14 +439,7 @@ def grad_sums_ncl(dy3, x3, mean, nrun, nseg, sweep, part, out):
     n_, c_, l_ = x3.shape
     if sweep:
         for run in prange(np.int64(nrun)):
-            n0, n1 = _rows(np.int64(run), nrun, n_)
-            p = part[run]
-            _clear(p)
-            for n in range(n0, n1):
-                for c in range(c_):
-                    a, b = _grad_sums_row(dy3[n, c], x3[n, c], mean[c])
-                    p[0, c] += a
-                    p[1, c] += b
+            _sweep_run(dy3, x3, mean, np.int64(run), nrun, True, part)
         _add_partials(part, 1, out)
         return
     for task in prange(np.int64(nrun * c_ * nseg)):
@@ -662,7 +661,9 @@ def _channel_grad_sums(dy3, x3, c, mu, acc):
         g, row, none = dy3[n, c], x3[n, c], x3[n, c, :0]
         nsum = row.size // block
         pn = _pnext(x3, n)
-        _stream.grad_input_grads_plain(none, none, none, 0, 0, z, z, z, z, z, g, row, mu, nsum, acc, pn)
+        _stream.grad_input_grads_plain(
+            none, none, none, 0, 0, z, z, z, z, z, g, row, mu, nsum, acc, pn
+        )
         t1, t2 = _grads_tail(g, row, mu, nsum * block, t1, t2)
     return _acc_total(acc, block, t1, t2)
 

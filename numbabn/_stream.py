@@ -467,11 +467,11 @@ def _fused_row(formula, sums, nt):
                 store(builder.add(base, ir.Constant(i64, lanes)))
 
             def ahead(m, arrays):
-                # the block PREFETCH_BLOCKS ahead on the sum rows (at most a row
-                # ahead), or past their end that far into the next ones
+                # the block PREFETCH_BLOCKS ahead on the sum rows, or past their end
+                # that far into the next ones; never more than a row ahead (short
+                # rows prefetch the next row)
                 blk = ir.Constant(i64, 2 * lanes)
                 most = ir.Constant(i64, PREFETCH_BLOCKS)
-                # never further than one row ahead: short rows prefetch the next one
                 dist = builder.select(builder.icmp_signed("<", nsum, most), nsum, most)
                 off = builder.add(m, dist)
                 past = builder.icmp_signed(">=", off, nsum)
