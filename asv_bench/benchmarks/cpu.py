@@ -40,6 +40,33 @@ class Ops:
         self.lib.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w, axis=self.axis)
 
 
+class ShortPlanes:
+    """NCHW batches of short planes, out of cache, whose statistics and gradient sums take
+    the unfused reductions (each run of samples read in memory order), float32."""
+
+    params = [["14x14", "7x7"]]
+    param_names = ["planes"]
+    timeout = 300
+    shapes = {"14x14": (128, 256, 14, 14), "7x7": (64, 2048, 7, 7)}  # 25.7 MB each
+
+    def setup(self, planes):
+        rng = np.random.default_rng(0)
+        shape = self.shapes[planes]
+        self.x = rng.standard_normal(shape, dtype=np.float32) * 2 + 1
+        self.dy = rng.standard_normal(shape, dtype=np.float32)
+        _, self.mean, self.invstd = numbabn.batch_norm_forward(self.x)
+        numbabn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd)
+
+    def time_batch_stats(self, _):
+        numbabn.batch_stats(self.x)
+
+    def time_train_forward(self, _):
+        numbabn.batch_norm(self.x, training=True)
+
+    def time_backward(self, _):
+        numbabn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd)
+
+
 class _NumpyOps:
     """The reference in the input dtype: what a NumPy user would write."""
 
