@@ -1067,6 +1067,35 @@ def _line_impl(gf, xf, yf, p, nr, c_, k, j, streamed):
     return grad_input
 
 
+def _line_ends(gf, xf, yf, k, s, e):
+    """The values of a ``_line_plan``'s pass outside its shifted rows, with plain
+    stores: the ``s`` before the first (columns 0 to s) and those from flat index ``e``
+    on (columns s on); normalize's or grad_input's as ``_line``."""
+
+
+@overload(_line_ends, inline="always")
+def _line_ends_impl(gf, xf, yf, k, s, e):
+    if isinstance(gf, types.NoneType):
+
+        def normalize(gf, xf, yf, k, s, e):
+            _normalize_span(xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], yf[:s], False)
+            h = s + xf.size - e
+            _normalize_span(xf[e:], k[0, s:h], k[1, s:h], k[2, s:h], k[3, s:h], yf[e:], False)
+
+        return normalize
+
+    def grad_input(gf, xf, yf, k, s, e):
+        _grad_input_span(
+            gf[:s], xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], k[4, :s], yf[:s], False
+        )
+        h = s + xf.size - e
+        _grad_input_span(
+            gf[e:], xf[e:], k[0, s:h], k[1, s:h], k[2, s:h], k[3, s:h], k[4, s:h], yf[e:], False
+        )
+
+    return grad_input
+
+
 @njit(inline="always")
 def _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed):
     """Shifted rows [r0, r1) of a ``_line_plan`` (shift ``s``, ``per`` values a line,
@@ -1101,10 +1130,7 @@ def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
         for t in prange(np.int64(nchunk)):
             r0, r1 = _rows(np.int64(t), nchunk, full)
             _line_task(None, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
-        e = full * c_ + s  # the values before the shifted rows, and after them
-        _normalize_span(xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], yf[:s], False)
-        h = s + xf.size - e
-        _normalize_span(xf[e:], k[0, s:h], k[1, s:h], k[2, s:h], k[3, s:h], yf[e:], False)
+        _line_ends(None, xf, yf, k, s, full * c_ + s)
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)
@@ -1173,14 +1199,7 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
         for t in prange(np.int64(nchunk)):
             r0, r1 = _rows(np.int64(t), nchunk, full)
             _line_task(gf, xf, df, k, s, per, rows, r0, r1, c_, streamed)
-        e = full * c_ + s  # as normalize_mc
-        _grad_input_span(
-            gf[:s], xf[:s], k[0, :s], k[1, :s], k[2, :s], k[3, :s], k[4, :s], df[:s], False
-        )
-        h = s + xf.size - e
-        _grad_input_span(
-            gf[e:], xf[e:], k[0, s:h], k[1, s:h], k[2, s:h], k[3, s:h], k[4, s:h], df[e:], False
-        )
+        _line_ends(gf, xf, df, k, s, full * c_ + s)
         return
     total = x2.size
     wb = 0 if streamed else _block_span(w, c_)

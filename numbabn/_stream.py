@@ -350,14 +350,14 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _prefetch(context, builder, aty, arr, i):
+def _prefetch(vec, aty, arr, i):
     """Ask for the cache line holding element ``i`` of contiguous array ``arr`` (type
     ``aty``), for reading, into L2 (x86 ``prefetcht1``). A hint: an address outside
     the array is allowed and never faults."""
+    builder = vec.builder
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
-    data = context.make_array(aty)(context, builder, arr).data
-    ptr = builder.bitcast(builder.gep(data, [i]), i8p)
+    ptr = builder.bitcast(vec._pointer(aty, arr, i)[0], i8p)
     fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
     # (read, locality 2 of 0-3, data cache)
@@ -436,6 +436,12 @@ def _fused_row(formula, sums, nt):
             rows = ins[n_store : n_store + n_sums - 3]
             k = _splat(builder, ins[-3][1], wide.vct)
             nsum = ins[-2][1]
+            blk = ir.Constant(i64, 2 * lanes)
+            # the prefetch distance, at most a row (short rows prefetch the next row),
+            # and the sum rows' end, past which it continues on the next rows
+            most = ir.Constant(i64, PREFETCH_BLOCKS)
+            dist = builder.select(builder.icmp_signed("<", nsum, most), nsum, most)
+            to_next = builder.sub(pnext, builder.mul(nsum, blk))
             acc_ty, acc_v = ins[-1]
 
             def store(i):
@@ -467,19 +473,14 @@ def _fused_row(formula, sums, nt):
                 store(builder.add(base, ir.Constant(i64, lanes)))
 
             def ahead(m, arrays):
-                # the block PREFETCH_BLOCKS ahead on the sum rows, or past their end
-                # that far into the next ones; never more than a row ahead (short
-                # rows prefetch the next row)
-                blk = ir.Constant(i64, 2 * lanes)
-                most = ir.Constant(i64, PREFETCH_BLOCKS)
-                dist = builder.select(builder.icmp_signed("<", nsum, most), nsum, most)
+                # the block ``dist`` ahead on the sum rows, or past their end that far
+                # into the next ones
                 off = builder.add(m, dist)
-                past = builder.icmp_signed(">=", off, nsum)
                 idx = builder.mul(off, blk)
-                wrapped = builder.add(builder.sub(idx, builder.mul(nsum, blk)), pnext)
-                idx = builder.select(past, wrapped, idx)
+                past = builder.icmp_signed(">=", off, nsum)
+                idx = builder.select(past, builder.add(idx, to_next), idx)
                 for aty, arr in arrays:
-                    _prefetch(context, builder, aty, arr, idx)
+                    _prefetch(vec, aty, arr, idx)
 
             def sum_block(m, accs):
                 ahead(m, rows)
