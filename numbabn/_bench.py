@@ -30,7 +30,7 @@ def _read_pass(flat):
     return acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=False)
 def _copy_pass(src, dst):
     for i in prange(src.size):
         dst[i] = src[i]

@@ -63,7 +63,15 @@ from ._half import load, store, zero
 # (x - hi) - lo into x - (hi + lo); each row helper is compiled with its own flags.
 _SUM = {"cache": True, "fastmath": {"reassoc", "contract"}}
 _ELEM = {"cache": True, "fastmath": {"contract"}}
-_PAR = {"parallel": True, "cache": True}
+# A function compiled without fastmath flags of its own inherits its caller's (numba
+# compiles a callee with the flags of the call that first needs it), and numba's disk
+# cache then keeps that version for every caller and every later process: moments
+# called first from a contracting pass fused its variance into an FMA, so results
+# differed in the last bits with the order in which a process first ran the kernels.
+# So every function that is not inlined into its caller states its flags; "_EXACT":
+# no reassociation, no contraction.
+_EXACT = {"cache": True, "fastmath": False}
+_PAR = {"parallel": True, **_EXACT}
 
 
 # --- one contiguous row ------------------------------------------------------------
@@ -192,7 +200,7 @@ def _grad_sums_rows_mc(dy2, x2, lo, hi, mean, s1, s2):
 # --- per-channel arithmetic shared by the drivers and the fused kernels -------------
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def moments(s1, s2, k, count):
     """Mean and biased variance from shifted sums (s1, s2) of ``count`` values."""
     delta = s1 / count
@@ -246,7 +254,7 @@ def _finish_moments(out, shift, count):
         out[0, c], out[1, c] = moments(out[0, c], out[1, c], shift[c], count)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def tile(per_channel, l, columns):
     """A new array of ``columns`` columns with :func:`expand` of ``per_channel``: the
     MC elementwise kernels' tiled constants."""
@@ -277,7 +285,7 @@ def _spread(values, l, c0, c1, row):
             dst[i] = v
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def expand(per_channel, l, out):
     """out[k, j] = per_channel[k, j % (C * l) // l]: per-channel values spread over the
     flat positions of a sample whose planes hold ``l`` values each (``_cpu._flat``)."""
@@ -483,7 +491,7 @@ def grad_input_ncl(dy3, x3, params, nseg, nchunk, streamed, dx3):
 # with the elementwise flags (``contract``), which the row helpers they inline need.
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_EXACT, error_model="numpy")
 def _norm_params(c, mean, var, weight, bias, eps, params, stats):
     """Channel c's mean, variance and invstd into ``stats`` and normalize constants
     into ``params`` (invstd inf for var + eps == 0, which eval allows)."""
@@ -497,7 +505,7 @@ def _norm_params(c, mean, var, weight, bias, eps, params, stats):
     params[3, c] = bias[c]
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def channel_params(mean, var, weight, bias, eps, params, stats):
     """``_norm_params`` of every channel, from float64 statistics or running ones as
     stored (float16 as bits); float64 weight and bias."""
@@ -506,7 +514,7 @@ def channel_params(mean, var, weight, bias, eps, params, stats):
         _norm_params(c, m, v, weight, bias, eps, params, stats)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def update_running(rm, rv, mean, var, count, momentum):
     """r = (1 - momentum) * r + momentum * batch value, in place, the variance unbiased
     (float64 batch mean and biased variance; the arithmetic of ``_channel``)."""
@@ -516,7 +524,7 @@ def update_running(rm, rv, mean, var, count, momentum):
         rv[c] = store((1.0 - momentum) * np.float64(load(rv[c])) + momentum * unbiased, rv)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads):
     """Channel c's dx constants into ``params`` from its gradient sums (eval mode:
     (0, 0, k1, 0, k1), so that normalize gives dx = dy * k1), and its (dweight, dbias)
@@ -530,7 +538,7 @@ def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads
     params[3, c] = s1 / count if training else 0.0
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def grad_params(sums, count, mean, invstd, weight, training, params, grads):
     """``_grad_params`` of every channel, from float64 sums and per-channel inputs."""
     for c in range(mean.size):
@@ -668,7 +676,7 @@ def _channel_grad_sums(dy3, x3, c, mu, acc):
     return _acc_total(acc, block, t1, t2)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def _channel_moments(x3, c):
     """float64 mean and biased variance of channel c, shifted by its first value."""
     n_, _, l_ = x3.shape
@@ -796,24 +804,24 @@ def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, nt
             _backward_run(*args, False, params, grads, dx3)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
     _forward_run(x3, 0, x3.shape[1], weight, bias, eps, params, stats, False, y3)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
     c_ = x3.shape[1]
     _backward_run_cached(dy3, x3, 0, c_, mean, invstd, weight, training, params, grads, dx3)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def stats_small_ncl(x3, stats):
     for c in range(x3.shape[1]):
         stats[0, c], stats[1, c] = _channel_moments(x3, c)
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def normalize_small_ncl(x3, params, y3):
     for n in range(x3.shape[0]):
         for c in range(x3.shape[1]):
@@ -822,7 +830,7 @@ def normalize_small_ncl(x3, params, y3):
             )
 
 
-@njit(cache=True)
+@njit(**_EXACT)
 def stats_small_mc(x2, stats):
     m, c_ = x2.shape
     shift = np.empty(c_)
