@@ -1,11 +1,12 @@
 """The fused per-channel passes (``_cpu_kernels.forward_channels``,
-``backward_channels`` and the small kernels built on the same runs). Each run of
-channels writes one channel while it sums the next (``_stream._fused_row``), so a
-channel's sums are taken either alone (the first of a run) or next to another
-channel's writes, into outputs that are streamed or not and lie anywhere. The order
-of the additions must not depend on any of that: the statistics, and so the outputs,
-must be bitwise the same whatever the split into runs, the streaming and the output's
-alignment, and close to the float64 reference. (Where the outputs are float32 or
+``backward_channels`` and the small kernels built on the same loops). Each task takes
+channels one at a time, and writes one channel while it sums the next it took
+(``_stream._fused_row``), so a channel's sums are taken either alone (a task's first)
+or next to another channel's writes, by whichever thread took it, into outputs that
+are streamed or not and lie anywhere. The order of the additions must not depend on
+any of that: the statistics, and so the outputs, must be bitwise the same whatever
+the number of tasks, the streaming and the output's alignment, and close to the
+float64 reference. (Where the outputs are float32 or
 float16, a different order of float64 additions rarely shows in them; the float64
 cases are the ones that catch it, and the forward cases' float64 statistics.)"""
 
@@ -48,7 +49,7 @@ def _outputs(shape, dtype):
 
 
 def _splits(c):
-    return sorted({1, 2, 3, c})
+    return sorted({1, 2, 3, c, c + 2})  # c + 2: tasks that find every channel taken
 
 
 def _ctype(dtype):
