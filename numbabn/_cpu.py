@@ -74,7 +74,9 @@ _FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": math.inf}
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
 # passes then run the MC kernels over each sample's C * L values as one row, with the
-# constants expanded to one per value (``_flat``), while C * L <= _FLAT_MAX_PERIOD.
+# constants expanded to one per value (``_flat``) or, for planes of 16 values or more,
+# chosen per channel as they go (``_cpu_kernels._per_channel_planes``), while
+# C * L <= _FLAT_MAX_PERIOD.
 # The reductions run flat only for shorter planes and fewer values per sample: each
 # chunk of rows keeps float64 sums of all C * L columns, as large as the data itself
 # when chunks have few rows. Measured, float32 kernels, planes against flat rows:

@@ -1138,16 +1138,116 @@ def _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed):
         _stream.fence()
 
 
+# NCL planes of _PLANE_MIN_VALUES to 64 values, viewed as flat rows (``_cpu._flat``),
+# take their constants per channel (``_stream.normalize_planes``) instead of expanded
+# to one per value (``tile``), which read four constants from a table of four samples
+# for each value. (Shorter planes would put more than two channels in a vector.)
+# Paired full calls against the tiled constants, float32, 2 threads, train / eval /
+# backward: streamed outputs (8-26 MB) 64x2048x7x7 1.04x / 0.99x / 1.36x, 256x512x7x7
+# 1.35x / 1.89x / 1.69x, 128x256x8x8 1.24x / 1.38x / 1.28x, 2048x64x5x5 1.03x / 1.02x /
+# 1.33x, 1024x64x8x8 1.04x / 1.07x / 1.37x; plain stores, rows past _BLOCK_MAX_C
+# (3-6 MB, warm) 0.95-1.11x, 1.36-1.55x with the cache flushed (32x512x7x7); but
+# plain stores on short rows, whose tiled constants stay in L1, 0.68-0.95x (256x64x5x5,
+# 128x64x4x4, 512x64x4x4), so those keep the blocked passes; float16, whose 16-lane
+# vectors spend more on choosing constants, keeps the bands with plain stores
+# (64x1024x7x7: eval 0.67-0.77x warm, 1.45x flushed; streamed 1.09-1.28x).
+_PLANE_MIN_VALUES = 16
+
+
+@njit(inline="always")
+def _per_channel_planes(l, c_, streamed, item):
+    """Whether flat rows of ``c_`` values (``item`` bytes each), planes of ``l``, take
+    per-channel constants (``_normalize_planes``): planes long enough, and a streamed
+    output, or rows too long for the blocked plain-store passes (whose constants, tiled
+    over a few rows, stay in L1) of float32 or float64."""
+    return l >= _PLANE_MIN_VALUES and (streamed or (c_ > _BLOCK_MAX_C and item >= 4))
+
+
+@njit(inline="always")
+def _plane_at(p, cl, l):
+    """(channel, values of its plane from p on) of flat index p of rows of ``cl``
+    values, planes of ``l``."""
+    q = p % cl
+    return q // l, l - q % l
+
+
+@njit(inline="always")
+def _planes_parts(yf, params, l, i0, i1, streamed):
+    """How ``_normalize_planes`` splits flat values [i0, i1): (first and end index of
+    the vectors, their number, the first one's channel and values of it left, values
+    per row)."""
+    lanes = _stream.VECTOR_BYTES // _stream.item_bytes(yf)
+    if streamed:
+        s, e = _stream.bounds(yf[i0:i1])
+    else:
+        s, e = 0, (i1 - i0) // lanes * lanes
+    cl = params.shape[1] * l
+    c, r = _plane_at(i0 + s, cl, l)
+    return i0 + s, i0 + e, (e - s) // lanes, c, r, cl
+
+
+@njit(inline="always")
+def _normalize_by_channel(xf, yf, k, l, cl, i0, i1):
+    """normalize's formula (``_normalize_plain``) over flat values [i0, i1), each with
+    its channel's constants (rows of ``cl`` values, planes of ``l``)."""
+    for i in range(i0, i1):
+        ch = (i % cl) // l
+        yf[i] = store(((load(xf[i]) - k[0, ch]) - k[1, ch]) * k[2, ch] + k[3, ch], yf)
+
+
+@njit(inline="always")
+def _grad_input_by_channel(gf, xf, df, k, l, cl, i0, i1):
+    """grad_input's formula (``_grad_input_plain``), as ``_normalize_by_channel``."""
+    for i in range(i0, i1):
+        ch = (i % cl) // l
+        xmu = (load(xf[i]) - k[0, ch]) - k[1, ch]
+        df[i] = store((load(gf[i]) - k[3, ch] - xmu * k[2, ch]) * k[4, ch], df)
+
+
+@njit(**_ELEM)
+def _normalize_planes(xf, yf, k, l, i0, i1, streamed):
+    """normalize's y over flat values [i0, i1) of rows of C planes of ``l`` values,
+    constants ``k`` (rows of C): vectors from the first boundary the stores need, the
+    values before and after them with plain stores."""
+    a, e, nvec, c, r, cl = _planes_parts(yf, k, l, i0, i1, streamed)
+    if streamed:
+        _stream.normalize_planes(xf, yf, a, nvec, c, r, l, k[0], k[1], k[2], k[3])
+    else:
+        _stream.normalize_planes_plain(xf, yf, a, nvec, c, r, l, k[0], k[1], k[2], k[3])
+    _normalize_by_channel(xf, yf, k, l, cl, i0, a)
+    _normalize_by_channel(xf, yf, k, l, cl, e, i1)
+
+
+@njit(**_ELEM)
+def _grad_input_planes(gf, xf, df, k, l, i0, i1, streamed):
+    """grad_input's dx over flat values [i0, i1), as ``_normalize_planes``."""
+    a, e, nvec, c, r, cl = _planes_parts(df, k, l, i0, i1, streamed)
+    if streamed:
+        _stream.grad_input_planes(gf, xf, df, a, nvec, c, r, l, k[0], k[1], k[2], k[3], k[4])
+    else:
+        _stream.grad_input_planes_plain(gf, xf, df, a, nvec, c, r, l, k[0], k[1], k[2], k[3], k[4])
+    _grad_input_by_channel(gf, xf, df, k, l, cl, i0, a)
+    _grad_input_by_channel(gf, xf, df, k, l, cl, e, i1)
+
+
 @njit(**_PAR)
 def normalize_mc(x2, params, l, w, nchunk, streamed, y2):
     """y = ((x - hi) - lo) * a + b with per-channel params rows (hi, lo, a, b), over
     spans of ``w`` elements (with plain stores, whole rows several at a time where they
     fit, ``_block_span``, and longer rows in bands, ``_wide_task``; rows of whole cache
     lines, ``_whole_lines``, streamed or not, a line of columns at a time down the
-    rows, ``_line_task``); ``l`` > 1 for NCL planes viewed as flat rows."""
+    rows, ``_line_task``); ``l`` > 1 for NCL planes viewed as flat rows, which take
+    their constants per channel where ``_per_channel_planes`` says so."""
     c_ = x2.shape[1]
     xf = x2.reshape(-1)
     yf = y2.reshape(-1)
+    if _per_channel_planes(l, c_, streamed, _stream.item_bytes(yf)):
+        for t in prange(np.int64(nchunk)):
+            i0, i1 = _cut(t, nchunk, x2.size), _cut(t + 1, nchunk, x2.size)
+            _normalize_planes(xf, yf, params, l, i0, i1, streamed)
+            if streamed:
+                _stream.fence()
+        return
     if c_ > _BLOCK_MAX_C and not streamed:
         nb, nrc = _wide_grid(nchunk, x2.shape[0], c_)
         for task in prange(np.int64(nb * nrc)):
@@ -1214,6 +1314,13 @@ def grad_input_mc(dy2, x2, params, l, w, nchunk, streamed, dx2):
     gf = dy2.reshape(-1)
     xf = x2.reshape(-1)
     df = dx2.reshape(-1)
+    if _per_channel_planes(l, c_, streamed, _stream.item_bytes(df)):
+        for t in prange(np.int64(nchunk)):
+            i0, i1 = _cut(t, nchunk, x2.size), _cut(t + 1, nchunk, x2.size)
+            _grad_input_planes(gf, xf, df, params, l, i0, i1, streamed)
+            if streamed:
+                _stream.fence()
+        return
     if c_ > _BLOCK_MAX_C and not streamed:
         nb, nrc = _wide_grid(nchunk, x2.shape[0], c_)
         for task in prange(np.int64(nb * nrc)):

@@ -617,3 +617,97 @@ normalize_lines = _lines("normalize")
 grad_input_lines = _lines("grad_input")
 normalize_lines_plain = _lines("normalize", False)
 grad_input_lines_plain = _lines("grad_input", False)
+
+
+# --- short planes: constants chosen per lane -----------------------------------------
+# NCL planes of up to 64 values (``_cpu._flat``) are walked as flat rows of a sample's
+# C * L values. Expanding the constants to one per value (``_cpu_kernels.tile``) reads
+# 4-5 constants for every value, from a table as large as four samples (1.6 MB at
+# 2048 channels of 7x7). The loops below keep, instead, the channel of the vector's
+# first value and how many of its values are left (``c``, ``r``), and build each
+# constant vector from two scalars: channel c's for the lanes before ``r``, the next
+# channel's after. A vector then spans at most two channels: planes must hold at
+# least a vector's values. Same arithmetic as the loops above.
+
+
+def _planes(formula, nt=True):
+    """An intrinsic that writes ``formula`` ("normalize" or "grad_input") over ``nvec``
+    vectors from flat index ``start`` of flat rows of ``nc`` channels of ``l`` values
+    (the first vector's first value in channel ``c``, ``r`` values of it left); the
+    constants are 1-D arrays of the ``nc`` channels. Non-temporal stores if ``nt``
+    (``y[start]`` then 32-byte aligned), else plain ones."""
+    n_arrays = 2 if formula == "normalize" else 3
+
+    def signature(args):
+        arrays, consts = args[:n_arrays], args[n_arrays + 5 :]
+        if not _contiguous(*arrays, *consts):
+            return None
+        compute = _compute_type(consts[-1])
+
+        def codegen(context, builder, sig, vals):
+            ins = list(zip(sig.args, vals))
+            arrays = ins[:n_arrays]
+            start, nvec, c0, r0, l = (v for _, v in ins[n_arrays : n_arrays + 5])
+            consts = ins[n_arrays + 5 :]
+            out_ty, out_v = arrays[-1]
+            vec = _Vectors(context, builder, _lanes(context, out_ty), compute)
+            i64 = ir.IntType(64)
+            lanes = ir.Constant(i64, vec.lanes)
+            first = context.make_array(consts[0][0])(context, builder, consts[0][1])
+            nch = builder.extract_value(first.shape, 0)
+            iota = ir.Constant(ir.VectorType(i64, vec.lanes), [ir.Constant(i64, k) for k in range(vec.lanes)])
+            zero = ir.Constant(i64, 0)
+            one = ir.Constant(i64, 1)
+
+            def body(k, state):
+                c, r = state
+                i = builder.add(start, builder.mul(k, lanes))
+                after = builder.add(c, one)
+                nxt = builder.select(builder.icmp_signed("==", after, nch), zero, after)
+                mask = builder.icmp_signed("<", iota, _splat(builder, r, iota.type))
+                params = []
+                for aty, arr in consts:
+                    data = context.make_array(aty)(context, builder, arr).data
+                    here = builder.load(builder.gep(data, [c]))
+                    there = builder.load(builder.gep(data, [nxt]))
+                    here = context.cast(builder, here, aty.dtype, compute)
+                    there = context.cast(builder, there, aty.dtype, compute)
+                    v = builder.select(mask, _splat(builder, here, vec.vct), _splat(builder, there, vec.vct))
+                    params.append((None, v))
+                if formula == "normalize":
+                    v = _normalized(vec, arrays[0], params, i)
+                else:
+                    v = _gradient(vec, arrays[0], arrays[1], params, i)
+                if nt:
+                    vec.store_nt(out_ty, out_v, i, v)
+                else:
+                    _store_plain(vec, out_ty, out_v, i, v)
+                left = builder.sub(r, lanes)
+                step = builder.icmp_signed("<=", left, zero)
+                return [builder.select(step, nxt, c), builder.select(step, builder.add(left, l), left)]
+
+            _loop(builder, zero, nvec, 1, [c0, r0], body)
+            return context.get_dummy_value()
+
+        index = types.int64  # start, nvec, c, r, l
+        return types.none(*arrays, index, index, index, index, index, *consts), codegen
+
+    if formula == "normalize":
+
+        def planes(typingctx, x, y, start, nvec, c, r, l, hi, lo, a, b):
+            return signature((x, y, start, nvec, c, r, l, hi, lo, a, b))
+
+    else:
+
+        def planes(typingctx, dy, x, dx, start, nvec, c, r, l, hi, lo, k2, mdy, k1):
+            return signature((dy, x, dx, start, nvec, c, r, l, hi, lo, k2, mdy, k1))
+
+    return intrinsic(planes)
+
+
+# normalize_planes(x, y, start, nvec, c, r, l, hi, lo, a, b);
+# grad_input_planes(dy, x, dx, start, nvec, c, r, l, hi, lo, k2, mdy, k1)
+normalize_planes = _planes("normalize")
+grad_input_planes = _planes("grad_input")
+normalize_planes_plain = _planes("normalize", False)
+grad_input_planes_plain = _planes("grad_input", False)

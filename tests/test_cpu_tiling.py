@@ -3,6 +3,8 @@
 ``expand`` spreads per-channel values over the flat positions of a row (one per value,
 planes of ``l`` values); the plain-store passes then take spans of whole rows several
 at a time (``_block_span``), and rows too long for that in bands (``_wide_task``).
+Flat NCL rows of planes of at least ``_PLANE_MIN_VALUES`` values instead choose each
+lane's constants from its channel's (``_stream.normalize_planes``).
 The functional tests check the passes' results; these
 check the layout itself, exactly, on the odd periods the fast paths must get right.
 """
@@ -43,7 +45,7 @@ def test_block_span_is_whole_rows():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("m,c,l", [(7, 4099, 1), (11, 97, 49), (3, 9000, 1), (2, 5, 1000)])
+@pytest.mark.parametrize("m,c,l", [(7, 4099, 1), (11, 521, 9), (3, 9000, 1), (2, 5, 1000)])
 @pytest.mark.parametrize("nchunk", [1, 3, 8])
 def test_wide_rows_in_bands(m, c, l, nchunk, dtype):
     """Rows of more than _BLOCK_MAX_C values (true channels, l == 1, or flat NCL planes
@@ -79,3 +81,85 @@ def test_wide_grid_covers_each_element_once():
             hits[r0:r1, c0:c1] += 1
         assert (hits == 1).all()
         assert nb * nrc >= min(nchunk, m * nb)
+
+
+def _aligned_rows(m, columns, dtype, offset):
+    """An (m, columns) array that starts ``offset`` elements past a cache line."""
+    item = np.dtype(dtype).itemsize
+    raw = np.empty((m * columns + offset) * item + 64, np.uint8)
+    start = -raw.ctypes.data % 64 + offset * item
+    return raw[start : start + m * columns * item].view(dtype).reshape(m, columns)
+
+
+def _plane_references(x, dy, params, m, c, l, k):
+    """y and dx of flat rows of C planes of l values, from the per-plane loops, where
+    each plane has its channel's constants as scalars."""
+    y_ref, dx_ref = np.empty_like(x), np.empty_like(x)
+    x3, dy3 = k(x).reshape(m, c, l), k(dy).reshape(m, c, l)
+    _cpu_kernels.normalize_small_ncl(x3, params[:4].copy(), k(y_ref).reshape(m, c, l))
+    for n in range(m):
+        for ch in range(c):
+            _cpu_kernels._grad_input_span(
+                dy3[n, ch], x3[n, ch], *params[:, ch], k(dx_ref).reshape(m, c, l)[n, ch], False
+            )
+    return y_ref, dx_ref
+
+
+def _plane_case(m, c, l, dtype):
+    rng = np.random.default_rng(c * l + m)
+    x = rng.normal(1.0, 3.0, (m, c * l)).astype(dtype)
+    dy = rng.standard_normal((m, c * l)).astype(dtype)
+    ctype = np.float64 if dtype == np.float64 else np.float32
+    params = rng.uniform(-1.5, 1.5, (5, c)).astype(ctype)
+    k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
+    return x, dy, params, k
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("m,c,l", [(3, 7, 49), (5, 33, 16), (2, 9, 17), (4, 5, 64), (1, 3, 25)])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_short_planes_match_the_plane_kernels(m, c, l, streamed, dtype):
+    """Flat rows of C planes of l values (``_normalize_planes``), in pieces that start
+    and end anywhere (mid-plane, across rows), written from any alignment: bitwise what
+    the per-plane loops give."""
+    assert l >= _cpu_kernels._PLANE_MIN_VALUES
+    x, dy, params, k = _plane_case(m, c, l, dtype)
+    y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
+    total = x.size
+    for cuts in ([0, total], [0, 1, l + 3, total // 2 + 5, total], [0, total - 17, total]):
+        for offset in (0, 1, 3):
+            y, dx = _aligned_rows(m, c * l, dtype, offset), _aligned_rows(m, c * l, dtype, offset)
+            y[...], dx[...] = np.nan, np.nan
+            xf, gf, yf, df = (k(a).reshape(-1) for a in (x, dy, y, dx))
+            for i0, i1 in zip(cuts[:-1], cuts[1:]):
+                _cpu_kernels._normalize_planes(xf, yf, params[:4].copy(), l, i0, i1, streamed)
+                _cpu_kernels._grad_input_planes(gf, xf, df, params, l, i0, i1, streamed)
+            how = f"pieces {cuts}, offset {offset}"
+            np.testing.assert_array_equal(k(y), k(y_ref), err_msg=f"y, {how}")
+            np.testing.assert_array_equal(k(dx), k(dx_ref), err_msg=f"dx, {how}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("nchunk", [1, 3, 8])
+def test_mc_passes_take_short_planes_per_channel(nchunk, streamed, dtype):
+    """normalize_mc and grad_input_mc on rows past _BLOCK_MAX_C values of 7x7 planes
+    (the per-channel path, streamed or not), and on short rows streamed."""
+    for m, c, l in [(3, 85, 49), (4, 7, 25)]:
+        x, dy, params, k = _plane_case(m, c, l, dtype)
+        item = np.dtype(dtype).itemsize
+        assert _cpu_kernels._per_channel_planes.py_func(l, c * l, streamed, item) == (
+            streamed or (c * l > _cpu_kernels._BLOCK_MAX_C and item >= 4)
+        )
+        y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
+        y, dx = _aligned_rows(m, c * l, dtype, 0), _aligned_rows(m, c * l, dtype, 0)
+        _cpu_kernels.normalize_mc(k(x), params[:4].copy(), l, 1024, nchunk, streamed, k(y))
+        _cpu_kernels.grad_input_mc(k(dy), k(x), params, l, 1024, nchunk, streamed, k(dx))
+        np.testing.assert_array_equal(k(y), k(y_ref))
+        np.testing.assert_array_equal(k(dx), k(dx_ref))
+
+
+def test_plane_at():
+    at = _cpu_kernels._plane_at.py_func
+    assert at(0, 98, 49) == (0, 49) and at(48, 98, 49) == (0, 1) and at(49, 98, 49) == (1, 49)
+    assert at(97, 98, 49) == (1, 1) and at(98, 98, 49) == (0, 49) and at(150, 98, 49) == (1, 46)
