@@ -1,9 +1,9 @@
 """An atomic counter for the CPU kernels' parallel tasks.
 
 The fused per-channel passes (``_cpu_kernels.forward_channels``,
-``backward_channels``) let their tasks take channels one at a time from a shared
-counter, so that a thread slowed down by the machine takes fewer channels instead of
-holding up the whole call. Numba's CPU target has no atomics of its own; this is
+``backward_channels``) over data out of cache let their tasks take channels one at a
+time from a shared counter, so that a thread slowed down by the machine takes fewer
+channels instead of holding up the whole call. Numba's CPU target has no atomics of its own; this is
 LLVM's ``atomicrmw add``.
 
 Like ``_stream``, kernels that use this compile it into their own code, and numba's
@@ -19,17 +19,22 @@ from numba.extending import intrinsic
 
 
 @intrinsic
-def take(typingctx, counter):
-    """Add 1 to ``counter[0]`` (a 1-D int64 array) atomically; the value before.
+def take(typingctx, counters, i):
+    """Add 1 to ``counters[i]`` (a 1-D int64 array) atomically; the value before.
 
     Ordering is "monotonic" (relaxed): the counter only hands out distinct numbers;
     what the tasks write is published by the end of the parallel region.
     """
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.ndim == 1):
+    if not (
+        isinstance(counters, types.Array) and counters.dtype == types.int64
+        and counters.ndim == 1 and isinstance(i, types.Integer)
+    ):
         return None
 
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
+        index = context.cast(builder, args[1], sig.args[1], types.int64)
+        ptr = builder.gep(data, [index])
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
 
-    return types.int64(counter), codegen
+    return types.int64(counters, i), codegen

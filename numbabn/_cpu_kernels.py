@@ -35,10 +35,11 @@ aligned middle of each span is written with non-temporal stores (``_stream``), w
 skip reading the destination lines before writing them.
 
 ``forward_channels`` and ``backward_channels`` are the cache-fused passes for
-``ncl``: each thread takes channels one at a time (from a shared counter, ``_atomic``)
-and normalizes each channel (computes its dx) from the core's cache while, in the
-same loop, it reduces the next channel it took from memory (``_stream._fused_row``),
-so a slab comes from memory once instead of twice and the reads overlap the writes.
+``ncl``: each thread takes channels one at a time (from a shared counter, ``_atomic``,
+when the data is out of cache; else in a run of its own) and normalizes each channel
+(computes its dx) from the core's cache while, in the same loop, it reduces the next
+channel it took from memory (``_stream._fused_row``), so a slab comes from memory once
+instead of twice and the reads overlap the writes.
 Their sums are added in an order that depends on the plane length alone (not on
 which thread takes a channel, the output's address or streaming); the small kernels
 for ``ncl`` run the same loops on one thread, so all per-channel statistics agree
@@ -687,11 +688,11 @@ def _channel_moments(x3, c):
 
 
 @njit(inline="always")
-def _take(claims, c_):
-    """The next channel no task has taken yet (``claims``: the shared counter), or -1
-    when all ``c_`` are taken."""
-    c = _atomic.take(claims)
-    return c if c < c_ else -1
+def _take(counters, slot, limit):
+    """The next channel from counter ``slot`` of ``counters`` (``_claims``), or -1 once
+    it reaches ``limit``."""
+    c = _atomic.take(counters, slot)
+    return c if c < limit else -1
 
 
 @njit(inline="always")
@@ -702,12 +703,13 @@ def _summed_next(nxt, c, l_):
 
 
 @njit(**_ELEM)
-def _forward_run(x3, claims, weight, bias, eps, params, stats, streamed, y3):
-    """Train forward of the channels this task takes from ``claims``: each channel is
+def _forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, streamed, y3):
+    """Train forward of the channels this task takes from ``claims`` (counter ``slot``,
+    up to ``limit``): each channel is
     normalized while the next one taken is summed, so that its data comes from memory
     once and its reads overlap the previous channel's writes."""
     n_, c_, l_ = x3.shape
-    c = _take(claims, c_)
+    c = _take(claims, slot, limit)
     if c < 0:
         return
     acc = np.empty(_stream.ACC_SIZE)
@@ -717,7 +719,7 @@ def _forward_run(x3, claims, weight, bias, eps, params, stats, streamed, y3):
         mean, var = moments(s1, s2, k, n_ * l_)
         _norm_params(c, mean, var, weight, bias, eps, params, stats)
         hi, lo, a, b = params[0, c], params[1, c], params[2, c], params[3, c]
-        nxt = _take(claims, c_)
+        nxt = _take(claims, slot, limit)
         src, width = _summed_next(nxt, c, l_)
         k = np.float64(load(x3[0, src, 0]))
         acc.fill(0.0)
@@ -735,12 +737,13 @@ def _forward_run(x3, claims, weight, bias, eps, params, stats, streamed, y3):
 
 
 @njit(**_ELEM)
-def _backward_run_cached(dy3, x3, claims, mean, invstd, weight, training, params, grads, dx3):
-    """Backward for data in cache, of the channels this task takes from ``claims``:
+def _backward_run_cached(dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3):
+    """Backward for data in cache, of the channels this task takes from ``claims``
+    (counter ``slot``, up to ``limit``):
     each channel's gradient sums (in the order of ``_backward_run``), then its dx."""
     n_, c_, l_ = x3.shape
     acc = np.empty(_stream.ACC_SIZE)
-    c = _take(claims, c_)
+    c = _take(claims, slot, limit)
     while c >= 0:
         s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
         _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
@@ -755,16 +758,16 @@ def _backward_run_cached(dy3, x3, claims, mean, invstd, weight, training, params
                     dy3[n, c], params[0, c], params[1, c], params[2, c], params[3, c],
                     dx3[n, c], False,
                 )
-        c = _take(claims, c_)
+        c = _take(claims, slot, limit)
 
 
 @njit(**_ELEM)
-def _backward_run(dy3, x3, claims, mean, invstd, weight, training, params, grads, dx3):
+def _backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3):
     """Backward into a streamed ``dx3`` of the channels this task takes from
-    ``claims``, each channel's dx computed while the next one's gradient sums are
+    ``claims`` (counter ``slot``, up to ``limit``), each channel's dx computed while the next one's gradient sums are
     taken (as ``_forward_run``)."""
     n_, c_, l_ = x3.shape
-    c = _take(claims, c_)
+    c = _take(claims, slot, limit)
     if c < 0:
         return
     acc = np.empty(_stream.ACC_SIZE)
@@ -772,7 +775,7 @@ def _backward_run(dy3, x3, claims, mean, invstd, weight, training, params, grads
     while c >= 0:
         _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
         hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
-        nxt = _take(claims, c_)
+        nxt = _take(claims, slot, limit)
         src, width = _summed_next(nxt, c, l_)
         acc.fill(0.0)
         t1 = 0.0
@@ -787,12 +790,36 @@ def _backward_run(dy3, x3, claims, mean, invstd, weight, training, params, grads
     _stream.fence()
 
 
-# The fused passes run ``ntask`` tasks (one per thread) that take channels one at a
-# time from a shared counter, rather than a fixed run of channels each: the threads
-# of a call often finish their halves tens to hundreds of microseconds apart (2-core
-# development machine, 32x64x56x56 float32 backward: 76 us median, 123 us mean over
-# 60 calls of a 2.24 ms parallel pass). A channel's sums are taken in the same order
-# whichever task takes it, so results are the same bitwise.
+# The fused passes run ``ntask`` tasks (one per thread). Into streamed outputs (data out
+# of cache) they take channels one at a time from one shared counter, rather than a
+# fixed run of channels each: the threads of a call often finished their runs tens to
+# hundreds of microseconds apart (2-core development machine, 32x64x56x56 float32
+# backward: 76 us median, 123 us mean over 60 calls of a 2.24 ms parallel pass; 16 us
+# median with the shared counter). Into outputs that stay in cache each task keeps its
+# run (a counter of its own): taking channels in turn, a channel's data was in the
+# other core's cache from the call before (paired, warm, 32x32x28x28 train 0.66x,
+# backward 0.74x, 32x16x56x56 train 0.82x). A channel's sums are taken in the same
+# order whichever task takes it, so results are the same bitwise.
+
+
+@njit(inline="always")
+def _claims(ntask, c_, shared):
+    """The fused passes' counters: one for all tasks (``shared``), or one per task from
+    the start of its run of channels."""
+    counters = np.zeros(ntask, np.int64)
+    if not shared:
+        for t in range(ntask):
+            counters[t] = t * c_ // ntask
+    return counters
+
+
+@njit(inline="always")
+def _source(t, ntask, c_, shared):
+    """(counter, limit) of task t (``_claims``)."""
+    t = np.int64(t)  # a prange index may be unsigned: unified with 0 it became a float
+    if shared:
+        return np.int64(0), c_
+    return t, (t + 1) * c_ // ntask
 
 
 @njit(**_PAR)
@@ -800,23 +827,27 @@ def forward_channels(x3, weight, bias, eps, params, stats, ntask, streamed, y3):
     """Fused train forward, ``ntask`` tasks in parallel: float64 weight and bias in;
     float64 mean, biased variance and invstd out in ``stats``; ``params`` receives
     the normalize constants."""
-    claims = np.zeros(1, np.int64)
+    c_ = x3.shape[1]
+    claims = _claims(ntask, c_, streamed)
     for t in prange(ntask):
+        slot, limit = _source(t, ntask, c_, streamed)
         # constant flags: each combination compiles its own loops (a flag read at run
         # time in the row loops measured 8% slower at 25.7 MB)
         if streamed:
-            _forward_run(x3, claims, weight, bias, eps, params, stats, True, y3)
+            _forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, True, y3)
         else:
-            _forward_run(x3, claims, weight, bias, eps, params, stats, False, y3)
+            _forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, False, y3)
 
 
 @njit(**_PAR)
 def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, ntask, streamed, dx3):
     """Fused backward, ``ntask`` tasks in parallel: float64 per-channel inputs;
     ``grads`` receives (dweight, dbias) and ``params`` the dx constants."""
-    claims = np.zeros(1, np.int64)
+    c_ = x3.shape[1]
+    claims = _claims(ntask, c_, streamed)
     for t in prange(ntask):
-        args = (dy3, x3, claims, mean, invstd, weight)  # constant flags, as forward_channels
+        slot, limit = _source(t, ntask, c_, streamed)
+        args = (dy3, x3, claims, slot, limit, mean, invstd, weight)  # constant flags
         if not streamed:
             _backward_run_cached(*args, training, params, grads, dx3)
         elif training:
@@ -828,13 +859,14 @@ def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, nt
 @njit(**_EXACT)
 def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
     claims = np.zeros(1, np.int64)  # one task: it takes the channels in order
-    _forward_run(x3, claims, weight, bias, eps, params, stats, False, y3)
+    _forward_run(x3, claims, 0, x3.shape[1], weight, bias, eps, params, stats, False, y3)
 
 
 @njit(**_EXACT)
 def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
     claims = np.zeros(1, np.int64)
-    _backward_run_cached(dy3, x3, claims, mean, invstd, weight, training, params, grads, dx3)
+    c_ = x3.shape[1]
+    _backward_run_cached(dy3, x3, claims, 0, c_, mean, invstd, weight, training, params, grads, dx3)
 
 
 @njit(**_EXACT)
