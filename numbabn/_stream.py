@@ -555,6 +555,21 @@ grad_input_grads_plain = _fused_row("grad_input", "grads", False)
 # of its line alone.
 
 
+def _write(vec, formula, arrays, params, i, nt):
+    """Store ``formula`` ("normalize" or "grad_input") of the vector at ``i`` into the
+    last of ``arrays`` ((type, value) pairs: the inputs, then the output), streamed if
+    ``nt``; ``params`` as in :func:`_normalized`."""
+    if formula == "normalize":
+        v = _normalized(vec, arrays[0], params, i)
+    else:
+        v = _gradient(vec, arrays[0], arrays[1], params, i)
+    out_ty, out_v = arrays[-1]
+    if nt:
+        vec.store_nt(out_ty, out_v, i, v)
+    else:
+        _store_plain(vec, out_ty, out_v, i, v)
+
+
 def _lines(formula, nt=True):
     """An intrinsic that writes ``formula`` ("normalize" or "grad_input") of one line of
     columns, from flat index ``start`` down ``nrows`` rows ``stride`` apart, with
@@ -573,7 +588,7 @@ def _lines(formula, nt=True):
             ins = list(zip(sig.args, vals))
             arrays, (_, start), (_, nrows), (_, stride) = ins[:n_arrays], *ins[n_arrays : n_arrays + 3]
             consts, (_, j) = ins[n_arrays + 3 : -1], ins[-1]
-            out_ty, out_v = arrays[-1]
+            out_ty = arrays[-1][0]
             vec = _Vectors(context, builder, _lanes(context, out_ty), compute)
             i64 = ir.IntType(64)
             step = ir.Constant(i64, vec.lanes)
@@ -583,14 +598,7 @@ def _lines(formula, nt=True):
                 base = builder.add(start, builder.mul(r, stride))
                 for half, params in enumerate(halves):
                     i = builder.add(base, step) if half else base
-                    if formula == "normalize":
-                        v = _normalized(vec, arrays[0], params, i)
-                    else:
-                        v = _gradient(vec, arrays[0], arrays[1], params, i)
-                    if nt:
-                        vec.store_nt(out_ty, out_v, i, v)
-                    else:
-                        _store_plain(vec, out_ty, out_v, i, v)
+                    _write(vec, formula, arrays, params, i, nt)
 
             _vector_loop(builder, ir.Constant(i64, 0), nrows, 1, body)
             return context.get_dummy_value()
@@ -649,7 +657,7 @@ def _planes(formula, nt=True):
             arrays = ins[:n_arrays]
             start, nvec, c0, r0, l = (v for _, v in ins[n_arrays : n_arrays + 5])
             consts = ins[n_arrays + 5 :]
-            out_ty, out_v = arrays[-1]
+            out_ty = arrays[-1][0]
             vec = _Vectors(context, builder, _lanes(context, out_ty), compute)
             i64 = ir.IntType(64)
             lanes = ir.Constant(i64, vec.lanes)
@@ -674,14 +682,7 @@ def _planes(formula, nt=True):
                     there = context.cast(builder, there, aty.dtype, compute)
                     v = builder.select(mask, _splat(builder, here, vec.vct), _splat(builder, there, vec.vct))
                     params.append((None, v))
-                if formula == "normalize":
-                    v = _normalized(vec, arrays[0], params, i)
-                else:
-                    v = _gradient(vec, arrays[0], arrays[1], params, i)
-                if nt:
-                    vec.store_nt(out_ty, out_v, i, v)
-                else:
-                    _store_plain(vec, out_ty, out_v, i, v)
+                _write(vec, formula, arrays, params, i, nt)
                 left = builder.sub(r, lanes)
                 step = builder.icmp_signed("<=", left, zero)
                 return [builder.select(step, nxt, c), builder.select(step, builder.add(left, l), left)]
