@@ -705,9 +705,9 @@ def _summed_next(nxt, c, l_):
 @njit(**_ELEM)
 def _forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, streamed, y3):
     """Train forward of the channels this task takes from ``claims`` (counter ``slot``,
-    up to ``limit``): each channel is
-    normalized while the next one taken is summed, so that its data comes from memory
-    once and its reads overlap the previous channel's writes."""
+    up to ``limit``): each channel is normalized while the next one taken is summed, so
+    that its data comes from memory once and its reads overlap the previous channel's
+    writes."""
     n_, c_, l_ = x3.shape
     c = _take(claims, slot, limit)
     if c < 0:
@@ -737,10 +737,12 @@ def _forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, stre
 
 
 @njit(**_ELEM)
-def _backward_run_cached(dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3):
+def _backward_run_cached(
+    dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3
+):
     """Backward for data in cache, of the channels this task takes from ``claims``
-    (counter ``slot``, up to ``limit``):
-    each channel's gradient sums (in the order of ``_backward_run``), then its dx."""
+    (counter ``slot``, up to ``limit``): each channel's gradient sums (in the order of
+    ``_backward_run``), then its dx."""
     n_, c_, l_ = x3.shape
     acc = np.empty(_stream.ACC_SIZE)
     c = _take(claims, slot, limit)
@@ -762,10 +764,12 @@ def _backward_run_cached(dy3, x3, claims, slot, limit, mean, invstd, weight, tra
 
 
 @njit(**_ELEM)
-def _backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3):
-    """Backward into a streamed ``dx3`` of the channels this task takes from
-    ``claims`` (counter ``slot``, up to ``limit``), each channel's dx computed while the next one's gradient sums are
-    taken (as ``_forward_run``)."""
+def _backward_run(
+    dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3
+):
+    """Backward into a streamed ``dx3`` of the channels this task takes from ``claims``
+    (counter ``slot``, up to ``limit``), each channel's dx computed while the next
+    one's gradient sums are taken (as ``_forward_run``)."""
     n_, c_, l_ = x3.shape
     c = _take(claims, slot, limit)
     if c < 0:
@@ -866,7 +870,8 @@ def forward_small_ncl(x3, weight, bias, eps, params, stats, y3):
 def backward_small_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
     claims = np.zeros(1, np.int64)
     c_ = x3.shape[1]
-    _backward_run_cached(dy3, x3, claims, 0, c_, mean, invstd, weight, training, params, grads, dx3)
+    args = (dy3, x3, claims, 0, c_, mean, invstd, weight)
+    _backward_run_cached(*args, training, params, grads, dx3)
 
 
 @njit(**_EXACT)

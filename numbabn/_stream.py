@@ -663,7 +663,8 @@ def _planes(formula, nt=True):
             lanes = ir.Constant(i64, vec.lanes)
             first = context.make_array(consts[0][0])(context, builder, consts[0][1])
             nch = builder.extract_value(first.shape, 0)
-            iota = ir.Constant(ir.VectorType(i64, vec.lanes), [ir.Constant(i64, k) for k in range(vec.lanes)])
+            lane = [ir.Constant(i64, k) for k in range(vec.lanes)]
+            iota = ir.Constant(ir.VectorType(i64, vec.lanes), lane)
             zero = ir.Constant(i64, 0)
             one = ir.Constant(i64, 1)
 
@@ -680,12 +681,14 @@ def _planes(formula, nt=True):
                     there = builder.load(builder.gep(data, [nxt]))
                     here = context.cast(builder, here, aty.dtype, compute)
                     there = context.cast(builder, there, aty.dtype, compute)
-                    v = builder.select(mask, _splat(builder, here, vec.vct), _splat(builder, there, vec.vct))
+                    here, there = (_splat(builder, v, vec.vct) for v in (here, there))
+                    v = builder.select(mask, here, there)
                     params.append((None, v))
                 _write(vec, formula, arrays, params, i, nt)
                 left = builder.sub(r, lanes)
                 step = builder.icmp_signed("<=", left, zero)
-                return [builder.select(step, nxt, c), builder.select(step, builder.add(left, l), left)]
+                wrapped = builder.add(left, l)
+                return [builder.select(step, nxt, c), builder.select(step, wrapped, left)]
 
             _loop(builder, zero, nvec, 1, [c0, r0], body)
             return context.get_dummy_value()
