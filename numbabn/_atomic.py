@@ -3,8 +3,8 @@
 The fused per-channel passes (``_cpu_kernels.forward_channels``,
 ``backward_channels``) over data out of cache let their tasks take channels one at a
 time from a shared counter, so that a thread slowed down by the machine takes fewer
-channels instead of holding up the whole call. Numba's CPU target has no atomics of its own; this is
-LLVM's ``atomicrmw add``.
+channels instead of holding up the whole call. Numba's CPU target has no atomics of
+its own; this is LLVM's ``atomicrmw add``.
 
 Like ``_stream``, kernels that use this compile it into their own code, and numba's
 on-disk cache keys a kernel on its own source file only: after editing this module,

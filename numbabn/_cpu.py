@@ -305,7 +305,7 @@ class _Plan(NamedTuple):
     small: bool  # the single-thread kernels (``_small``)
     fuse_forward: bool  # the fused per-channel passes (``_fuse``)
     fuse_backward: bool
-    runs: int  # tasks of the fused passes (they take channels from a shared counter)
+    runs: int  # tasks of the fused passes (``_cpu_kernels._claims``)
     elem: Layout  # the view the elementwise kernels take: the layout, or its flat rows
     elem_work: tuple  # their work arguments
     sums: Layout  # the same for the reductions

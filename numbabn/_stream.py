@@ -663,6 +663,11 @@ def _planes(formula, nt=True):
             lanes = ir.Constant(i64, vec.lanes)
             first = context.make_array(consts[0][0])(context, builder, consts[0][1])
             nch = builder.extract_value(first.shape, 0)
+            # each constant's element type and data pointer, read once before the loop
+            tables = [
+                (aty.dtype, context.make_array(aty)(context, builder, arr).data)
+                for aty, arr in consts
+            ]
             lane = [ir.Constant(i64, k) for k in range(vec.lanes)]
             iota = ir.Constant(ir.VectorType(i64, vec.lanes), lane)
             zero = ir.Constant(i64, 0)
@@ -675,12 +680,11 @@ def _planes(formula, nt=True):
                 nxt = builder.select(builder.icmp_signed("==", after, nch), zero, after)
                 mask = builder.icmp_signed("<", iota, _splat(builder, r, iota.type))
                 params = []
-                for aty, arr in consts:
-                    data = context.make_array(aty)(context, builder, arr).data
+                for dtype, data in tables:
                     here = builder.load(builder.gep(data, [c]))
                     there = builder.load(builder.gep(data, [nxt]))
-                    here = context.cast(builder, here, aty.dtype, compute)
-                    there = context.cast(builder, there, aty.dtype, compute)
+                    here = context.cast(builder, here, dtype, compute)
+                    there = context.cast(builder, there, dtype, compute)
                     here, there = (_splat(builder, v, vec.vct) for v in (here, there))
                     v = builder.select(mask, here, there)
                     params.append((None, v))
