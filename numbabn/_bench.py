@@ -195,6 +195,31 @@ def _tiny_calls(use_torch: bool) -> dict[str, float]:
     return out
 
 
+def _time_rounds(timers: dict, repeats: int, samples: dict, rounds: int = 3, warm: int = 3) -> None:
+    """Time each of ``timers`` ``repeats`` times into ``samples`` (seconds per call):
+    ``warm`` untimed calls of each first (compilation, a library's lazy set-up, the
+    first touch of the memory its outputs land in: PyTorch's first few backward calls
+    here took three times its steady time), then ``rounds`` rounds of a block of
+    repeats per candidate, so slow drifts of the machine hit all of them alike.
+    Blocks, not single calls in turn: interleaving would let one library's idle
+    OpenMP workers spin on the cores the next one needs. The plain NumPy peers get
+    rounds of their own (the caller's second call): right after their 40 ms of
+    single-threaded float64 temporaries, PyTorch's backward at 32x64x56x56 ran
+    4.4-4.6 ms for several calls, against 3.2-3.4 ms after itself or numbabn, which
+    flattered numbabn's ratio."""
+    for fn in timers.values():
+        for _ in range(warm):
+            fn()
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for k, fn in timers.items():
+            fn()  # the library's thread pool awake after the candidate before
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                samples.setdefault(k, []).append(time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     steady = False if args.system_malloc else _keep_freed_memory()
@@ -240,22 +265,13 @@ def main(argv=None) -> int:
     passes = {"read": lambda: _read_pass(flat), "copy": lambda: _copy_pass(flat, dst)}
     floors = {"train fwd": (1, 1), "eval fwd": (0, 1), "backward": (3, 1)}  # (reads, copies)
 
-    timers = dict(passes)
+    fast, slow = dict(passes), {}
     for op, peers in cases.items():
         for peer, fn in peers.items():
-            timers[(op, peer)] = fn
-    # Blocks of repeats per candidate, in rounds: interleaving single calls would let
-    # one library's idle OpenMP workers spin on the cores the next one needs.
-    samples = {k: [] for k in timers}
-    rounds = 3
-    per_round = max(1, -(-args.repeats // rounds))
-    for _ in range(rounds):
-        for k, fn in timers.items():
-            fn()  # warm: compile, first touch, the library's thread pool awake
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - t0)
+            (slow if peer == "numpy" else fast)[(op, peer)] = fn
+    samples = {}
+    _time_rounds(fast, args.repeats, samples)
+    _time_rounds(slow, args.repeats, samples)
     med = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
 
     has_torch = any("torch" in p for p in cases.values())
