@@ -68,8 +68,21 @@ _MIN_TASK_ELEMENTS = 4096
 #   3 MB slabs of 1024 rows each); float16 and float64 1.03-1.07x. Backward keeps its
 #   limit: with the cache flushed before each call, slabs of 6.4-12.8 MB ran
 #   0.40-0.48x (1.08-1.15x when warm).
+# - on an Intel Xeon development machine (2 MiB L2 per core, tensors of 8-64 MB served
+#   by its L3 at about 40 GB/s), rows of 3-4 KB lost fused once the tensor outgrew
+#   the cache. Paired full calls, float32, fused against unfused, backward / train:
+#   64x128x32x32 (33.5 MB) 0.75-0.85 / 0.83, 64x64x32x32 0.80 / 0.86, 128x64x28x28
+#   0.70-0.74 / 0.78, 128x128x28x28 0.81-0.86 / 0.93, 32x256x28x28 0.81-0.90 /
+#   0.75-0.92, 64x128x28x28 0.81-1.0 / 0.98; 64x64x28x28 (12.8 MB) 1.03 / 0.86-0.89;
+#   but 32x64x28x28 (6.4 MB) 1.29 / 1.47, and 40x40 planes (6.4 KB rows, 13 MB) 1.21 /
+#   1.03-1.10. So rows of _FUSE_MIN_ROW_BYTES (of all the arrays a pass reads) fuse
+#   only while x is at most a quarter of the last-level cache, and rows of
+#   _FUSE_LONG_ROW_BYTES per array (40x40 float32 planes) at any size. (On the 2-core
+#   AMD machine, 28x28 planes measured level either way.)
 _FUSE_MAX_BYTES = {"forward": 2 << 20, "backward": 4 << 20}
+_FUSE_ARRAYS = {"forward": 1, "backward": 2}  # x; dy and x
 _FUSE_MIN_ROW_BYTES = 2048
+_FUSE_LONG_ROW_BYTES = 6 << 10
 _FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": math.inf}
 # NCL planes of at most _FLAT_MAX_PLANE values are too short for a loop each (the
 # loop's set-up and scalar remainder cost more than its vector body): the elementwise
@@ -338,7 +351,7 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
     return _Plan(
         _small(layout, threads),
         _fuse(layout, itemsize, "forward", threads),
-        _fuse(layout, 2 * itemsize, "backward", threads),
+        _fuse(layout, itemsize, "backward", threads),
         max(1, min(threads, layout.c)),
         elem, elem_work, sums, sums_work, sums_tasks,
     )
@@ -413,14 +426,19 @@ def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np
     return moments[0], moments[1]
 
 
-def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
+def _fuse(layout: Layout, itemsize: int, which: str, threads: int) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
-    channels to share out evenly, a channel's data (``value_bytes`` per value) small
-    enough to stay in cache (train forward: or rows long enough), long rows or a
-    tensor that fits the cache, and planes too long for the flat elementwise passes
+    channels to share out evenly, a channel's data (the slab, of every array the pass
+    reads) small enough to stay in cache (train forward: or rows long enough); rows
+    long enough, or a tensor that fits the cache with rows not too short or all it
+    reads fitting too; and planes too long for the flat elementwise passes
     (``_flat``)."""
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
-    slab = layout.n * layout.l * value_bytes
+    arrays = _FUSE_ARRAYS[which]
+    row = layout.l * itemsize
+    slab = layout.n * row * arrays
+    cache = _stream.LLC_BYTES // 4
+    read = slab * layout.c  # bytes the pass reads; x alone is read // arrays
     return (
         layout.kind == "ncl"
         and not _flat_fits(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
@@ -428,10 +446,14 @@ def _fuse(layout: Layout, value_bytes: int, which: str, threads: int) -> bool:
         and balanced
         and (
             slab <= _FUSE_MAX_BYTES[which]
-            or layout.l * value_bytes >= _FUSE_ANY_SLAB_ROW_BYTES[which]
+            or row * arrays >= _FUSE_ANY_SLAB_ROW_BYTES[which]
         )
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
-        and (layout.l * value_bytes >= _FUSE_MIN_ROW_BYTES or slab * layout.c <= _stream.LLC_BYTES // 4)
+        and (
+            row >= _FUSE_LONG_ROW_BYTES
+            or read <= cache
+            or (row * arrays >= _FUSE_MIN_ROW_BYTES and read // arrays <= cache)
+        )
     )
 
 

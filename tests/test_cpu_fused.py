@@ -12,6 +12,8 @@ cases are the ones that catch it, and the forward cases' float64 statistics.)"""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -194,3 +196,33 @@ def test_train_forward_fuses_long_rows_past_the_slab_limit(monkeypatch):
     assert_close(y, yr, np.float32)
     assert_close(mean, meanr, np.float32)
     assert_close(invstd, invstdr, np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape, forward, backward",
+    [
+        ((32, 64, 28, 28), True, True),  # x 6.4 MB: fits a quarter of 32 MiB
+        ((64, 64, 28, 28), False, False),  # 12.8 MB of 3 KB rows
+        ((64, 128, 32, 32), False, False),  # 33.5 MB of 4 KB rows
+        ((32, 64, 40, 40), True, True),  # 13 MB of 6.4 KB rows: long enough at any size
+        ((128, 64, 14, 14), True, False),  # 6.4 MB of 784-byte rows: backward reads 12.8 MB
+    ],
+)
+def test_fuse_rule_for_short_rows(monkeypatch, shape, forward, backward):
+    """``_cpu._fuse`` with a 32 MiB last-level cache: rows shorter than
+    ``_FUSE_LONG_ROW_BYTES`` per array fuse only while x fits a quarter of the cache
+    (and, for rows under ``_FUSE_MIN_ROW_BYTES`` of all arrays, all the pass reads)."""
+    monkeypatch.setattr(_stream, "LLC_BYTES", 32 << 20)
+    info = _validate.describe(np.empty(shape, np.float32), "x")
+    layout = _validate.plan_layout(info, 1)
+    assert _cpu._fuse(layout, 4, "forward", 2) is forward
+    assert _cpu._fuse(layout, 4, "backward", 2) is backward
+
+
+def test_cache_share():
+    """A virtual machine's sysfs may give the whole host socket's cache (300 MiB on a
+    2-vCPU guest): at most 16 MiB per CPU count."""
+    assert _stream._cache_share(300 << 20, 2) == 32 << 20
+    assert _stream._cache_share(32 << 20, 2) == 32 << 20
+    assert _stream._cache_share(300 << 20, 64) == 300 << 20
+    assert _stream.LLC_BYTES <= _stream._LLC_PER_CPU * (os.cpu_count() or 1)
