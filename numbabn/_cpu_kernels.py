@@ -587,7 +587,9 @@ def _moments_tail(zr, k, i0, t1, t2):
     return t1, t2
 
 
-@njit(**_ELEM)
+# (inlined: called, it cost more than its work on the rows of short planes; the
+# forward's tail above measured level or slower inlined)
+@njit(inline="always", **_ELEM)
 def _grads_tail(gr, zr, mu, i0, t1, t2):
     for i in range(i0, zr.size):
         g = np.float64(load(gr[i]))
@@ -749,17 +751,12 @@ def _backward_run_cached(
     while c >= 0:
         s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
         _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
-        for n in range(n_):
+        hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
+        for n in range(n_):  # (the row loops inlined: called, short rows cost more)
             if training:
-                _grad_input_span(
-                    dy3[n, c], x3[n, c], params[0, c], params[1, c], params[2, c],
-                    params[3, c], params[4, c], dx3[n, c], False,
-                )
+                _grad_input_plain(dy3[n, c], x3[n, c], hi, lo, p, q, k1, dx3[n, c], 0, l_)
             else:
-                _normalize_span(
-                    dy3[n, c], params[0, c], params[1, c], params[2, c], params[3, c],
-                    dx3[n, c], False,
-                )
+                _normalize_plain(dy3[n, c], hi, lo, p, q, dx3[n, c], 0, l_)
         c = _take(claims, slot, limit)
 
 
@@ -880,13 +877,13 @@ def stats_small_ncl(x3, stats):
         stats[0, c], stats[1, c] = _channel_moments(x3, c)
 
 
-@njit(**_EXACT)
+@njit(**_ELEM)
 def normalize_small_ncl(x3, params, y3):
+    l_ = x3.shape[2]
     for n in range(x3.shape[0]):
         for c in range(x3.shape[1]):
-            _normalize_span(
-                x3[n, c], params[0, c], params[1, c], params[2, c], params[3, c], y3[n, c], False
-            )
+            hi, lo, a, b = params[0, c], params[1, c], params[2, c], params[3, c]
+            _normalize_plain(x3[n, c], hi, lo, a, b, y3[n, c], 0, l_)
 
 
 @njit(**_EXACT)
