@@ -43,13 +43,20 @@ class Ops:
 class ShortPlanes:
     """NCHW batches of short planes, out of cache, whose statistics and gradient sums take
     the unfused reductions (each run of samples read in memory order), float32; the
-    elementwise passes over 7x7 planes run as flat rows with per-channel constants."""
+    elementwise passes over 7x7 planes run as flat rows with per-channel constants.
+    28x28 and 32x32 planes (3-4 KB rows) are fused only in cache (``_cpu._fuse``)."""
 
-    params = [["14x14", "7x7", "7x7 x512"]]
+    params = [["32x32", "28x28", "14x14", "7x7", "7x7 x512"]]
     param_names = ["planes"]
     timeout = 300
-    # 25.7 MB each
-    shapes = {"14x14": (128, 256, 14, 14), "7x7": (64, 2048, 7, 7), "7x7 x512": (256, 512, 7, 7)}
+    # 25.7 MB each (32x32: 26.2 MB)
+    shapes = {
+        "32x32": (50, 128, 32, 32),
+        "28x28": (64, 128, 28, 28),
+        "14x14": (128, 256, 14, 14),
+        "7x7": (64, 2048, 7, 7),
+        "7x7 x512": (256, 512, 7, 7),
+    }
 
     def setup(self, planes):
         rng = np.random.default_rng(0)
