@@ -97,6 +97,13 @@ _FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": math.inf}
 # 8x8 2.2x, 4x4 and 3x3 10x, 10x10 0.7x; reductions 4x4 2.7-3.1x (256x64, 256x256),
 # 3x3 1.9x, 7x7 0.5-1.0x.
 _FLAT_MAX_PLANE = 64
+# With plain stores (outputs that stay in cache), 8x8 planes go back to the NCL kernels'
+# loop per plane (its row loop inlined, ``_cpu_kernels._normalize_segments``): full
+# calls paired against the flat rows, float32, 64x256x8x8, eval 1.34x, backward 1.16x.
+# Shorter planes lost: 7x7 0.97x / 0.98x, 6x6 0.90x / 0.93x (64x256x7x7, 128x128x6x6;
+# kernels alone, the plane loop had looked 1.2-1.3x faster there), and 4x4-5x5 planes
+# lost as kernels too (0.6-0.8x).
+_PLANE_LOOP_MIN = 64
 _FLAT_MAX_PERIOD = 1 << 17
 _FLAT_MAX_PLANE_SUMS = 16
 _FLAT_MAX_PERIOD_SUMS = 4096
@@ -321,6 +328,8 @@ class _Plan(NamedTuple):
     runs: int  # tasks of the fused passes (``_cpu_kernels._claims``)
     elem: Layout  # the view the elementwise kernels take: the layout, or its flat rows
     elem_work: tuple  # their work arguments
+    plane_work: tuple  # the NCL kernels' work arguments, for plain stores over planes
+    # that ``elem`` views as flat rows (empty if those stay flat: ``_PLANE_LOOP_MIN``)
     sums: Layout  # the same for the reductions
     sums_work: tuple
     sums_tasks: int  # partial rows the reduction writes
@@ -332,8 +341,11 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
     threads. A training loop repeats a few geometries, and working this out on each
     call cost more Python than the kernels of a small call take."""
     elem = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
+    plane_work = ()
     if elem is not None:
         elem_work = (layout.l, _MC_SPAN, _split(elem, threads))
+        if layout.l >= _PLANE_LOOP_MIN:  # whole planes, in runs as below
+            plane_work = (1, max(1, min(layout.n * layout.c, _tasks(threads))))
     elif layout.kind == "mc":
         elem, elem_work = layout, (1, _MC_SPAN, _split(layout, threads))
     else:  # segments per plane, and the contiguous runs of tasks dealt to the threads
@@ -353,7 +365,7 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
         _fuse(layout, itemsize, "forward", threads),
         _fuse(layout, itemsize, "backward", threads),
         max(1, min(threads, layout.c)),
-        elem, elem_work, sums, sums_work, sums_tasks,
+        elem, elem_work, plane_work, sums, sums_work, sums_tasks,
     )
 
 
@@ -388,14 +400,23 @@ def _elementwise(
 ) -> None:
     """Run an elementwise kernel with per-channel constants ``params`` (rows of C).
     NCL planes short enough run as flat rows of the MC kernel (``_flat``), which
-    spreads the constants over the planes (``l``)."""
+    spreads the constants over the planes (``l``), except with plain stores for
+    planes of ``_PLANE_LOOP_MIN`` values or more (``_Plan.plane_work``)."""
     elem = plan.elem
     if elem is not layout:
-        arrays = [a.reshape(elem.n, elem.c) for a in arrays]
-        result = result.reshape(elem.n, elem.c)
+        flat = result.reshape(elem.n, elem.c)
+        streamed = _streamed(flat, elem)
+        if plan.plane_work and not streamed:
+            _kernel(name, "ncl")(
+                *map(_kernel_array, arrays), params, *plan.plane_work, False,
+                _kernel_array(result),
+            )
+            return
+        arrays, result = [a.reshape(elem.n, elem.c) for a in arrays], flat
+    else:
+        streamed = _streamed(result, elem)
     _kernel(name, elem.kind)(
-        *map(_kernel_array, arrays), params, *plan.elem_work,
-        _streamed(result, elem), _kernel_array(result),
+        *map(_kernel_array, arrays), params, *plan.elem_work, streamed, _kernel_array(result)
     )
 
 

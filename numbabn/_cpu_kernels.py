@@ -423,6 +423,63 @@ def stats_ncl(x3, nrun, nseg, sweep, part, out):
     _finish_moments(out, shift, n_ * l_)
 
 
+# With plain stores the segment loops below are compiled into one function with the
+# row loops inlined: a call per segment cost more than the work of a short plane
+# (kernels alone: 14x14 and 28x28 planes 1.02-1.07x, 8x8 planes, which the plain
+# passes now take here, ``_cpu._PLANE_LOOP_MIN``, 1.35x normalize and 1.46x
+# grad_input against the flat rows; full calls below 8x8 lost, 0.9-0.98x, and keep the
+# flat rows). Each row loop runs over a view from 0: from a start known only at run
+# time the loop did not vectorize (2.9x slower).
+
+
+@njit(**_ELEM)
+def _normalize_segments(x3, params, first, end, nseg, y3):
+    """``normalize_ncl``'s tasks [first, end) with plain stores."""
+    n_, c_, l_ = x3.shape
+    n, c, s, i0, i1 = _segment(first, nseg, c_, l_)
+    for _ in range(first, end):
+        hi, lo, a, b = params[0, c], params[1, c], params[2, c], params[3, c]
+        _normalize_plain(x3[n, c, i0:i1], hi, lo, a, b, y3[n, c, i0:i1], 0, i1 - i0)
+        n, c, s, i0, i1 = _next_segment(n, c, s, nseg, c_, l_)
+
+
+@njit(**_ELEM)
+def _grad_input_segments(dy3, x3, params, first, end, nseg, dx3):
+    """``grad_input_ncl``'s tasks [first, end) with plain stores."""
+    n_, c_, l_ = x3.shape
+    n, c, s, i0, i1 = _segment(first, nseg, c_, l_)
+    for _ in range(first, end):
+        hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
+        g, xr, dr = dy3[n, c, i0:i1], x3[n, c, i0:i1], dx3[n, c, i0:i1]
+        _grad_input_plain(g, xr, hi, lo, p, q, k1, dr, 0, i1 - i0)
+        n, c, s, i0, i1 = _next_segment(n, c, s, nseg, c_, l_)
+
+
+@njit(**_ELEM)
+def _normalize_streamed(x3, params, first, end, nseg, y3):
+    """``normalize_ncl``'s tasks [first, end) into a streamed output, then a fence."""
+    n_, c_, l_ = x3.shape
+    n, c, s, i0, i1 = _segment(first, nseg, c_, l_)
+    for _ in range(first, end):
+        hi, lo, a, b = params[0, c], params[1, c], params[2, c], params[3, c]
+        _normalize_span(x3[n, c, i0:i1], hi, lo, a, b, y3[n, c, i0:i1], True)
+        n, c, s, i0, i1 = _next_segment(n, c, s, nseg, c_, l_)
+    _stream.fence()
+
+
+@njit(**_ELEM)
+def _grad_input_streamed(dy3, x3, params, first, end, nseg, dx3):
+    """``grad_input_ncl``'s tasks [first, end) into a streamed output, then a fence."""
+    n_, c_, l_ = x3.shape
+    n, c, s, i0, i1 = _segment(first, nseg, c_, l_)
+    for _ in range(first, end):
+        hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
+        g, xr, dr = dy3[n, c, i0:i1], x3[n, c, i0:i1], dx3[n, c, i0:i1]
+        _grad_input_span(g, xr, hi, lo, p, q, k1, dr, True)
+        n, c, s, i0, i1 = _next_segment(n, c, s, nseg, c_, l_)
+    _stream.fence()
+
+
 @njit(**_PAR)
 def normalize_ncl(x3, params, nseg, nchunk, streamed, y3):
     """y = ((x - hi) - lo) * a + b with params rows (hi, lo, a, b); the tasks are dealt
@@ -431,15 +488,10 @@ def normalize_ncl(x3, params, nseg, nchunk, streamed, y3):
     ntasks = np.int64(n_ * c_ * nseg)
     for t in prange(np.int64(nchunk)):
         first, end = _rows(np.int64(t), nchunk, ntasks)
-        n, c, s, lo, hi = _segment(first, nseg, c_, l_)
-        for _ in range(first, end):
-            _normalize_span(
-                x3[n, c, lo:hi], params[0, c], params[1, c], params[2, c], params[3, c],
-                y3[n, c, lo:hi], streamed,
-            )
-            n, c, s, lo, hi = _next_segment(n, c, s, nseg, c_, l_)
         if streamed:
-            _stream.fence()
+            _normalize_streamed(x3, params, first, end, nseg, y3)
+        else:
+            _normalize_segments(x3, params, first, end, nseg, y3)
 
 
 @njit(**_PAR)
@@ -472,15 +524,10 @@ def grad_input_ncl(dy3, x3, params, nseg, nchunk, streamed, dx3):
     ntasks = np.int64(n_ * c_ * nseg)
     for t in prange(np.int64(nchunk)):
         first, end = _rows(np.int64(t), nchunk, ntasks)
-        n, c, s, lo, hi = _segment(first, nseg, c_, l_)
-        for _ in range(first, end):
-            _grad_input_span(
-                dy3[n, c, lo:hi], x3[n, c, lo:hi], params[0, c], params[1, c], params[2, c],
-                params[3, c], params[4, c], dx3[n, c, lo:hi], streamed,
-            )
-            n, c, s, lo, hi = _next_segment(n, c, s, nseg, c_, l_)
         if streamed:
-            _stream.fence()
+            _grad_input_streamed(dy3, x3, params, first, end, nseg, dx3)
+        else:
+            _grad_input_segments(dy3, x3, params, first, end, nseg, dx3)
 
 
 # --- per-channel fused passes ----------------------------------------------------------

@@ -163,3 +163,51 @@ def test_plane_at():
     at = _cpu_kernels._plane_at.py_func
     assert at(0, 98, 49) == (0, 49) and at(48, 98, 49) == (0, 1) and at(49, 98, 49) == (1, 49)
     assert at(97, 98, 49) == (1, 1) and at(98, 98, 49) == (0, 49) and at(150, 98, 49) == (1, 46)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("m,c,l", [(3, 7, 64), (2, 5, 49), (4, 3, 196), (1, 2, 1001)])
+@pytest.mark.parametrize("nseg,nchunk", [(1, 1), (1, 5), (3, 4), (2, 64)])
+def test_ncl_plain_segments_match_the_plane_loops(m, c, l, nseg, nchunk, dtype):
+    """normalize_ncl and grad_input_ncl with plain stores (their segment loops compiled
+    whole, ``_normalize_segments``), any split of the planes into segments and runs:
+    bitwise what the per-plane loops give."""
+    x, dy, params, k = _plane_case(m, c, l, dtype)
+    y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
+    y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    x3, g3, y3, d3 = (k(a).reshape(m, c, l) for a in (x, dy, y, dx))
+    _cpu_kernels.normalize_ncl(x3, params[:4].copy(), nseg, nchunk, False, y3)
+    _cpu_kernels.grad_input_ncl(g3, x3, params, nseg, nchunk, False, d3)
+    np.testing.assert_array_equal(k(y), k(y_ref))
+    np.testing.assert_array_equal(k(dx), k(dx_ref))
+
+
+@pytest.mark.parametrize("shape", [(16, 24, 8, 8), (16, 24, 7, 7)])
+def test_plain_planes_of_64_take_the_plane_loops(monkeypatch, shape):
+    """8x8 planes with plain stores run the NCL kernels (``_cpu._PLANE_LOOP_MIN``), 7x7
+    planes the flat rows; either way eval and backward are bitwise what the flat rows
+    give."""
+    from helpers import tune_cpu
+    from numbabn import _cpu, _validate, batch_norm, batch_norm_backward
+
+    small = {"ncl": 0, "mc": 0}  # the parallel passes, not the single-thread kernels
+    tune_cpu(monkeypatch, _threads=lambda: 2, _SMALL_VALUES=small, _SMALL_VALUES_MIN=0)
+    info = _validate.describe(np.empty(shape, np.float32), "x")
+    plan = _cpu._plan(_validate.plan_layout(info, 1), 2, 4)
+    assert not plan.small and plan.elem.kind == "mc"
+    assert bool(plan.plane_work) == (shape[-1] == 8)
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 3.0, shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1]
+    stats = (rng.normal(2.0, 1.0, c).astype(np.float32), rng.uniform(4, 9, c).astype(np.float32))
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+
+    def run():
+        y = batch_norm(x, *stats, w, training=False)
+        return (y, *batch_norm_backward(dy, x, stats[0], 1 / np.sqrt(stats[1]), w))
+
+    got = run()
+    tune_cpu(monkeypatch, _PLANE_LOOP_MIN=1000)  # flat rows for every plane length
+    for a, b in zip(got, run()):
+        np.testing.assert_array_equal(a, b)
