@@ -195,7 +195,9 @@ def _tiny_calls(use_torch: bool) -> dict[str, float]:
     return out
 
 
-def _time_rounds(timers: dict, repeats: int, samples: dict, rounds: int = 3, warm: int = 3) -> None:
+def _time_rounds(
+    timers: dict, repeats: int, samples: dict, rounds: int = 3, warm: int = 3
+) -> None:
     """Time each of ``timers`` ``repeats`` times into ``samples`` (seconds per call):
     ``warm`` untimed calls of each first (compilation, a library's lazy set-up, the
     first touch of the memory its outputs land in: PyTorch's first few backward calls

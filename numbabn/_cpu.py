@@ -97,6 +97,9 @@ _FUSE_ANY_SLAB_ROW_BYTES = {"forward": 12 << 10, "backward": math.inf}
 # 8x8 2.2x, 4x4 and 3x3 10x, 10x10 0.7x; reductions 4x4 2.7-3.1x (256x64, 256x256),
 # 3x3 1.9x, 7x7 0.5-1.0x.
 _FLAT_MAX_PLANE = 64
+_FLAT_MAX_PERIOD = 1 << 17
+_FLAT_MAX_PLANE_SUMS = 16
+_FLAT_MAX_PERIOD_SUMS = 4096
 # With plain stores (outputs that stay in cache), 8x8 planes go back to the NCL kernels'
 # loop per plane (its row loop inlined, ``_cpu_kernels._normalize_segments``): full
 # calls paired against the flat rows, float32, 64x256x8x8, eval 1.34x, backward 1.16x.
@@ -104,9 +107,6 @@ _FLAT_MAX_PLANE = 64
 # kernels alone, the plane loop had looked 1.2-1.3x faster there), and 4x4-5x5 planes
 # lost as kernels too (0.6-0.8x).
 _PLANE_LOOP_MIN = 64
-_FLAT_MAX_PERIOD = 1 << 17
-_FLAT_MAX_PLANE_SUMS = 16
-_FLAT_MAX_PERIOD_SUMS = 4096
 # The unfused NCL reductions over whole planes give each task a run of samples and
 # read it in memory order, every channel's plane of a sample in turn (``_SWEEP``), when
 # the runs share out evenly; else a task per run and channel, whose planes lie C * L
@@ -328,8 +328,8 @@ class _Plan(NamedTuple):
     runs: int  # tasks of the fused passes (``_cpu_kernels._claims``)
     elem: Layout  # the view the elementwise kernels take: the layout, or its flat rows
     elem_work: tuple  # their work arguments
-    plane_work: tuple  # the NCL kernels' work arguments, for plain stores over planes
-    # that ``elem`` views as flat rows (empty if those stay flat: ``_PLANE_LOOP_MIN``)
+    plane_work: tuple  # the NCL kernels' work arguments for flat ``elem`` planes with
+    #                    plain stores, or () if those stay flat (``_PLANE_LOOP_MIN``)
     sums: Layout  # the same for the reductions
     sums_work: tuple
     sums_tasks: int  # partial rows the reduction writes
