@@ -340,17 +340,19 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
     """The work split of ``layout`` (values of ``itemsize`` bytes) on ``threads``
     threads. A training loop repeats a few geometries, and working this out on each
     call cost more Python than the kernels of a small call take."""
+    def ncl_work(split):  # segments per plane, and the runs of tasks dealt to the threads
+        return split, max(1, min(layout.n * layout.c * split, _tasks(threads)))
+
     elem = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     plane_work = ()
     if elem is not None:
         elem_work = (layout.l, _MC_SPAN, _split(elem, threads))
-        if layout.l >= _PLANE_LOOP_MIN:  # whole planes, in runs as below
-            plane_work = (1, max(1, min(layout.n * layout.c, _tasks(threads))))
+        if layout.l >= _PLANE_LOOP_MIN:  # whole planes
+            plane_work = ncl_work(1)
     elif layout.kind == "mc":
         elem, elem_work = layout, (1, _MC_SPAN, _split(layout, threads))
-    else:  # segments per plane, and the contiguous runs of tasks dealt to the threads
-        split = _split(layout, threads)
-        elem, elem_work = layout, (split, max(1, min(layout.n * layout.c * split, _tasks(threads))))
+    else:
+        elem, elem_work = layout, ncl_work(_split(layout, threads))
     sums = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS) or layout
     split = _split(sums, threads)
     if sums.kind == "ncl":  # runs of samples, each cut into ``split`` segments
@@ -449,17 +451,18 @@ def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np
 
 def _fuse(layout: Layout, itemsize: int, which: str, threads: int) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
-    channels to share out evenly, a channel's data (the slab, of every array the pass
-    reads) small enough to stay in cache (train forward: or rows long enough); rows
-    long enough, or a tensor that fits the cache with rows not too short or all it
-    reads fitting too; and planes too long for the flat elementwise passes
-    (``_flat``)."""
+    channels to share out evenly, planes too long for the flat elementwise passes
+    (``_flat``), a channel's data (its slab, of every array the pass reads) small
+    enough to stay in cache (train forward: or rows long enough), and either rows of
+    ``_FUSE_LONG_ROW_BYTES`` or a tensor that fits the cache (x, if rows are not too
+    short; else all the pass reads)."""
     balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
     arrays = _FUSE_ARRAYS[which]
-    row = layout.l * itemsize
-    slab = layout.n * row * arrays
+    row = layout.l * itemsize  # of one array
+    wide = row * arrays  # of all the arrays the pass reads
+    slab = layout.n * wide
+    x_bytes = layout.c * layout.n * row
     cache = _stream.LLC_BYTES // 4
-    read = slab * layout.c  # bytes the pass reads; x alone is read // arrays
     return (
         layout.kind == "ncl"
         and not _flat_fits(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
@@ -467,13 +470,13 @@ def _fuse(layout: Layout, itemsize: int, which: str, threads: int) -> bool:
         and balanced
         and (
             slab <= _FUSE_MAX_BYTES[which]
-            or row * arrays >= _FUSE_ANY_SLAB_ROW_BYTES[which]
+            or wide >= _FUSE_ANY_SLAB_ROW_BYTES[which]
         )
         and layout.n * layout.l >= _MIN_TASK_ELEMENTS
         and (
             row >= _FUSE_LONG_ROW_BYTES
-            or read <= cache
-            or (row * arrays >= _FUSE_MIN_ROW_BYTES and read // arrays <= cache)
+            or x_bytes * arrays <= cache
+            or (wide >= _FUSE_MIN_ROW_BYTES and x_bytes <= cache)
         )
     )
 

@@ -76,7 +76,7 @@ _LLC_PER_CPU = 16 << 20
 def _cache_share(llc: int, cpus: int) -> int:
     """The last-level cache the thresholds count on: ``llc`` bytes, at most
     _LLC_PER_CPU for each of the machine's ``cpus``."""
-    return min(llc, _LLC_PER_CPU * max(cpus, 1))
+    return min(llc, _LLC_PER_CPU * cpus)
 
 
 LLC_BYTES = _cache_share(_llc_bytes(), os.cpu_count() or 1)
