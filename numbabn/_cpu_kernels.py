@@ -36,10 +36,11 @@ skip reading the destination lines before writing them.
 
 ``forward_channels`` and ``backward_channels`` are the cache-fused passes for
 ``ncl``: each thread takes channels one at a time (from a shared counter, ``_atomic``,
-when the data is out of cache; else in a run of its own) and normalizes each channel
-(computes its dx) from the core's cache while, in the same loop, it reduces the next
-channel it took from memory (``_stream._fused_row``), so a slab comes from memory once
-instead of twice and the reads overlap the writes.
+when the data is out of cache; else in a run of its own) and writes each channel from
+the core's cache after reducing it, so a slab comes from memory once instead of twice.
+The forward normalizes a channel while, in the same loop, it reduces the next channel
+it took (``_stream._fused_row``), so that the reads overlap the writes; the backward
+reduces a channel, then computes its dx.
 Their sums are added in an order that depends on the plane length alone (not on
 which thread takes a channel, the output's address or streaming); the small kernels
 for ``ncl`` run the same loops on one thread, so all per-channel statistics agree
@@ -533,13 +534,21 @@ def grad_input_ncl(dy3, x3, params, nseg, nchunk, streamed, dx3):
 
 
 # --- per-channel fused passes ----------------------------------------------------------
-# Runs of channels: each channel's elementwise pass from cache, in the same loop as the
-# next channel's reduction (forward, and backward into streamed outputs); backward into
-# outputs that stay in cache reduces a channel, then computes its dx (the interleaved
-# loop measured 0.8-0.9x there, with 28x28 and 14x14 planes). The parallel kernels
-# deal one run to each thread. The "small" kernels run on the calling thread, for
-# inputs too small to pay for waking the thread pool. The run functions are compiled
-# with the elementwise flags (``contract``), which the row helpers they inline need.
+# Runs of channels: each channel's elementwise pass from cache. The forward writes a
+# channel in the same loop as the next channel's reduction. The backward reduces a
+# channel, then computes its dx. The interleaved loop measured 0.8-0.9x into outputs
+# that stay in cache (28x28 and 14x14 planes); into streamed outputs it ran until it
+# lost on an AMD Zen 5 machine (1 MiB L2 per core), reduce-then-dx against it, paired
+# full calls, float32: 32x64x56x56 1.14-1.31x, 32x64x40x40 1.07-1.19x, 64x128x56x56
+# 1.0-1.02x, 32x64x112x112 0.95-1.03x, 16x64x56x56 0.95-1.0x, 64x64x56x56 0.95-0.99x;
+# there a channel and the next (1.6 MB of dy and x) did not fit the L2 together. On
+# the Intel machine (2 MiB L2) reduce-then-dx had measured 1.07x and 0.99x. Streamed,
+# the dx walks a channel's rows from the last: the rows summed last are the likeliest
+# still in cache (1.05-1.10x at 32x64x56x56, 0.98-1.02x elsewhere). The parallel
+# kernels deal one run to each thread. The "small" kernels run on the calling thread,
+# for inputs too small to pay for waking the thread pool. The run functions are
+# compiled with the elementwise flags (``contract``), which the row helpers they
+# inline need.
 
 
 @njit(**_EXACT, error_model="numpy")
@@ -666,29 +675,6 @@ def _normalize_row_moments(xr, yr, hi, lo, a, b, streamed, zr, k, acc, t1, t2, p
     return _moments_tail(zr, k, nsum * block, t1, t2)
 
 
-@njit(inline="always", **_ELEM)
-def _grad_row_sums(gr, xr, dr, hi, lo, p, q, k1, training, gz, xz, mu, acc, t1, t2, pn):
-    """dx of row (gr, xr) into streamed ``dr`` (training: the gradient formula; eval:
-    dy * k1 through normalize's, see ``_grad_params``) and, in the same loop, the
-    gradient sums (g, g * (z - mu)) of the next channel's rows (gz, xz), as
-    ``_normalize_row_moments`` (``pn`` too). (Backward into outputs that stay in cache
-    does not interleave: ``_backward_run_cached``.)"""
-    block = _block(dr)
-    s, nstore = _stream.line_blocks(dr)
-    nsum = xz.size // block
-    if training:
-        _stream.grad_input_grads_nt(
-            gr, xr, dr, s, nstore, hi, lo, p, q, k1, gz, xz, mu, nsum, acc, pn
-        )
-        _grad_input_plain(gr, xr, hi, lo, p, q, k1, dr, 0, s)
-        _grad_input_plain(gr, xr, hi, lo, p, q, k1, dr, s + nstore * block, dr.size)
-    else:
-        _stream.normalize_grads_nt(gr, dr, s, nstore, hi, lo, p, q, gz, xz, mu, nsum, acc, pn)
-        _normalize_plain(gr, hi, lo, p, q, dr, 0, s)
-        _normalize_plain(gr, hi, lo, p, q, dr, s + nstore * block, dr.size)
-    return _grads_tail(gz, xz, mu, nsum * block, t1, t2)
-
-
 @njit(inline="always")
 def _pnext(x3, n):
     """Elements from row (n, c) of C-contiguous ``x3`` to row (n + 1, c); 0 for the last n."""
@@ -722,9 +708,7 @@ def _channel_grad_sums(dy3, x3, c, mu, acc):
         g, row, none = dy3[n, c], x3[n, c], x3[n, c, :0]
         nsum = row.size // block
         pn = _pnext(x3, n)
-        _stream.grad_input_grads_plain(
-            none, none, none, 0, 0, z, z, z, z, z, g, row, mu, nsum, acc, pn
-        )
+        _stream.normalize_grads_plain(none, none, 0, 0, z, z, z, z, g, row, mu, nsum, acc, pn)
         t1, t2 = _grads_tail(g, row, mu, nsum * block, t1, t2)
     return _acc_total(acc, block, t1, t2)
 
@@ -792,8 +776,7 @@ def _backward_run_cached(
     dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3
 ):
     """Backward for data in cache, of the channels this task takes from ``claims``
-    (counter ``slot``, up to ``limit``): each channel's gradient sums (in the order of
-    ``_backward_run``), then its dx."""
+    (counter ``slot``, up to ``limit``): each channel's gradient sums, then its dx."""
     n_, c_, l_ = x3.shape
     acc = np.empty(_stream.ACC_SIZE)
     c = _take(claims, slot, limit)
@@ -814,29 +797,23 @@ def _backward_run(
     dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3
 ):
     """Backward into a streamed ``dx3`` of the channels this task takes from ``claims``
-    (counter ``slot``, up to ``limit``), each channel's dx computed while the next
-    one's gradient sums are taken (as ``_forward_run``)."""
+    (counter ``slot``, up to ``limit``): each channel's gradient sums, its rows in
+    order, then its dx, rows in reverse order: the rows summed last are the likeliest
+    to be in the core's cache still."""
     n_, c_, l_ = x3.shape
-    c = _take(claims, slot, limit)
-    if c < 0:
-        return
     acc = np.empty(_stream.ACC_SIZE)
-    s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
+    c = _take(claims, slot, limit)
     while c >= 0:
+        s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
         _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
         hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
-        nxt = _take(claims, slot, limit)
-        src, width = _summed_next(nxt, c, l_)
-        acc.fill(0.0)
-        t1 = 0.0
-        t2 = 0.0
-        for n in range(n_):
-            t1, t2 = _grad_row_sums(
-                dy3[n, c], x3[n, c], dx3[n, c], hi, lo, p, q, k1, training,
-                dy3[n, src, :width], x3[n, src, :width], mean[src], acc, t1, t2, _pnext(x3, n),
-            )
-        s1, s2 = _acc_total(acc, _block(x3), t1, t2)
-        c = nxt
+        for i in range(n_):
+            n = n_ - 1 - i
+            if training:
+                _grad_input_span(dy3[n, c], x3[n, c], hi, lo, p, q, k1, dx3[n, c], True)
+            else:
+                _normalize_span(dy3[n, c], hi, lo, p, q, dx3[n, c], True)
+        c = _take(claims, slot, limit)
     _stream.fence()
 
 
@@ -897,13 +874,11 @@ def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, nt
     claims = _claims(ntask, c_, streamed)
     for t in prange(ntask):
         slot, limit = _source(t, ntask, c_, streamed)
-        args = (dy3, x3, claims, slot, limit, mean, invstd, weight)  # constant flags
-        if not streamed:
-            _backward_run_cached(*args, training, params, grads, dx3)
-        elif training:
-            _backward_run(*args, True, params, grads, dx3)
+        args = (dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads)
+        if streamed:
+            _backward_run(*args, dx3)
         else:
-            _backward_run(*args, False, params, grads, dx3)
+            _backward_run_cached(*args, dx3)
 
 
 @njit(**_EXACT)

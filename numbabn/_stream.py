@@ -415,21 +415,20 @@ ACC_SIZE = 4 * (VECTOR_BYTES // 2)
 PREFETCH_BLOCKS = 64
 
 
-def _fused_row(formula, sums, nt):
-    """An intrinsic that runs ``formula`` ("normalize" or "grad_input", the arithmetic
-    of :func:`normalize` and :func:`grad_input`) over ``nstore`` blocks of one row from
-    ``s``, with non-temporal stores if ``nt`` (else plain ones), and adds float64
-    ``sums`` of the next channel's row over its first ``nsum`` blocks into ``acc``:
+def _fused_row(sums, nt):
+    """An intrinsic that normalizes (the arithmetic of :func:`normalize`) ``nstore``
+    blocks of one row from ``s``, with non-temporal stores if ``nt`` (else plain ones),
+    and adds float64 ``sums`` of the next channel's row over its first ``nsum`` blocks
+    into ``acc``:
     "moments", d and d^2 with d = z - k; "grads", g and g * (z - k) (rows g, z).
     The last argument, ``pnext``, is how many elements after the start of the sum
     rows the next rows to be summed start (prefetched near this row's end; any value
     is safe, 0 when there is no next row)."""
-    n_store = 8 if formula == "normalize" else 10  # arrays, s, nstore, constants
+    n_store = 8  # x, y, s, nstore, hi, lo, a, b
     n_sums = 4 if sums == "moments" else 5  # arrays, k, nsum, acc
 
     def signature(args):
-        store_arrays = args[:2] if formula == "normalize" else args[:3]
-        consts = args[4:n_store] if formula == "normalize" else args[5:n_store]
+        store_arrays, consts = args[:2], args[4:n_store]
         rows = args[n_store : n_store + n_sums - 3]
         acc = args[n_store + n_sums - 1]
         if not _contiguous(*store_arrays, *rows, acc, *consts):
@@ -438,19 +437,14 @@ def _fused_row(formula, sums, nt):
 
         def codegen(context, builder, sig, vals):
             tys = sig.args
-            out_ty = tys[1] if formula == "normalize" else tys[2]
-            lanes = _lanes(context, out_ty)
+            lanes = _lanes(context, tys[1])
             vec = _Vectors(context, builder, lanes, compute)
             wide = _Vectors(context, builder, lanes, types.float64)
             i64 = ir.IntType(64)
             ins = list(zip(tys, vals))
             ins, pnext = ins[:-1], ins[-1][1]
-            if formula == "normalize":
-                (xt, xv), (yt, yv), (_, s), (_, nstore) = ins[:4]
-                params = ins[4:8]
-            else:
-                (gt, gv), (xt, xv), (yt, yv), (_, s), (_, nstore) = ins[:5]
-                params = ins[5:10]
+            (xt, xv), (yt, yv), (_, s), (_, nstore) = ins[:4]
+            params = ins[4:8]
             rows = ins[n_store : n_store + n_sums - 3]
             k = _splat(builder, ins[-3][1], wide.vct)
             nsum = ins[-2][1]
@@ -463,10 +457,7 @@ def _fused_row(formula, sums, nt):
             acc_ty, acc_v = ins[-1]
 
             def store(i):
-                if formula == "normalize":
-                    r = _normalized(vec, (xt, xv), params, i)
-                else:
-                    r = _gradient(vec, (gt, gv), (xt, xv), params, i)
+                r = _normalized(vec, (xt, xv), params, i)
                 if nt:
                     vec.store_nt(yt, yv, i, r)
                 else:
@@ -534,35 +525,26 @@ def _fused_row(formula, sums, nt):
         return types.none(*args[:-1], types.int64), codegen
 
     # numba's intrinsics take no *args: one explicit parameter list per combination
-    if (formula, sums) == ("normalize", "moments"):
+    if sums == "moments":
 
         def fused(typingctx, x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc, pn):
             return signature((x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc, pn))
 
-    elif (formula, sums) == ("normalize", "grads"):
+    else:
 
         def fused(typingctx, x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc, pn):
             return signature((x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc, pn))
 
-    else:
-
-        def fused(typingctx, dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc, pn):
-            return signature((dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc, pn))
-
     return intrinsic(fused)
 
 
-# normalize_moments(x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc): train forward.
-# normalize_grads(x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc): eval-mode
-# backward (dx = dy * k1 through normalize's formula), next channel's gradient sums;
-# streamed only (backward into outputs that stay in cache does not interleave).
-# grad_input_grads(dy, x, dx, s, nstore, hi, lo, k2, mdy, k1, g, z, k, nsum, acc):
-# training backward.
-normalize_moments_nt = _fused_row("normalize", "moments", True)
-normalize_moments_plain = _fused_row("normalize", "moments", False)
-normalize_grads_nt = _fused_row("normalize", "grads", True)
-grad_input_grads_nt = _fused_row("grad_input", "grads", True)
-grad_input_grads_plain = _fused_row("grad_input", "grads", False)
+# normalize_moments(x, y, s, nstore, hi, lo, a, b, z, k, nsum, acc, pn): train forward.
+# normalize_grads(x, y, s, nstore, hi, lo, a, b, g, z, k, nsum, acc, pn): the backward
+# takes a channel's gradient sums with it alone (empty x and y, nstore 0), so that they
+# are added in the order of the fused rows.
+normalize_moments_nt = _fused_row("moments", True)
+normalize_moments_plain = _fused_row("moments", False)
+normalize_grads_plain = _fused_row("grads", False)
 
 
 # --- lines down the rows: channels-last passes with their constants in registers ------

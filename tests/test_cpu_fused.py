@@ -1,9 +1,10 @@
 """The fused per-channel passes (``_cpu_kernels.forward_channels``,
 ``backward_channels`` and the small kernels built on the same loops). Each task takes
-channels one at a time, and writes one channel while it sums the next it took
+channels one at a time; the forward writes one channel while it sums the next it took
 (``_stream._fused_row``), so a channel's sums are taken either alone (a task's first)
 or next to another channel's writes, by whichever thread took it, into outputs that
-are streamed or not and lie anywhere. The order of the additions must not depend on
+are streamed or not and lie anywhere; the backward sums a channel alone, then writes
+its dx, in row order or (streamed) from the last row. The order of the additions must not depend on
 any of that: the statistics, and so the outputs, must be bitwise the same whatever
 the number of tasks, the streaming and the output's alignment, and close to the
 float64 reference. (Where the outputs are float32 or
