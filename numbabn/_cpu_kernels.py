@@ -771,6 +771,16 @@ def _forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, stre
         _stream.fence()
 
 
+@njit(inline="always")
+def _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc):
+    """Channel c's gradient sums, turned into its dweight and dbias (``grads``) and its
+    dx constants (``params``); returns those constants (hi, lo, p, q, k1)."""
+    n_, _, l_ = x3.shape
+    s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
+    _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
+    return params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
+
+
 @njit(**_ELEM)
 def _backward_run_cached(
     dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3
@@ -781,9 +791,9 @@ def _backward_run_cached(
     acc = np.empty(_stream.ACC_SIZE)
     c = _take(claims, slot, limit)
     while c >= 0:
-        s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
-        _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
-        hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
+        hi, lo, p, q, k1 = _channel_grads(
+            dy3, x3, c, mean, invstd, weight, training, params, grads, acc
+        )
         for n in range(n_):  # (the row loops inlined: called, short rows cost more)
             if training:
                 _grad_input_plain(dy3[n, c], x3[n, c], hi, lo, p, q, k1, dx3[n, c], 0, l_)
@@ -804,9 +814,9 @@ def _backward_run(
     acc = np.empty(_stream.ACC_SIZE)
     c = _take(claims, slot, limit)
     while c >= 0:
-        s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
-        _grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
-        hi, lo, p, q, k1 = params[0, c], params[1, c], params[2, c], params[3, c], params[4, c]
+        hi, lo, p, q, k1 = _channel_grads(
+            dy3, x3, c, mean, invstd, weight, training, params, grads, acc
+        )
         for i in range(n_):
             n = n_ - 1 - i
             if training:
