@@ -16,10 +16,46 @@ elementwise kernels of both backends read:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from numba import types
+from numba.extending import overload, register_jitable
 
 
 _F64 = np.dtype(np.float64)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+# --- scalar formulas, one source for host code, CPU kernels and CUDA kernels ----------
+# (``register_jitable`` and ``overload`` compile them into njit and cuda.jit code; the
+# CUDA simulator runs the Python bodies.)
+
+
+@register_jitable
+def mean_lo(mean, hi):
+    """The part of ``mean`` (float64) below the precision of ``hi``, its value in the
+    compute type: ``mean = hi + lo``. 0 for an infinite or NaN mean, which ``hi``
+    carries alone (inf - inf would turn an infinite mean into NaN outputs)."""
+    return mean - hi if math.isfinite(mean) else 0.0
+
+
+def finite_scale(scale, like):
+    """``scale`` (float64) clamped to the finite range of the compute type of array
+    ``like`` (float32 for float32 arrays and float16 data as bits): with a tiny eps the
+    scale of a constant channel can exceed float32, and inf * 0 would make its outputs
+    NaN instead of 0."""
+    if np.dtype(like.dtype) == _F64:
+        return scale
+    return min(max(scale, -_F32_MAX), _F32_MAX)
+
+
+@overload(finite_scale, inline="always")
+def _finite_scale(scale, like):
+    if like.dtype == types.float64:
+        return lambda scale, like: scale
+    return lambda scale, like: min(max(scale, -_F32_MAX), _F32_MAX)
+
 
 
 def as64(a, c: int, default: float) -> np.ndarray:
@@ -32,9 +68,12 @@ def as64(a, c: int, default: float) -> np.ndarray:
 
 
 def split_mean(mean: np.ndarray, ctype) -> tuple[np.ndarray, np.ndarray]:
-    """mean = hi + lo with hi, lo in the compute type (lo = 0 for float64)."""
-    hi = mean.astype(ctype)
-    return hi, (mean - hi).astype(ctype)
+    """mean = hi + lo with hi, lo in the compute type (lo = 0 for float64); ``mean_lo``
+    over a vector."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        hi = mean.astype(ctype)
+        lo = np.where(np.isfinite(mean), mean - hi, 0.0)
+    return hi, lo.astype(ctype)
 
 
 def grad_constants(mean, invstd, weight, sums, count, training, ctype) -> np.ndarray:

@@ -30,14 +30,20 @@ import numba
 import numpy as np
 
 from . import _cpu_kernels as kernels
-from . import _stream
+from . import _pool, _stream
 from ._channel import as64
-from ._validate import Checked, Layout, stats_dtype
+from ._validate import Checked, Layout, same_view, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
 # above this many elements so the split does not cost more than it saves.
 _TASKS_PER_THREAD = 4
 _MIN_TASK_ELEMENTS = 4096
+# Results must not depend on the thread count, so everything that decides the order of
+# a reduction's additions (the single-thread kernels, fusion, the reductions' partial
+# sums) is decided from the shape alone; only the elementwise passes and the tasks of
+# the fused ones follow the thread count. The reductions are cut into at most this
+# many partial sums (4 per thread on 2 cores), whatever the thread count.
+_SUM_TASKS = 8
 # The fused per-channel passes (train forward, backward) reduce one channel's slab and
 # then re-read it from the core's L2 or the shared L3 instead of memory. Measured on the
 # 2-core development machine (1 MiB L2, 32 MiB L3), float32:
@@ -130,11 +136,9 @@ _STREAM_MIN_ROW_BYTES = 8192
 # float32 (train / eval / backward): 65536 values 1.2-1.6x faster in all three for
 # both layouts, except 4x16x32x32 (level); 131072 NCL values mixed (0.8-1.4x); 131072
 # and 262144 channels-last values (one fused pass each, in cache) 1.1-1.7x faster in
-# train and backward and level in eval. With more threads the parallel passes gain
-# more, so the limits shrink in proportion (not measured: this machine has 2 cores),
-# down to ``_SMALL_VALUES_MIN``.
+# train and backward and level in eval. (The limits do not follow the thread count:
+# see _SUM_TASKS.)
 _SMALL_VALUES = {"ncl": 1 << 16, "mc": 1 << 18}
-_SMALL_VALUES_MIN = 1 << 15
 
 _F16 = np.dtype(np.float16)
 
@@ -232,13 +236,6 @@ def _empty(layout: Layout, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _channel_back(moved, axis), moved.reshape(layout.n, layout.c)
 
 
-def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
-    return (
-        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-        and a.strides == b.strides
-    )
-
-
 def _output(out: np.ndarray | None, x: np.ndarray, layout: Layout):
     """Return (result array, its canonical view) for an elementwise pass over ``x``.
 
@@ -248,9 +245,14 @@ def _output(out: np.ndarray | None, x: np.ndarray, layout: Layout):
     """
     if out is not None:
         v = _canonical(out, layout)
-        if v is not None and (not np.may_share_memory(out, x) or _same_view(out, x)):
+        if v is not None and (not np.may_share_memory(out, x) or same_view(out, x)):
             return out, v
     return _empty(layout, x)
+
+
+def _nothing(x: np.ndarray, layout: Layout, out: np.ndarray | None) -> np.ndarray:
+    """The result of an elementwise pass over a tensor with no values (N or C is 0)."""
+    return out if out is not None else _empty(layout, x)[0]
 
 
 def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -290,11 +292,10 @@ def _tasks(threads: int) -> int:
     return _TASKS_PER_THREAD * threads if threads > 1 else 1
 
 
-def _split(layout: Layout, threads: int) -> int:
-    """Segments per plane (ncl) or row chunks (mc)."""
-    want = _tasks(threads)
+def _split(layout: Layout, want: int) -> int:
+    """Segments per plane (ncl) or row chunks (mc), for about ``want`` tasks."""
     if layout.kind == "ncl":
-        per_plane = -(-want // (layout.n * layout.c))
+        per_plane = -(-want // max(1, layout.n * layout.c))
         return max(1, min(per_plane, layout.l // _MIN_TASK_ELEMENTS))
     size = layout.n * layout.c * layout.l
     return max(1, min(want, size // _MIN_TASK_ELEMENTS, layout.n))
@@ -346,26 +347,26 @@ def _plan(layout: Layout, threads: int, itemsize: int) -> _Plan:
     elem = _flat(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
     plane_work = ()
     if elem is not None:
-        elem_work = (layout.l, _MC_SPAN, _split(elem, threads))
+        elem_work = (layout.l, _MC_SPAN, _split(elem, _tasks(threads)))
         if layout.l >= _PLANE_LOOP_MIN:  # whole planes
             plane_work = ncl_work(1)
     elif layout.kind == "mc":
-        elem, elem_work = layout, (1, _MC_SPAN, _split(layout, threads))
+        elem, elem_work = layout, (1, _MC_SPAN, _split(layout, _tasks(threads)))
     else:
-        elem, elem_work = layout, ncl_work(_split(layout, threads))
+        elem, elem_work = layout, ncl_work(_split(layout, _tasks(threads)))
     sums = _flat(layout, _FLAT_MAX_PLANE_SUMS, _FLAT_MAX_PERIOD_SUMS) or layout
-    split = _split(sums, threads)
+    split = _split(sums, _SUM_TASKS)
     if sums.kind == "ncl":  # runs of samples, each cut into ``split`` segments
-        runs = sums.n if split > 1 else min(sums.n, _tasks(threads))
+        runs = sums.n if split > 1 else min(sums.n, _SUM_TASKS)
         sweep = _SWEEP and split == 1 and (runs >= _tasks(threads) or runs % threads == 0)
-        # (whole planes; enough runs, or as many for each thread)
+        # (whole planes; enough runs, or as many for each thread; the same additions)
         sums_work, sums_tasks = (runs, split, sweep), runs * split
     else:
         sums_work, sums_tasks = (layout.l, split), split  # l == 1 unless flat
     return _Plan(
-        _small(layout, threads),
-        _fuse(layout, itemsize, "forward", threads),
-        _fuse(layout, itemsize, "backward", threads),
+        _small(layout),
+        _fuse(layout, itemsize, "forward"),
+        _fuse(layout, itemsize, "backward"),
         max(1, min(threads, layout.c)),
         elem, elem_work, plane_work, sums, sums_work, sums_tasks,
     )
@@ -422,21 +423,21 @@ def _elementwise(
     )
 
 
-_KERNELS: dict = {}
+_KERNELS: dict = _pool.on_fork_clear({})
 
 
 def _kernel(name: str, kind: str):
-    """The kernel ``name`` for views of ``kind`` ("ncl" or "mc")."""
+    """The kernel ``name`` for views of ``kind`` ("ncl", "mc"; "channels" for the fused
+    passes), as this process can run it (``_pool.runnable``)."""
     kernel = _KERNELS.get((name, kind))
     if kernel is None:
-        kernel = _KERNELS[name, kind] = getattr(kernels, f"{name}_{kind}")
+        kernel = _KERNELS[name, kind] = _pool.runnable(getattr(kernels, f"{name}_{kind}"))
     return kernel
 
 
-def _small(layout: Layout, threads: int) -> bool:
-    """Few enough values that the calling thread alone is faster than ``threads``."""
-    limit = _SMALL_VALUES[layout.kind] * 2 // max(threads, 2)
-    return 0 < layout.n * layout.l * layout.c <= max(limit, _SMALL_VALUES_MIN)
+def _small(layout: Layout) -> bool:
+    """Few enough values that the calling thread alone is faster than a pool."""
+    return 0 < layout.n * layout.l * layout.c <= _SMALL_VALUES[layout.kind]
 
 
 def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -449,14 +450,15 @@ def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np
     return moments[0], moments[1]
 
 
-def _fuse(layout: Layout, itemsize: int, which: str, threads: int) -> bool:
+def _fuse(layout: Layout, itemsize: int, which: str) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
-    channels to share out evenly, planes too long for the flat elementwise passes
+    channels to share out evenly (judged for 2 threads: the choice must not follow the
+    thread count, see _SUM_TASKS), planes too long for the flat elementwise passes
     (``_flat``), a channel's data (its slab, of every array the pass reads) small
     enough to stay in cache (train forward: or rows long enough), and either rows of
     ``_FUSE_LONG_ROW_BYTES`` or a tensor that fits the cache (x, if rows are not too
     short; else all the pass reads)."""
-    balanced = layout.c % threads == 0 or layout.c >= _TASKS_PER_THREAD * threads
+    balanced = layout.c % 2 == 0 or layout.c >= _TASKS_PER_THREAD * 2
     arrays = _FUSE_ARRAYS[which]
     row = layout.l * itemsize  # of one array
     wide = row * arrays  # of all the arrays the pass reads
@@ -466,7 +468,6 @@ def _fuse(layout: Layout, itemsize: int, which: str, threads: int) -> bool:
     return (
         layout.kind == "ncl"
         and not _flat_fits(layout, _FLAT_MAX_PLANE, _FLAT_MAX_PERIOD)
-        and threads > 1
         and balanced
         and (
             slab <= _FUSE_MAX_BYTES[which]
@@ -502,6 +503,9 @@ def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, plan):
 def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance."""
     layout = chk.layout
+    if layout.c == 0:
+        none = np.empty(0, stats_dtype(x.dtype))
+        return none, none.copy()
     mean, var = _moments(_view(x, layout), layout, _plan(layout, _threads(), x.itemsize))
     sd = stats_dtype(x.dtype)
     return mean.astype(sd, copy=False), var.astype(sd, copy=False)
@@ -513,6 +517,9 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     Returns ``(y, mean, invstd)`` with the statistics in :func:`stats_dtype`.
     """
     layout = chk.layout
+    if layout.c == 0:  # (training needs 2 values in each channel there is)
+        none = np.empty(0, stats_dtype(x.dtype))
+        return _nothing(x, layout, out), none, none.copy()
     x, xv = _ordered(x, layout)
     plan = _plan(layout, _threads(), x.itemsize)
     if plan.small or plan.fuse_forward:
@@ -526,7 +533,8 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         if plan.small:
             _kernel("forward_small", layout.kind)(*args, _kernel_array(yv))
         else:
-            kernels.forward_channels(*args, plan.runs, _streamed(yv, layout), _kernel_array(yv))
+            fused = _kernel("forward", "channels")
+            fused(*args, plan.runs, _streamed(yv, layout), _kernel_array(yv))
         y = _finish_output(y, out)
         mean, var, invstd = stats
     else:
@@ -535,7 +543,8 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
-    return y, mean.astype(sd, copy=False), invstd.astype(sd, copy=False)
+    with np.errstate(over="ignore"):  # invstd past float32 (var + eps < 1e-77) is inf
+        return y, mean.astype(sd, copy=False), invstd.astype(sd, copy=False)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
@@ -546,13 +555,15 @@ def update_running(running_mean, running_var, mean, var, count, momentum) -> Non
 
 
 def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         return 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
 
 
 def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
     """Normalize with the running statistics."""
     layout = chk.layout
+    if layout.count * layout.c == 0:
+        return _nothing(x, layout, out)
     x, xv = _ordered(x, layout)
     plan = _plan(layout, _threads(), x.itemsize)
     return _normalize(x, xv, layout, running_mean, running_var, chk.eps, weight, bias, out, plan)[0]
@@ -561,6 +572,9 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     """Gradients (dx, dweight, dbias); see the API contract for the formulas."""
     layout = chk.layout
+    if layout.count * layout.c == 0:  # eval with N = 0, or no channels
+        zeros = np.zeros(layout.c, stats_dtype(x.dtype))
+        return _nothing(x, layout, None), zeros, zeros.copy()
     mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
     (dy, dyv), (x, xv) = _ordered(dy, layout), _ordered(x, layout)
     plan = _plan(layout, _threads(), x.itemsize)
@@ -580,7 +594,8 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     if plan.small:
         _kernel("backward_small", layout.kind)(*args, _kernel_array(dxv))
     else:
-        kernels.backward_channels(*args, plan.runs, _streamed(dxv, layout), _kernel_array(dxv))
+        fused = _kernel("backward", "channels")
+        fused(*args, plan.runs, _streamed(dxv, layout), _kernel_array(dxv))
     return dx, grads[0], grads[1]
 
 
@@ -590,7 +605,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
 def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     """float64 (mean, sum of squared deviations) of this array's values (zeros if none)."""
     layout = chk.layout
-    if layout.count == 0:
+    if layout.count * layout.c == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
     mean, var = _moments(_view(x, layout), layout, _plan(layout, _threads(), x.itemsize))
     return mean, var * layout.count
@@ -608,7 +623,7 @@ def local_grad_sums(dy, x, chk: Checked, mean, plan: _Plan | None = None) -> np.
     """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C) (``plan``: the
     caller's :func:`_plan`, made here if not given)."""
     layout = chk.layout
-    if layout.count == 0:
+    if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
     views = (_view(dy, layout), _view(x, layout))
     plan = plan or _plan(layout, _threads(), x.itemsize)

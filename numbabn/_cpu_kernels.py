@@ -60,6 +60,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from . import _atomic, _stream
+from ._channel import finite_scale, mean_lo
 from ._half import load, store, zero
 
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
@@ -560,8 +561,8 @@ def _norm_params(c, mean, var, weight, bias, eps, params, stats):
     stats[1, c] = var
     stats[2, c] = invstd
     params[0, c] = mean
-    params[1, c] = mean - params[0, c]
-    params[2, c] = invstd * weight[c]
+    params[1, c] = mean_lo(mean, np.float64(params[0, c]))
+    params[2, c] = finite_scale(invstd * weight[c], params)
     params[3, c] = bias[c]
 
 
@@ -593,7 +594,7 @@ def _grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads
     grads[1, c] = s1
     params[4, c] = invstd[c] * weight[c]
     params[0, c] = mean[c] if training else 0.0
-    params[1, c] = mean[c] - params[0, c] if training else 0.0
+    params[1, c] = mean_lo(mean[c], np.float64(params[0, c])) if training else 0.0
     params[2, c] = invstd[c] * invstd[c] * s2 / count if training else params[4, c]
     params[3, c] = s1 / count if training else 0.0
 

@@ -11,6 +11,7 @@ kernel for the constants, then the elementwise pass).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import numpy as np
 from numba import cuda
@@ -29,8 +30,11 @@ from ._validate import Checked, Layout, describe, stats_dtype
 # 4 gave the fastest forward (41-69 us) and a backward within 10% of the best; 8 was
 # 10-25% slower, 16 slower still (more partials, more blocks contending).
 _BLOCKS_PER_SM = 4
+# Streams whose reduction scratch is kept (the least recently used one's is dropped).
+_SCRATCH_STREAMS = 8
 _lock = threading.Lock()
 _scratch: dict = {}
+_per_stream: OrderedDict = OrderedDict()
 
 
 def _vector(a):
@@ -44,13 +48,22 @@ def _vector(a):
         return _scratch["placeholder"]
 
 
+def _stream_key(stream):
+    """A stream's CUDA handle (not the Python object's id, which a new object may reuse
+    while the old stream lives on in CUDA)."""
+    try:
+        return int(stream)
+    except TypeError:  # the simulator's streams
+        return id(stream)
+
+
 def _counters_and_partials(c, nblocks, stream):
     """Per-stream scratch: zeroed int32 counters (kernels leave them zero) and a
     (c, nblocks, 2) partials view; views are kept, as making one costs a few tens of
-    microseconds."""
-    key = (id(stream), "scratch")
+    microseconds. Kept for the ``_SCRATCH_STREAMS`` streams used last."""
+    key = _stream_key(stream)
     with _lock:
-        counters, part, views = _scratch.get(key, (None, None, {}))
+        counters, part, views = _per_stream.pop(key, (None, None, {}))
         if counters is None or counters.shape[0] < c:
             counters = cuda.to_device(np.zeros(max(c, 64), np.int32), stream=stream)
         if part is None or part.size < c * nblocks * 2:
@@ -59,7 +72,9 @@ def _counters_and_partials(c, nblocks, stream):
         view = views.get((c, nblocks))
         if view is None:
             view = views[(c, nblocks)] = part[: c * nblocks * 2].reshape(c, nblocks, 2)
-        _scratch[key] = (counters, part, views)
+        _per_stream[key] = (counters, part, views)
+        while len(_per_stream) > _SCRATCH_STREAMS:
+            _per_stream.popitem(last=False)
     return counters, view
 
 
@@ -124,7 +139,7 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     """Launch the statistics kernel; returns (chan, as ``allocate`` gives it, the
     kernel view of x)."""
     layout = chk.layout
-    xv = input_view(x, "x", layout, stream)
+    xv = input_view(x, "x", layout, stream, chk.alias)
     grid, block = _reduce_grid(layout)
     counters, partials = _counters_and_partials(layout.c, grid[1], stream)
     fresh = _chan(layout.c, xv.dtype, stream, like, chan_dtype)
@@ -162,8 +177,16 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
     return result
 
 
+def _nothing(x, layout: Layout, out, stream):
+    """The result of an elementwise pass over a tensor with no values (N or C is 0)."""
+    return out if out is not None else as_result(empty(layout, describe(x, "x").dtype, stream, x), x)
+
+
 def batch_stats(x, chk: Checked, stream=None):
     """Per-channel mean and biased variance."""
+    if chk.layout.c == 0:
+        fresh = _chan(0, describe(x, "x").dtype, numba_stream(stream), x)
+        return as_result(fresh, x, 0), as_result(fresh, x, 1)
     fresh, _ = _stats(x, chk, None, None, None, None, numba_stream(stream), x)
     return as_result(fresh, x, 0), as_result(fresh, x, 1)
 
@@ -171,6 +194,9 @@ def batch_stats(x, chk: Checked, stream=None):
 def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out, stream=None):
     """Normalize with batch statistics; update running statistics if given."""
     stream = numba_stream(stream)
+    if chk.layout.c == 0:  # (training needs 2 values in each channel there is)
+        fresh = _chan(0, describe(x, "x").dtype, stream, x)
+        return _nothing(x, chk.layout, out, stream), as_result(fresh, x, 0), as_result(fresh, x, 2)
     fresh, xv = _stats(x, chk, weight, bias, running_mean, running_var, stream, x)
     y = _elementwise("normalize", (xv,), chk.layout, fresh[1], out, x, stream)
     return y, as_result(fresh, x, 0), as_result(fresh, x, 2)
@@ -181,8 +207,8 @@ def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, 
     layout = chk.layout
     stream = numba_stream(stream)
     if layout.count * layout.c == 0:
-        return out if out is not None else as_result(empty(layout, describe(x, "x").dtype, stream, x), x)
-    xv = input_view(x, "x", layout, stream)
+        return _nothing(x, layout, out, stream)
+    xv = input_view(x, "x", layout, stream, chk.alias)
     chan = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream, x)[1]
     return _elementwise("normalize", (xv,), layout, chan, out, x, stream)
 
@@ -235,6 +261,10 @@ def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream):
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None):
     """Gradients (dx, dweight, dbias)."""
     stream = numba_stream(stream)
+    layout = chk.layout
+    if layout.count * layout.c == 0:  # eval with N = 0, or no channels
+        zeros = np.zeros(layout.c, stats_dtype(describe(x, "x").dtype))
+        return _nothing(x, layout, None, stream), from_host(zeros, x), from_host(zeros, x)
     fresh, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream, x)
     dx = _grad_elementwise(dyv, xv, chk.layout, fresh[1], training, x, stream)
     return dx, as_result(fresh, x, 0), as_result(fresh, x, 1)
@@ -261,7 +291,7 @@ def from_host(a: np.ndarray, like):
 def local_moments(x, chk: Checked, stream=None):
     """float64 (mean, sum of squared deviations) of this array's values, on the host."""
     layout = chk.layout
-    if layout.count == 0:
+    if layout.count * layout.c == 0:
         return np.zeros(layout.c), np.zeros(layout.c)
     fresh, _ = _stats(x, chk, None, None, None, None, numba_stream(stream), None, np.float64)
     mean, var = fresh[1].copy_to_host()[:2]
@@ -284,7 +314,7 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
 def local_grad_sums(dy, x, chk: Checked, mean, stream=None):
     """float64 (sum dy, sum dy * (x - mean)) per channel on the host, shape (2, C)."""
     layout = chk.layout
-    if layout.count == 0:
+    if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
     ones = cuda.to_device(np.ones(layout.c))  # dweight = sum dy * (x - mean) * 1
     fresh, _, _ = _grad_sums(
@@ -307,7 +337,7 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
             cuda.to_device(chan, stream=stream), training, x, stream,
         )
     else:
-        dx = as_result(empty(layout, describe(x, "x").dtype, stream, x), x)
+        dx = _nothing(x, layout, None, stream)
     dweight = cuda.to_device((sums[1] * invstd).astype(sd), stream=stream)
     dbias = cuda.to_device(sums[0].astype(sd), stream=stream)
     return dx, as_kind_of(x, dweight), as_kind_of(x, dbias)

@@ -193,11 +193,12 @@ def kernel_args(views, layout: Layout) -> tuple:
     return args + ((layout.n, layout.l),) if layout.kind == "ncl" else args
 
 
-def input_view(a, name, layout: Layout, stream):
+def input_view(a, name, layout: Layout, stream, copy=False):
     """The kernel view of an input; if its strides cannot be walked as (N, C, L) or
-    (M, C), the view of a device copy in the layout's memory order."""
+    (M, C), or ``copy`` (an output of the call overlaps it), the view of a device copy
+    in the layout's memory order."""
     info = describe(a, name)
-    geometry = _view_geometry(info, layout)
+    geometry = None if copy else _view_geometry(info, layout)
     if geometry is not None:
         return strided(a, *geometry, info)
     _, tmp = empty(layout, info.dtype, stream)

@@ -27,6 +27,8 @@ import math
 
 from numba import config, cuda, float64, int32, uint64
 
+from ._channel import finite_scale, mean_lo
+
 # Threads per block. Kept small under the simulator (one Python thread per CUDA
 # thread) so that tiny test inputs still span several blocks and partial blocks.
 BLOCK = 16 if config.ENABLE_CUDASIM else 256
@@ -146,8 +148,8 @@ def _finish_stats(s1, s2, c, shift, count, w, b, rm, rv, flags, eps, momentum, c
     if flags & HAS_WEIGHT:
         scale *= float64(w[c])
     chan[HI, c] = mean
-    chan[LO, c] = mean - float64(chan[HI, c])
-    chan[A, c] = scale
+    chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
+    chan[A, c] = finite_scale(scale, chan)
     chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
     if flags & UPDATE_RUNNING:
         rm[c] = (1.0 - momentum) * float64(rm[c]) + momentum * mean
@@ -167,7 +169,7 @@ def _finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan):
     mu = float64(mean[c])
     if flags & TRAINING:
         chan[HI, c] = mu
-        chan[LO, c] = mu - float64(chan[HI, c])
+        chan[LO, c] = mean_lo(mu, float64(chan[HI, c]))
         chan[A, c] = inv * inv * s2 / count
         chan[B, c] = s1 / count
     else:  # dx = dy * k1: the constants of "normalize" with mean 0 and no shift
@@ -505,8 +507,8 @@ def eval_params(rm, rv, w, b, flags, eps, chan):
     if flags & HAS_WEIGHT:
         scale *= float64(w[c])
     chan[HI, c] = mean
-    chan[LO, c] = mean - float64(chan[HI, c])
-    chan[A, c] = scale
+    chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
+    chan[A, c] = finite_scale(scale, chan)
     chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,11 @@ class BatchNorm:
     backward pass needs; ``bn.backward(dy)`` returns ``dx`` and sets ``weight_grad``
     and ``bias_grad``. In eval mode the backward pass treats the running statistics
     as constants (``dx = dy * weight / sqrt(running_var + eps)``).
-    The arrays live where the inputs do: the first CUDA input moves them to the GPU.
+    The arrays live where the inputs do: the first valid CUDA input moves them to the
+    GPU (an input the call rejects moves nothing).
+    A layer may be shared by threads: each forward (its running-statistics update and
+    ``num_batches_tracked``) and each backward runs whole, one at a time; ``backward``
+    differentiates the forward that ran last.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class BatchNorm:
         self.weight_grad: Array | None = None
         self.bias_grad: Array | None = None
         self._saved: tuple | None = None
+        self._lock = threading.Lock()
 
     def train(self, mode: bool = True) -> BatchNorm:
         """Switch to training mode (or eval with ``mode=False``)."""
@@ -105,52 +111,53 @@ class BatchNorm:
     def _arrays(self) -> dict[str, Array | None]:
         return {k: getattr(self, k) for k in ("weight", "bias", "running_mean", "running_var")}
 
-    def _follow(self, x: Array) -> None:
-        """Move the parameters and buffers to the side ``x`` lives on."""
+    def _placed(self, x: Array) -> dict[str, Array | None]:
+        """The parameters and buffers on the side ``x`` lives on: those already there,
+        copies of the others (kept only once a call with them has succeeded)."""
         side = _validate.describe(x, "x").side
-        be = backend(side)
-        for name, a in self._arrays().items():
+        arrays = self._arrays()
+        for name, a in arrays.items():
             if a is not None and _validate.describe(a, name).side != side:
-                setattr(self, name, be.from_other_side(a))
+                arrays[name] = backend(side).from_other_side(a)
+        return arrays
 
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
     def forward(self, x: Array) -> Array:
         """Normalize ``x``; in training mode also update the running statistics."""
-        self._follow(x)
-        use_batch = self.training or self.running_mean is None
-        update = self.training and self.running_mean is not None
-        factor = 0.0
-        if update:
-            if self.momentum is None:
-                factor = 1.0 / (self.num_batches_tracked + 1)
+        with self._lock:
+            p = self._placed(x)
+            rm, rv = p["running_mean"], p["running_var"]
+            use_batch = self.training or rm is None
+            update = self.training and rm is not None
+            if use_batch:
+                factor = 0.0
+                if update:
+                    factor = self.momentum
+                    if factor is None:
+                        factor = 1.0 / (self.num_batches_tracked + 1)
+                else:
+                    rm = rv = None
+                y, mean, invstd = self._batch_forward(x, p, rm, rv, factor)
             else:
-                factor = self.momentum
-        if use_batch:
-            rm = self.running_mean if update else None
-            rv = self.running_var if update else None
-            y, mean, invstd = self._batch_forward(x, rm, rv, factor)
+                w, b = p["weight"], p["bias"]
+                chk = _validate.batch_norm_args(x, rm, rv, w, b, False, 0.0, self.eps, self.axis, None)
+                be = backend(chk.side)
+                y = be.forward_eval(x, chk, rm, rv, w, b, None)
+                mean, invstd = be.copy(rm), be.running_invstd(rv, self.eps)
+            self.__dict__.update(p)  # the call succeeded: keep what moved to x's side
             if update:
                 self.num_batches_tracked += 1
-        else:
-            rm, rv = self.running_mean, self.running_var
-            chk = _validate.batch_norm_args(
-                x, rm, rv, self.weight, self.bias, False, 0.0, self.eps, self.axis, None
-            )
-            be = backend(chk.side)
-            y = be.forward_eval(x, chk, rm, rv, self.weight, self.bias, None)
-            mean = be.copy(rm)
-            invstd = be.running_invstd(rv, self.eps)
-        self._saved = (x, mean, invstd, use_batch)
-        return y
+            self._saved = (x, mean, invstd, use_batch)
+            return y
 
-    def _batch_forward(self, x, rm, rv, factor):
-        """(y, mean, invstd) with batch statistics; updates rm/rv when given."""
-        chk = _validate.batch_norm_args(
-            x, rm, rv, self.weight, self.bias, True, factor, self.eps, self.axis, None
-        )
-        return backend(chk.side).forward_train(x, chk, self.weight, self.bias, rm, rv, None)
+    def _batch_forward(self, x, p, rm, rv, factor):
+        """(y, mean, invstd) with batch statistics (``p``: ``_placed``'s arrays);
+        updates rm/rv when given."""
+        w, b = p["weight"], p["bias"]
+        chk = _validate.batch_norm_args(x, rm, rv, w, b, True, factor, self.eps, self.axis, None)
+        return backend(chk.side).forward_train(x, chk, w, b, rm, rv, None)
 
     def _batch_backward(self, dy, x, mean, invstd):
         """(dx, dweight, dbias) through batch statistics."""
@@ -159,17 +166,19 @@ class BatchNorm:
 
     def backward(self, dy: Array) -> Array:
         """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``."""
-        if self._saved is None:
-            raise RuntimeError("backward() needs a forward pass first")
-        x, mean, invstd, batch = self._saved
-        if batch:
-            dx, dw, db = self._batch_backward(dy, x, mean, invstd)
-        else:
-            chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, self.weight, self.axis, False)
-            dx, dw, db = backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, False)
-        if self.affine:
-            self.weight_grad, self.bias_grad = dw, db
-        return dx
+        with self._lock:
+            if self._saved is None:
+                raise RuntimeError("backward() needs a forward pass first")
+            x, mean, invstd, batch = self._saved
+            if batch:
+                dx, dw, db = self._batch_backward(dy, x, mean, invstd)
+            else:
+                w = self.weight
+                chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, w, self.axis, False)
+                dx, dw, db = backend(chk.side).backward(dy, x, chk, mean, invstd, w, False)
+            if self.affine:
+                self.weight_grad, self.bias_grad = dw, db
+            return dx
 
     def __repr__(self) -> str:
         return (

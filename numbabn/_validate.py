@@ -146,6 +146,11 @@ def _torch_info(a: Any) -> ArrayInfo | None:
 def describe(a: Any, name: str) -> ArrayInfo:
     """Return the :class:`ArrayInfo` of ``a``, or raise TypeError for other objects."""
     if isinstance(a, np.ndarray):
+        if isinstance(a, np.ma.MaskedArray):  # its mask would be silently ignored
+            raise TypeError(
+                f"{name} is a masked array; numbabn does not honour masks: pass "
+                f"{name}.filled(...) or {name}.data"
+            )
         return ArrayInfo(HOST, a.dtype, a.shape, a.strides, a.flags.writeable)
     if type(a).__module__.startswith("torch"):
         info = _torch_info(a)
@@ -289,10 +294,21 @@ def _out_side(out: Any, x: ArrayInfo) -> str | None:
     return info.side
 
 
+def _real(value: Any, name: str, what: str) -> float:
+    """``value`` as a float; TypeError for a non-real, ValueError for one too large for
+    a float (an int of 10**400, say)."""
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {what}; got an {type(value).__name__} too large for a float") from None
+
+
 def check_eps(eps: Any, training: bool) -> float:
-    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
-        raise TypeError(f"eps must be a real number, got {eps!r}")
-    eps = float(eps)
+    eps = _real(eps, "eps", "a real number")
     if not eps >= 0.0 or math.isinf(eps):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if training and eps == 0.0:
@@ -302,18 +318,16 @@ def check_eps(eps: Any, training: bool) -> float:
 
 def check_momentum(momentum: Any) -> float:
     """Return ``momentum`` as a float in [0, 1]."""
-    if type(momentum) is not float and (
-        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
-    ):
-        raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}")
-    momentum = float(momentum)
+    momentum = _real(momentum, "momentum", "a real number in [0, 1]")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     return momentum
 
 
 def _check_count(layout: Layout, need: int, what: str) -> None:
-    if layout.count < need:
+    """ValueError when a channel has fewer than ``need`` values (with no channels, C = 0,
+    there is nothing to check: such calls return empty results)."""
+    if layout.count < need and layout.c:
         raise ValueError(
             f"{what} needs at least {need} value(s) per channel, got {layout.count} "
             f"(input shape {layout.shape}, channel axis {layout.axis})"
@@ -321,12 +335,80 @@ def _check_count(layout: Layout, need: int, what: str) -> None:
 
 
 class Checked(NamedTuple):
-    """The outcome of validation: the side the arrays live on and the tensor layout."""
+    """The outcome of validation: the side the arrays live on and the tensor layout;
+    ``alias``: an array the call writes (``out``, or on the device running statistics)
+    overlaps x other than as x itself, so x must be read from a copy."""
 
     side: str
     layout: Layout
     eps: float
     momentum: float
+    alias: bool = False
+
+
+def _pointer(a: Any) -> int:
+    """The address of element 0 of a host or device array."""
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    if getattr(a, "__cuda_ndarray__", False) is True:
+        host = getattr(a, "_ary", None)  # the CUDA simulator's arrays wrap host memory
+        if isinstance(host, np.ndarray):
+            return host.__array_interface__["data"][0]
+        return a.device_ctypes_pointer.value or 0
+    if type(a).__module__.startswith("torch"):
+        return a.data_ptr()
+    return cuda_interface(a)["data"][0]
+
+
+def _extent(a: Any) -> tuple[int, int] | None:
+    """[first, last + 1) of the bytes ``a`` spans; None when it is empty."""
+    if isinstance(a, np.ndarray):
+        shape, strides, item = a.shape, a.strides, a.itemsize
+    else:
+        info = describe(a, "array")
+        shape, strides, item = info.shape, info.strides, info.dtype.itemsize
+    if 0 in shape:
+        return None
+    first = _pointer(a)
+    reach = [(e - 1) * s for e, s in zip(shape, strides)]
+    return first + sum(min(0, r) for r in reach), first + sum(max(0, r) for r in reach) + item
+
+
+def overlaps(a: Any, b: Any) -> bool:
+    """Whether two arrays of one side span common bytes (their address ranges meet,
+    as ``np.may_share_memory`` has it: interleaved arrays count as overlapping)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    ea, eb = _extent(a), _extent(b)
+    return ea is not None and eb is not None and ea[0] < eb[1] and eb[0] < ea[1]
+
+
+def same_view(a: Any, b: Any) -> bool:
+    """Whether two arrays of one shape are the same elements (same address, strides)."""
+    return _pointer(a) == _pointer(b) and (
+        a.strides == b.strides
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+        else describe(a, "a").strides == describe(b, "b").strides
+    )
+
+
+def _check_aliasing(x, out, vectors: dict, training: bool, side: str) -> bool:
+    """ValueError when ``out`` overlaps a per-channel argument (``vectors``, by name):
+    its values would change while the call reads or writes them. Returns whether x must
+    be read from a copy (``Checked.alias``): ``out`` overlaps x other than as x itself,
+    or, on the device (whose running-statistics update precedes the normalize pass),
+    running statistics updated in training overlap x."""
+    alias = False
+    if out is not None:
+        for name, v in vectors.items():
+            if v is not None and overlaps(out, v):
+                raise ValueError(f"out overlaps {name}; give out its own memory (or x itself)")
+        alias = overlaps(out, x) and not same_view(out, x)
+    if side == DEVICE and training and not alias:
+        alias = any(
+            vectors[k] is not None and overlaps(vectors[k], x) for k in ("running_mean", "running_var")
+        )
+    return alias
 
 
 _NORM_ARRAYS = ("x", "running_mean", "running_var", "weight", "bias", "out")
@@ -360,7 +442,11 @@ def batch_norm_args(
         _check_count(layout, min_count, "training")
     elif running_mean is None:
         raise ValueError("eval mode (training=False) needs running_mean and running_var")
-    return Checked(side, layout, eps, momentum)
+    alias = False
+    if out is not None or (training and running_mean is not None and side == DEVICE):
+        vectors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+        alias = _check_aliasing(x, out, vectors, training, side)
+    return Checked(side, layout, eps, momentum, alias)
 
 
 def batch_stats_args(x, axis, min_count=1) -> Checked:
@@ -409,8 +495,8 @@ def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_co
         _vector_side(_given(invstd, "invstd"), "invstd", c), _vector_side(weight, "weight", c),
     ))
     layout = _plan(xi.dtype, xi.shape, xi.strides, axis)
-    if min_count is None:
-        min_count = 2 if training else 1
+    if min_count is None:  # eval: constant statistics, so an empty batch is fine
+        min_count = 2 if training else 0
     _check_count(layout, min_count, "training backward" if training else "backward")
     return Checked(side, layout, 0.0, 0.0)
 

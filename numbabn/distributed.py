@@ -117,7 +117,8 @@ def _train(comm, x, running_mean, running_var, weight, bias, momentum, eps, axis
         be.update_running(running_mean, running_var, mean, var, count, chk.momentum)
     sd = _validate.stats_dtype(_validate.describe(x, "x").dtype)
     invstd = 1.0 / np.sqrt(var + chk.eps)
-    return y, be.from_host(mean.astype(sd), x), be.from_host(invstd.astype(sd), x)
+    with np.errstate(over="ignore"):  # invstd past float32 (var + eps < 1e-77) is inf
+        return y, be.from_host(mean.astype(sd), x), be.from_host(invstd.astype(sd), x)
 
 
 def batch_norm(
@@ -201,8 +202,8 @@ class BatchNorm(_LocalBatchNorm):
         super().__init__(num_features, **kwargs)
         self.comm = comm
 
-    def _batch_forward(self, x, rm, rv, factor):
-        return _train(self.comm, x, rm, rv, self.weight, self.bias, factor, self.eps, self.axis, None)
+    def _batch_forward(self, x, p, rm, rv, factor):
+        return _train(self.comm, x, rm, rv, p["weight"], p["bias"], factor, self.eps, self.axis, None)
 
     def _batch_backward(self, dy, x, mean, invstd):
         return batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis, comm=self.comm)

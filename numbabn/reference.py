@@ -75,7 +75,7 @@ def batch_norm(
         y, mean, var, _ = _train(xd, weight, bias, eps, axis, shape)
         if running_mean is None:
             return y, None, None
-        count = xd.size // c
+        count = xd.size // max(c, 1)  # (no channels: nothing to count)
         rm = (1 - momentum) * np.asarray(running_mean, xd.dtype) + momentum * mean
         rv = (1 - momentum) * np.asarray(running_var, xd.dtype) + momentum * var * count / (count - 1)
         return y, rm, rv
@@ -102,6 +102,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, training=True,
     k = (invstd * w).reshape(shape)
     if not training:
         return dyd * k, dweight, dbias
-    count = xd.size // c
+    count = xd.size // max(c, 1)  # (no channels: nothing to count)
     dx = (dyd - (dbias / count).reshape(shape) - xhat * (dweight / count).reshape(shape)) * k
     return dx, dweight, dbias

@@ -216,8 +216,8 @@ def test_fuse_rule_for_short_rows(monkeypatch, shape, forward, backward):
     monkeypatch.setattr(_stream, "LLC_BYTES", 32 << 20)
     info = _validate.describe(np.empty(shape, np.float32), "x")
     layout = _validate.plan_layout(info, 1)
-    assert _cpu._fuse(layout, 4, "forward", 2) is forward
-    assert _cpu._fuse(layout, 4, "backward", 2) is backward
+    assert _cpu._fuse(layout, 4, "forward") is forward
+    assert _cpu._fuse(layout, 4, "backward") is backward
 
 
 def test_cache_share():

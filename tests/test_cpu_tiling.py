@@ -191,7 +191,7 @@ def test_plain_planes_of_64_take_the_plane_loops(monkeypatch, shape):
     from numbabn import _cpu, _validate, batch_norm, batch_norm_backward
 
     small = {"ncl": 0, "mc": 0}  # the parallel passes, not the single-thread kernels
-    tune_cpu(monkeypatch, _threads=lambda: 2, _SMALL_VALUES=small, _SMALL_VALUES_MIN=0)
+    tune_cpu(monkeypatch, _threads=lambda: 2, _SMALL_VALUES=small)
     info = _validate.describe(np.empty(shape, np.float32), "x")
     plan = _cpu._plan(_validate.plan_layout(info, 1), 2, 4)
     assert not plan.small and plan.elem.kind == "mc"

@@ -297,22 +297,22 @@ SHIPPED_SMALL_VALUES = {"ncl": 1 << 16, "mc": 1 << 18}
 @pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's single-thread limits")
 def test_single_thread_limits(monkeypatch):
     """The limits up to which an operation stays on the calling thread: per layout,
-    shrinking with more threads down to the floor, never for empty inputs."""
+    the same for every thread count (results must not depend on it), never for empty
+    inputs."""
     from numbabn import _cpu, _validate
 
     tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
 
-    def small(shape, axis, threads):
+    def small(shape, axis):
         x = np.empty(shape, np.float32)
-        layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
-        return _cpu._small(layout, threads)
+        return _cpu._small(_validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim))
 
-    assert small((16, 64, 8, 8), 1, 2) and not small((16, 64, 8, 9), 1, 2)
-    assert small((1024, 256), 1, 2) and not small((1025, 256), 1, 2)
-    assert small((64, 8, 8, 64), -1, 1) and not small((64, 8, 8, 65), -1, 1)
-    assert small((1024, 64), 1, 8) and not small((1025, 64), 1, 8)  # 2**18 * 2 / 8
-    assert small((512, 64), 1, 64) and not small((513, 64), 1, 64)  # the 2**15 floor
-    assert not small((0, 3, 5), 1, 2)
+    assert small((16, 64, 8, 8), 1) and not small((16, 64, 8, 9), 1)
+    assert small((1024, 256), 1) and not small((1025, 256), 1)
+    assert small((64, 8, 8, 64), -1) and not small((64, 8, 8, 65), -1)
+    assert not small((0, 3, 5), 1)
+    layout = _validate.plan_layout(_validate.describe(np.empty((1024, 64), np.float32), "x"), 1)
+    assert len({_cpu._plan(layout, t, 4).small for t in (1, 2, 8, 64)}) == 1
 
 
 @pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's single-thread limits")
@@ -325,7 +325,7 @@ def test_mid_sizes_on_the_calling_thread(shape, axis, monkeypatch):
     tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
     x = random_batch(shape, np.float32, seed=61, per_channel_axis=axis)
     layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
-    assert x.size > 1 << 15 and _cpu._small(layout, 2)
+    assert x.size > 1 << 15 and _cpu._small(layout)
     c = shape[axis]
     w, b = channel_vector(c, np.float32, 62), channel_vector(c, np.float32, 63, -1, 1)
     rm, rv = channel_vector(c, np.float32, 64, -1, 1), channel_vector(c, np.float32, 65)
@@ -354,7 +354,7 @@ def test_tuned_limits_take_effect_on_a_cached_geometry(monkeypatch):
     tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
     assert _cpu._plan(layout, 2, x.itemsize).small
     numbabn.batch_stats(x)
-    tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0}, _SMALL_VALUES_MIN=0)
+    tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0})
     assert not _cpu._plan(layout, 2, x.itemsize).small
     mean, var = numbabn.batch_stats(x)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)

@@ -41,7 +41,7 @@ CASES = [
 @pytest.fixture(autouse=True)
 def _no_small_path(monkeypatch):
     if not ON_DEVICE:
-        tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0}, _SMALL_VALUES_MIN=0)
+        tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0})
 
 
 def _run(x, axis, threshold, monkeypatch):

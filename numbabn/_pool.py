@@ -1,0 +1,93 @@
+"""How this process may run numba's parallel CPU kernels.
+
+numba's threading layers each fail one way: GNU OpenMP (``omp``, numba's choice where
+no TBB is installed) kills a child process forked after a parallel call as soon as
+the child runs one (PyTorch DataLoader workers and ``multiprocessing`` fork), and the
+``workqueue`` layer aborts when two Python threads run parallel kernels at once. So
+``runnable`` gives each parallel kernel in the form that is safe here: in a child
+forked from a process whose GNU OpenMP pool had started, a serial twin compiled from
+the same source (the same loops and additions, so the same results, bitwise); under
+``workqueue``, the kernel behind a process-wide lock; else the kernel itself. TBB
+(``NUMBA_THREADING_LAYER=tbb``, with the ``tbb`` package) is safe both ways.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+
+import numba
+
+_forked = False  # this process is a child forked after the OpenMP pool started
+_lock = threading.Lock()
+_serial_twins: dict = {}
+_resets = []  # caches of runnable kernels to empty in a forked child
+
+
+def _layer() -> str | None:
+    """numba's threading layer, None before its pool has started."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _gnu_openmp() -> bool:
+    if _layer() != "omp":
+        return False
+    from numba.np.ufunc import omppool
+
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    if _forked or _gnu_openmp():
+        _forked = True
+        for cache in _resets:
+            cache.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked() -> bool:
+    """Whether this process runs serial twins (see the module's docstring)."""
+    return _forked
+
+
+def on_fork_clear(cache: dict) -> dict:
+    """Register a cache of ``runnable`` kernels to be emptied in a forked child."""
+    _resets.append(cache)
+    return cache
+
+
+def runnable(kernel):
+    """``kernel`` (a numba dispatcher) as this process can safely run it."""
+    if not kernel.targetoptions.get("parallel"):
+        return kernel
+    if _forked:
+        return serial(kernel)
+    if _layer() == "workqueue":
+        def locked(*args):
+            with _lock:
+                return kernel(*args)
+
+        return locked
+    return kernel
+
+
+def serial(kernel):
+    """A twin of parallel ``kernel`` compiled without ``parallel`` (``prange`` runs as
+    ``range``), cached on disk under a name of its own."""
+    twin = _serial_twins.get(kernel)
+    if twin is None:
+        f = kernel.py_func
+        g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        g.__qualname__ = f.__qualname__ + "_serial"
+        g.__module__, g.__doc__ = f.__module__, f.__doc__
+        options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+        twin = numba.njit(**{**options, "parallel": False, "cache": True})(g)
+        _serial_twins[kernel] = twin
+    return twin
