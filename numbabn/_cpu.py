@@ -141,6 +141,8 @@ _STREAM_MIN_ROW_BYTES = 8192
 _SMALL_VALUES = {"ncl": 1 << 16, "mc": 1 << 18}
 
 _F16 = np.dtype(np.float16)
+# Below this eps, 1 / sqrt(var + eps) of a constant channel exceeds float32's range.
+_TINY_EPS = 1e-76
 
 
 def _kernel_array(a: np.ndarray) -> np.ndarray:
@@ -543,8 +545,10 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
-    with np.errstate(over="ignore"):  # invstd past float32 (var + eps < 1e-77) is inf
+    if chk.eps >= _TINY_EPS:
         return y, mean.astype(sd, copy=False), invstd.astype(sd, copy=False)
+    with np.errstate(over="ignore"):  # invstd past float32's range is inf (np.errstate
+        return y, mean.astype(sd), invstd.astype(sd)  # costs 1.4 us: only when it can be)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
