@@ -6,6 +6,7 @@ nothing written."""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -46,7 +47,7 @@ def _x_view(case, data):
     shape, view = case["shape"], case["view"]
     if view == "transposed" and len(shape) > 2:  # channels-last-like memory order
         perm = list(range(1, len(shape))) + [0]
-        base = to_side(np.ascontiguousarray(np.transpose(data, perm)))
+        base = to_side(np.transpose(data, perm).copy())  # a copy even when already C order
         return base.transpose(tuple(np.argsort(perm)))
     if view == "stepped" and shape[0] > 0:
         wide = np.zeros((2 * shape[0],) + shape[1:], data.dtype)
@@ -84,7 +85,10 @@ def _check(actual, expected, dtype, factor):
     ), f"worst error {np.nanmax(np.abs(a - e)) if a.size else 0}"
 
 
+# CI draws the same examples on every run (a failure there is then reproducible and not
+# a matter of luck); elsewhere each run draws new ones.
 @settings(max_examples=120 if ON_DEVICE else 2000, deadline=None,
+          derandomize=os.environ.get("CI") == "true",
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(calls())
 def test_fuzz(case):
