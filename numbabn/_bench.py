@@ -222,6 +222,20 @@ def _time_rounds(
                 samples.setdefault(k, []).append(time.perf_counter() - t0)
 
 
+def _torch_layers(threads: int, repeats: int) -> None:
+    """numbabn.torch's layers against torch's (``_bench_torch``), if PyTorch is here."""
+    from numbabn import _bench_torch
+
+    cases = _bench_torch.cases(threads)
+    if not cases:
+        return
+    samples = {}
+    _time_rounds({(c, p): fn for c, peers in cases.items() for p, fn in peers.items()}, repeats, samples)
+    med = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
+    print("\ntimes in ms, numbabn.torch against torch.nn.BatchNorm2d")
+    print("\n".join(_bench_torch.report(cases, med)))
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     steady = False if args.system_malloc else _keep_freed_memory()
@@ -300,6 +314,8 @@ def main(argv=None) -> int:
     print("out=: numbabn writing into a preallocated output; x numpy / x torch: speed-up of "
           "numbabn (fresh output) over that peer; of floor: floor time / best numbabn time")
     print("floors: train fwd = read + copy, eval fwd = copy, backward = 3 reads + copy")
+    if not args.no_torch:
+        _torch_layers(threads, args.repeats)
     tiny = _tiny_calls(not args.no_torch)
     print("2x3x4x5 train forward, per call: "
           + ", ".join(f"{name} {us:.0f} us" for name, us in tiny.items()))

@@ -283,7 +283,7 @@ def _find_count_reader():
     global _count_reader
     from numba.np.ufunc import parallel
 
-    numba.get_num_threads()  # starts the pool, which sets the reader
+    _pool.start()  # starts the pool, which sets the reader
     reader = getattr(parallel, "_get_num_threads", None)
     _count_reader = reader if callable(reader) else numba.get_num_threads
     return _count_reader

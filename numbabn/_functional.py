@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _validate
+import numpy as np
+
+from . import _interop, _validate
 from ._dispatch import backend
 
 Array = Any  # a NumPy array or a CUDA array (see the README)
@@ -64,6 +66,11 @@ def batch_norm(
         Bad shapes, axis, eps or momentum, fewer than 2 values per channel in
         training, eval without running statistics. Nothing is written then.
     """
+    if type(x) is not np.ndarray and _interop.is_foreign_host(x):
+        return _interop.on_host(
+            batch_norm, x, running_mean, running_var, weight, bias, training, momentum, eps,
+            axis=axis, out=out, stream=stream,
+        )
     chk = _validate.batch_norm_args(
         x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
     )
@@ -89,6 +96,8 @@ def batch_stats(x: Array, *, axis: int = 1, stream: Any = None) -> tuple[Array, 
     mean, var : arrays of shape (C,)
         float32 for float16/float32 input, float64 for float64 input.
     """
+    if type(x) is not np.ndarray and _interop.is_foreign_host(x):
+        return _interop.on_host(batch_stats, x, axis=axis, stream=stream)
     chk = _validate.batch_stats_args(x, axis)
     return backend(chk.side).batch_stats(x, chk, **_validate.stream_kwargs(chk.side, stream))
 
@@ -100,9 +109,13 @@ def batch_norm_forward(
     eps: float = 1e-5,
     *,
     axis: int = 1,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    momentum: float = 0.1,
     stream: Any = None,
 ) -> tuple[Array, Array, Array]:
-    """Training-mode forward that also returns what the backward pass needs.
+    """Training-mode forward that also returns what the backward pass needs (and, given
+    running statistics, updates them: PyTorch's ``native_batch_norm`` in one call).
 
     Parameters
     ----------
@@ -114,6 +127,10 @@ def batch_norm_forward(
         > 0.
     axis : int
         The channel axis.
+    running_mean, running_var : array of shape (C,), optional
+        Updated in place as by :func:`batch_norm` in training (both or neither).
+    momentum : float in [0, 1]
+        Weight of this batch in that update.
 
     Returns
     -------
@@ -123,9 +140,21 @@ def batch_norm_forward(
         Batch mean and ``1 / sqrt(var + eps)`` (biased variance); float32 for
         float16/float32 input, float64 for float64 input.
     """
-    chk = _validate.batch_norm_forward_args(x, weight, bias, eps, axis)
+    if type(x) is not np.ndarray and _interop.is_foreign_host(x):
+        return _interop.on_host(
+            batch_norm_forward, x, weight, bias, eps, axis=axis, running_mean=running_mean,
+            running_var=running_var, momentum=momentum, stream=stream,
+        )
+    if running_mean is None and running_var is None:
+        chk = _validate.batch_norm_forward_args(x, weight, bias, eps, axis)
+    else:
+        chk = _validate.batch_norm_args(
+            x, running_mean, running_var, weight, bias, True, momentum, eps, axis, None
+        )
     kw = _validate.stream_kwargs(chk.side, stream)
-    return backend(chk.side).forward_train(x, chk, weight, bias, None, None, None, **kw)
+    return backend(chk.side).forward_train(
+        x, chk, weight, bias, running_mean, running_var, None, **kw
+    )
 
 
 def batch_norm_backward(
@@ -169,6 +198,11 @@ def batch_norm_backward(
 
     All functions also take ``stream=`` (a numba, PyTorch or CuPy stream) for CUDA arrays.
     """
+    if type(x) is not np.ndarray and _interop.is_foreign_host(x):
+        return _interop.on_host(
+            batch_norm_backward, dy, x, mean, invstd, weight, axis=axis, training=training,
+            stream=stream,
+        )
     training = bool(training)
     chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training)
     kw = _validate.stream_kwargs(chk.side, stream)

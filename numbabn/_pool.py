@@ -14,6 +14,7 @@ the same source (the same loops and additions, so the same results, bitwise); un
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import types
 
@@ -50,6 +51,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def start() -> None:
+    """Start numba's thread pool. Under OpenMP the start can reset the thread count of a
+    library sharing the runtime (PyTorch's, set with ``torch.set_num_threads``): it is
+    put back as it was."""
+    torch = sys.modules.get("torch")
+    get = getattr(torch, "get_num_threads", None)
+    before = get() if get is not None else None
+    numba.get_num_threads()
+    if before is not None and get() != before:
+        torch.set_num_threads(before)
 
 
 def forked() -> bool:

@@ -161,12 +161,14 @@ def batch_norm_forward(
 
 def batch_norm_backward(
     dy: Array, x: Array, mean: Array, invstd: Array, weight: Array | None = None, *,
-    axis: int = 1, training: bool = True, comm,
+    axis: int = 1, training: bool = True, comm, local_weight_grads: bool = False,
 ) -> tuple[Array, Array, Array]:
     """:func:`numbabn.batch_norm_backward` through the statistics of the whole batch.
 
     ``mean`` and ``invstd`` are the global ones (as returned by
-    :func:`batch_norm_forward`); dweight and dbias are sums over all ranks. In eval mode
+    :func:`batch_norm_forward`); dweight and dbias are sums over all ranks, or with
+    ``local_weight_grads`` this rank's share (for data-parallel wrappers that add the
+    ranks' parameter gradients themselves, as PyTorch's DDP). In eval mode
     (``training=False``) nothing is exchanged and dweight, dbias are this rank's.
     """
     if not training:
@@ -178,7 +180,8 @@ def batch_norm_backward(
         be = backend(chk.side)
         mean64, invstd64 = be.to_host(mean), be.to_host(invstd)
         here.update(chk=chk, be=be, mean=mean64, invstd=invstd64)
-        return chk.layout.c, chk.layout.count, be.local_grad_sums(dy, x, chk, mean64)
+        here["sums"] = be.local_grad_sums(dy, x, chk, mean64)
+        return chk.layout.c, chk.layout.count, here["sums"]
 
     parts = _exchange(comm, local)
     _same_channels(parts)
@@ -188,7 +191,15 @@ def batch_norm_backward(
     for p in parts:  # rank order: the same bits on every rank
         sums = sums + p[2]
     be, chk = here["be"], here["chk"]
-    return be.grad_input(dy, x, chk, here["mean"], here["invstd"], weight, sums, count, True)
+    dx, dweight, dbias = be.grad_input(
+        dy, x, chk, here["mean"], here["invstd"], weight, sums, count, True
+    )
+    if local_weight_grads:
+        sd = _validate.stats_dtype(_validate.describe(x, "x").dtype)
+        mine = here["sums"]
+        dweight = be.from_host((mine[1] * here["invstd"]).astype(sd), x)
+        dbias = be.from_host(mine[0].astype(sd), x)
+    return dx, dweight, dbias
 
 
 class BatchNorm(_LocalBatchNorm):

@@ -1,0 +1,82 @@
+"""CPU arrays of other libraries (PyTorch CPU tensors, DLPack exporters): viewed as NumPy
+arrays for the CPU backend, and the results handed back as the caller's kind.
+
+The views share memory with the caller's arrays (no copies), so running statistics and
+``out`` are written in the caller's memory; arrays a library keeps read-only (JAX's) are
+refused where numbabn would write them, as read-only NumPy arrays are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+_DLPACK_CPU = 1  # kDLCPU
+
+
+def is_foreign_host(a: Any) -> bool:
+    """Whether ``a`` is a CPU array of another library that numbabn can view."""
+    if a is None or isinstance(a, np.ndarray):
+        return False
+    if type(a).__module__.startswith("torch"):
+        return getattr(a, "device", None) is not None and a.device.type == "cpu"
+    if hasattr(a, "__cuda_array_interface__"):
+        return False
+    if hasattr(a, "__dlpack__"):
+        try:
+            return a.__dlpack_device__()[0] == _DLPACK_CPU
+        except Exception:  # noqa: BLE001 - not a DLPack exporter after all
+            return False
+    return hasattr(a, "__array_interface__")
+
+
+def host_view(a: Any) -> Any:
+    """The NumPy view of a foreign CPU array (``a`` itself for anything else)."""
+    if not is_foreign_host(a):
+        return a
+    if type(a).__module__.startswith("torch"):
+        return a.detach().numpy()  # zero copy; refuses dtypes NumPy lacks (TypeError)
+    if hasattr(a, "__dlpack__"):
+        return np.from_dlpack(a)
+    return np.asarray(a)
+
+
+def _back(result: Any, like: Any, originals: dict) -> Any:
+    """A NumPy result as ``like``'s kind; a view of a caller's array as that array."""
+    if isinstance(result, tuple):
+        return tuple(_back(r, like, originals) for r in result)
+    if not isinstance(result, np.ndarray):
+        return result
+    original = originals.get(id(result))
+    if original is not None:
+        return original
+    if type(like).__module__.startswith("torch"):
+        import torch
+
+        return torch.from_numpy(result)
+    module = __import__(type(like).__module__.split(".")[0])
+    convert = getattr(module, "from_dlpack", None) or getattr(getattr(module, "numpy", None), "from_dlpack", None)
+    return convert(result) if convert is not None else result
+
+
+def on_host(f: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``f`` (a public function) on NumPy views of the foreign CPU arrays among its
+    arguments, its results returned as the first argument's kind."""
+    originals: dict = {}
+
+    def view(a):
+        v = host_view(a)
+        if v is not a:
+            originals[id(v)] = a
+        return v
+
+    args = [view(a) for a in args]
+    kwargs = {k: view(v) for k, v in kwargs.items()}
+    like = originals[id(args[0])] if args and id(args[0]) in originals else None
+    # Keep the views alive while results are matched against them by id.
+    views = list(args) + list(kwargs.values())
+    result = f(*args, **kwargs)
+    out = _back(result, like, originals)
+    del views
+    return out

@@ -1,0 +1,299 @@
+"""numbabn for PyTorch: a differentiable ``batch_norm`` and drop-in BatchNorm modules.
+
+``batch_norm`` is a ``torch.library`` custom operator (``numbabn::batch_norm``) with its
+autograd formula (``numbabn::batch_norm_backward``) and fake kernels registered, so it
+passes ``torch.library.opcheck`` and runs inside ``torch.compile`` without a graph break.
+CPU tensors run numbabn's CPU kernels on zero-copy NumPy views, CUDA tensors its GPU
+kernels on PyTorch's current stream, with new tensors from PyTorch's allocator. On the
+CPU numbabn uses at most PyTorch's thread count (``torch.get_num_threads``).
+
+PyTorch is needed here only; numbabn itself never imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numba
+import torch
+from torch import Tensor
+
+from . import _cpu, _functional, distributed
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Threads:
+    """numba's thread count of the calling thread capped at PyTorch's for one call (and
+    put back after), so the two pools do not ask for more cores than PyTorch was given."""
+
+    def __enter__(self):
+        self.before = None
+        have, allowed = _cpu._threads(), torch.get_num_threads()  # (_threads starts the pool)
+        if allowed < have:
+            self.before = have
+            numba.set_num_threads(max(1, allowed))
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            numba.set_num_threads(self.before)
+
+
+def _run(f, *args, **kwargs):
+    """``f`` (a numbabn function) on tensors: for CPU tensors on zero-copy NumPy views,
+    results back as tensors sharing their memory; CUDA tensors go as they are, on
+    PyTorch's current stream (the first argument says which)."""
+    if args[0].is_cuda:
+        return f(*args, stream=torch.cuda.current_stream(args[0].device), **kwargs)
+    args = [a.detach().numpy() if isinstance(a, Tensor) else a for a in args]
+    kwargs = {k: v.detach().numpy() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    with _Threads():
+        result = f(*args, **kwargs)
+    if isinstance(result, tuple):
+        return tuple([torch.from_numpy(r) for r in result])
+    return torch.from_numpy(result)
+
+
+@torch.library.custom_op("numbabn::batch_norm", mutates_args=())
+def _forward(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, new running mean, new running variance): batch statistics in
+    training, else the running ones. The operator is functional (autograd needs it so):
+    it updates copies of the running statistics, which ``batch_norm`` copies back (empty
+    when there is nothing to update)."""
+    sd = _stats_dtype(input.dtype)
+    if training:
+        update = running_mean is not None
+        rm = running_mean.clone() if update else None
+        rv = running_var.clone() if update else None
+        y, mean, invstd = _run(
+            _functional.batch_norm_forward, input, weight, bias, eps, running_mean=rm,
+            running_var=rv, momentum=momentum,
+        )
+        if not update:
+            rm, rv = input.new_empty(0, dtype=sd), input.new_empty(0, dtype=sd)
+        return y, mean, invstd, rm, rv
+    y = _run(_functional.batch_norm, input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    none = input.new_empty(0, dtype=sd)
+    return y, running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps), none, none.clone()
+
+
+@_forward.register_fake
+def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    c = input.shape[1]
+    sd = _stats_dtype(input.dtype)
+    update = training and running_mean is not None
+    rm = torch.empty_like(running_mean) if update else input.new_empty(0, dtype=sd)
+    rv = torch.empty_like(running_var) if update else input.new_empty(0, dtype=sd)
+    return torch.empty_like(input), input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd), rm, rv
+
+
+@torch.library.custom_op("numbabn::batch_norm_backward", mutates_args=())
+def _backward(
+    grad: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); ``training``: through batch statistics."""
+    return _run(_functional.batch_norm_backward, grad, input, mean, invstd, weight,
+                training=training)
+
+
+@_backward.register_fake
+def _(grad, input, mean, invstd, weight, training):
+    c = input.shape[1]
+    sd = _stats_dtype(input.dtype)
+    return torch.empty_like(input), input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd)
+
+
+def _setup_context(ctx, inputs, output):
+    input, _, _, weight, bias, training, _, _ = inputs
+    _, mean, invstd, _, _ = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.training, ctx.has_bias = training, bias is not None
+
+
+def _differentiate(ctx, grad, *_grads_of_statistics):
+    input, weight, mean, invstd = ctx.saved_tensors
+    dx, dweight, dbias = _backward(grad.contiguous(), input, mean, invstd, weight, ctx.training)
+    dweight = dweight.to(weight.dtype) if weight is not None else None
+    dbias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if ctx.has_bias else None
+    return dx, None, None, dweight, dbias, None, None, None
+
+
+torch.library.register_autograd(
+    "numbabn::batch_norm", _differentiate, setup_context=_setup_context
+)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` computed by numbabn (differentiable with
+    respect to input, weight and bias)."""
+    y, _, _, rm, rv = _forward(input, running_mean, running_var, weight, bias, bool(training),
+                               float(momentum), float(eps))
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return y
+
+
+class _Numbabn:
+    """The forward of torch's ``_BatchNorm``, with numbabn's kernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.dim() > 1 and input.shape[1] != self.num_features:
+            raise RuntimeError(
+                f"expected {self.num_features} channels (input.shape[1]), got {input.shape[1]}"
+            )
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracked = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if tracked and self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked + 1)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        rm, rv = (self.running_mean, self.running_var) if keep else (None, None)
+        y = self._normalize(input, rm, rv, bn_training, factor)
+        if tracked:  # after the call: a call that raises changes nothing
+            self.num_batches_tracked.add_(1)
+        return y
+
+    def _normalize(self, input, running_mean, running_var, training, factor):
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                          factor, self.eps)
+
+
+class BatchNorm1d(_Numbabn, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` computed by numbabn."""
+
+
+class BatchNorm2d(_Numbabn, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by numbabn."""
+
+
+class BatchNorm3d(_Numbabn, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` computed by numbabn."""
+
+
+class _TorchComm:
+    """``numbabn.distributed``'s exchange (an allgather of small Python objects) over a
+    ``torch.distributed`` process group, any backend."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def allgather(self, obj):
+        gathered = [None] * torch.distributed.get_world_size(self.group)
+        torch.distributed.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
+
+def _host(t):
+    return t if t is None or t.is_cuda else t.detach().numpy()
+
+
+def _tensor(a, like):
+    return a if like.is_cuda else torch.from_numpy(a)
+
+
+class _Synced(torch.autograd.Function):
+    """Batch norm with the statistics of the whole group's batch (``numbabn.distributed``):
+    one exchange forward, one backward; dweight and dbias are this rank's share."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, comm):
+        with _Threads():
+            y, mean, invstd = distributed._train(
+                comm, _host(input), _host(running_mean), _host(running_var), _host(weight),
+                _host(bias), momentum, eps, 1, None,
+            )
+        mean, invstd = _tensor(mean, input), _tensor(invstd, input)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.comm, ctx.has_bias = comm, bias is not None
+        return _tensor(y, input)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, mean, invstd = ctx.saved_tensors
+        with _Threads():
+            dx, dweight, dbias = distributed.batch_norm_backward(
+                _host(grad.contiguous()), _host(input), _host(mean), _host(invstd), _host(weight),
+                comm=ctx.comm, local_weight_grads=True,
+            )
+        dtype = weight.dtype if weight is not None else input.dtype
+        dweight = _tensor(dweight, input).to(dtype) if weight is not None else None
+        dbias = _tensor(dbias, input).to(dtype) if ctx.has_bias else None
+        return _tensor(dx, input), dweight, dbias, None, None, None, None, None
+
+
+class SyncBatchNorm(_Numbabn, torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` computed by numbabn, over ``torch.distributed`` with any
+    backend (gloo on CPU included): in training, the statistics of the batch of every
+    rank of ``process_group`` (ranks may hold uneven or empty slices); dweight and dbias
+    are this rank's share, which DDP all-reduces as it does torch's. Outside training, or
+    on a group of one rank, a plain batch norm."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _normalize(self, input, running_mean, running_var, training, factor):
+        dist = torch.distributed
+        group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+        if not (training and group is not None and dist.get_world_size(group) > 1):
+            return super()._normalize(input, running_mean, running_var, training, factor)
+        return _Synced.apply(input, self.weight, self.bias, running_mean, running_var, factor,
+                             self.eps, _TorchComm(group))
+
+
+_REPLACE = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def _converted(bn: torch.nn.Module, sync: bool, process_group) -> torch.nn.Module:
+    """A numbabn layer holding ``bn``'s own parameters and buffers (the same tensors)."""
+    cls = SyncBatchNorm if sync else _REPLACE[type(bn)]
+    new = cls.__new__(cls)
+    torch.nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in bn.__dict__.items() if k not in ("_parameters", "_buffers")})
+    new._parameters = dict(bn._parameters)
+    new._buffers = dict(bn._buffers)
+    if sync:
+        new.process_group = process_group
+    return new
+
+
+def convert(module: torch.nn.Module, sync: bool = False, process_group=None) -> torch.nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` of ``module`` (``module`` itself
+    included) by numbabn's (``sync``: by numbabn's ``SyncBatchNorm`` over
+    ``process_group``, default the whole world), keeping its parameters, buffers, dtype, device and training
+    mode; returns the module (the new layer, if ``module`` itself was replaced)."""
+    if type(module) in _REPLACE or (sync and type(module) is torch.nn.SyncBatchNorm):
+        return _converted(module, sync, process_group)
+    for name, child in module.named_children():
+        setattr(module, name, convert(child, sync, process_group))
+    return module
