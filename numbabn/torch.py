@@ -74,20 +74,26 @@ def _forward(
     it updates copies of the running statistics, which ``batch_norm`` copies back (empty
     when there is nothing to update)."""
     sd = _stats_dtype(input.dtype)
+    update = training and running_mean is not None
+    rm = running_mean.clone() if update else input.new_empty(0, dtype=sd)
+    rv = running_var.clone() if update else input.new_empty(0, dtype=sd)
+    if update:
+        y, mean, invstd = _compute(input, rm, rv, weight, bias, training, momentum, eps)
+    else:
+        y, mean, invstd = _compute(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return y, mean, invstd, rm, rv
+
+
+def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """(y, mean, invstd); in training updates the running statistics in place."""
     if training:
-        update = running_mean is not None
-        rm = running_mean.clone() if update else None
-        rv = running_var.clone() if update else None
-        y, mean, invstd = _run(
-            _functional.batch_norm_forward, input, weight, bias, eps, running_mean=rm,
-            running_var=rv, momentum=momentum,
+        return _run(
+            _functional.batch_norm_forward, input, weight, bias, eps,
+            running_mean=running_mean, running_var=running_var, momentum=momentum,
         )
-        if not update:
-            rm, rv = input.new_empty(0, dtype=sd), input.new_empty(0, dtype=sd)
-        return y, mean, invstd, rm, rv
     y = _run(_functional.batch_norm, input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    none = input.new_empty(0, dtype=sd)
-    return y, running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps), none, none.clone()
+    sd = _stats_dtype(input.dtype)
+    return y, running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps)
 
 
 @_forward.register_fake
@@ -100,14 +106,16 @@ def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
     return torch.empty_like(input), input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd), rm, rv
 
 
-@torch.library.custom_op("numbabn::batch_norm_backward", mutates_args=())
-def _backward(
+def _grads(
     grad: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); ``training``: through batch statistics."""
     return _run(_functional.batch_norm_backward, grad, input, mean, invstd, weight,
                 training=training)
+
+
+_backward = torch.library.custom_op("numbabn::batch_norm_backward", _grads, mutates_args=())
 
 
 @_backward.register_fake
@@ -124,9 +132,9 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.has_bias = training, bias is not None
 
 
-def _differentiate(ctx, grad, *_grads_of_statistics):
+def _differentiate(ctx, grad, *_grads_of_statistics, backward=_backward):
     input, weight, mean, invstd = ctx.saved_tensors
-    dx, dweight, dbias = _backward(grad.contiguous(), input, mean, invstd, weight, ctx.training)
+    dx, dweight, dbias = backward(grad.contiguous(), input, mean, invstd, weight, ctx.training)
     dweight = dweight.to(weight.dtype) if weight is not None else None
     dbias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if ctx.has_bias else None
     return dx, None, None, dweight, dbias, None, None, None
@@ -135,6 +143,25 @@ def _differentiate(ctx, grad, *_grads_of_statistics):
 torch.library.register_autograd(
     "numbabn::batch_norm", _differentiate, setup_context=_setup_context
 )
+
+
+class _Eager(torch.autograd.Function):
+    """The same computation in eager mode without the dispatcher (whose Python layers
+    cost more than the kernels of a small layer) and updating the running statistics in
+    place, not through copies. ``batch_norm`` takes the operator when compiling or under
+    functorch transforms."""
+
+    @staticmethod
+    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum, eps):
+        y, mean, invstd = _compute(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training, ctx.has_bias = training, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _differentiate(ctx, grad, backward=_grads)
 
 
 def batch_norm(
@@ -149,6 +176,9 @@ def batch_norm(
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` computed by numbabn (differentiable with
     respect to input, weight and bias)."""
+    if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        return _Eager.apply(input, running_mean, running_var, weight, bias, bool(training),
+                            float(momentum), float(eps))
     y, _, _, rm, rv = _forward(input, running_mean, running_var, weight, bias, bool(training),
                                float(momentum), float(eps))
     if training and running_mean is not None:
