@@ -134,7 +134,7 @@ def _setup_context(ctx, inputs, output):
 
 def _differentiate(ctx, grad, *_grads_of_statistics, backward=_backward):
     input, weight, mean, invstd = ctx.saved_tensors
-    dx, dweight, dbias = backward(grad.contiguous(), input, mean, invstd, weight, ctx.training)
+    dx, dweight, dbias = backward(grad, input, mean, invstd, weight, ctx.training)
     dweight = dweight.to(weight.dtype) if weight is not None else None
     dbias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if ctx.has_bias else None
     return dx, None, None, dweight, dbias, None, None, None
