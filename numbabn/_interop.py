@@ -1,5 +1,6 @@
 """CPU arrays of other libraries (PyTorch CPU tensors, DLPack exporters): viewed as NumPy
-arrays for the CPU backend, and the results handed back as the caller's kind.
+arrays for the CPU backend; results come back as tensors for PyTorch callers, as NumPy
+arrays for the others.
 
 The views share memory with the caller's arrays (no copies), so running statistics and
 ``out`` are written in the caller's memory; arrays a library keeps read-only (JAX's) are
@@ -55,14 +56,13 @@ def _back(result: Any, like: Any, originals: dict) -> Any:
         import torch
 
         return torch.from_numpy(result)
-    module = __import__(type(like).__module__.split(".")[0])
-    convert = getattr(module, "from_dlpack", None) or getattr(getattr(module, "numpy", None), "from_dlpack", None)
-    return convert(result) if convert is not None else result
+    return result  # other libraries' arrays: NumPy results
 
 
 def on_host(f: Callable, *args: Any, **kwargs: Any) -> Any:
     """``f`` (a public function) on NumPy views of the foreign CPU arrays among its
-    arguments, its results returned as the first argument's kind."""
+    arguments; its results as tensors when the first argument is a PyTorch tensor (the
+    caller's own arrays where a result is one, ``out``)."""
     originals: dict = {}
 
     def view(a):

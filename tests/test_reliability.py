@@ -267,3 +267,30 @@ def test_concurrent_calls_under_the_workqueue_layer():
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _DLPackArray:
+    """A CPU array of another library, known only by the DLPack protocol."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="CPU arrays of other libraries")
+def test_dlpack_cpu_arrays_are_viewed_without_copies():
+    """Arrays known only by DLPack run on NumPy views of their memory: running
+    statistics are updated in it; the result comes back as NumPy (no from_dlpack in the
+    exporter's module)."""
+    x0 = random_batch((4, C, 5), np.float32, seed=10)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y = numbabn.batch_norm(_DLPackArray(x0), _DLPackArray(rm), _DLPackArray(rv), training=True)
+    y_ref, rm_ref, rv_ref = ref.batch_norm(x0, np.zeros(C), np.ones(C), training=True)
+    assert_close(y, y_ref, np.float32)
+    assert_close(rm, rm_ref, np.float32)
+    assert_close(rv, rv_ref, np.float32)

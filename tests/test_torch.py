@@ -250,3 +250,19 @@ def test_sync_batch_norm_over_gloo(world, tmp_path):
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+
+
+def test_float16_layer_matches_torch():
+    ours, theirs = nbt.BatchNorm2d(4).half(), torch.nn.BatchNorm2d(4).half()
+    x = torch.randn(3, 4, 5, 5).half()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [ours(xs[0]), theirs(xs[1])]
+    g = torch.randn_like(x)
+    for y in ys:
+        y.backward(g)
+    tol = {"rtol": 4e-3, "atol": 4e-3}
+    torch.testing.assert_close(ys[0], ys[1], **tol)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol)
+    assert ours.weight.grad.dtype == torch.float16
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
