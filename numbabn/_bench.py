@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     print(f"\ntimes in ms (read pass {med['read']:.3f} ms = {mb / med['read']:.1f} GB/s, "
           f"copy {med['copy']:.3f} ms = {2 * mb / med['copy']:.1f} GB/s moved)")
     print(head)
-    for op, peers in cases.items():
+    for op in cases:
         reads, copies = floors[op]
         floor = reads * med["read"] + copies * med["copy"]
         nb = med[(op, "numbabn")]

@@ -9,6 +9,8 @@ converted to numbabn's. Timed in rounds, as the main job's other peers.
 
 from __future__ import annotations
 
+from functools import partial
+
 
 def _resnet(torch, width=32):
     """A small ResNet: a stem and two residual blocks of conv-BN-ReLU, then a head."""
@@ -54,11 +56,8 @@ def cases(threads: int) -> dict:
             x.grad = None
             layer(x).backward(g)
 
-        c = shape[1]
-        out[name] = {
-            "numbabn": lambda step=step, m=nbt.BatchNorm2d(c): step(m),
-            "torch": lambda step=step, m=torch.nn.BatchNorm2d(c): step(m),
-        }
+        layers = {"numbabn": nbt.BatchNorm2d(shape[1]), "torch": torch.nn.BatchNorm2d(shape[1])}
+        out[name] = {peer: partial(step, layer) for peer, layer in layers.items()}
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(16, 3, 56, 56, generator=gen)
     labels = torch.randint(0, 10, (16,), generator=gen)

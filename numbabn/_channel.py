@@ -22,7 +22,6 @@ import numpy as np
 from numba import types
 from numba.extending import overload, register_jitable
 
-
 _F64 = np.dtype(np.float64)
 _F32_MAX = float(np.finfo(np.float32).max)
 

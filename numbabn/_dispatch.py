@@ -11,7 +11,6 @@ from types import ModuleType
 
 from ._validate import DEVICE, HOST
 
-
 _loaded: dict[str, ModuleType] = {}
 
 

@@ -20,8 +20,17 @@ from . import _channel
 from . import _gpu_kernels as K
 from ._channel import grad_constants
 from ._gpu_arrays import (
-    allocate, as_kind_of, copy_strided, empty, input_view, kernel_args, kernel_view, numba_array,
-    operands, output_view, as_result,
+    allocate,
+    as_kind_of,
+    as_result,
+    copy_strided,
+    empty,
+    input_view,
+    kernel_args,
+    kernel_view,
+    numba_array,
+    operands,
+    output_view,
 )
 from ._gpu_launch import launcher, numba_stream
 from ._validate import Checked, Layout, describe, stats_dtype
@@ -245,7 +254,8 @@ def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like
     chan = fresh[1]
     kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
     launcher(kernel, grid, block, stream)(
-        *kernel_args((dyv, xv), layout), *[_vector(a) for a in (mean, invstd, weight)], _flags(weight, training=training),
+        *kernel_args((dyv, xv), layout), *[_vector(a) for a in (mean, invstd, weight)],
+        _flags(weight, training=training),
         partials, counters, chan,
     )
     return fresh, dyv, xv

@@ -18,7 +18,7 @@ _DLPACK_CPU = 1  # kDLCPU
 
 def is_foreign_host(a: Any) -> bool:
     """Whether ``a`` is a CPU array of another library that numbabn can view."""
-    if a is None or isinstance(a, np.ndarray):
+    if a is None or isinstance(a, (np.ndarray, np.generic)):  # NumPy's own kinds stay as they are
         return False
     if type(a).__module__.startswith("torch"):
         return getattr(a, "device", None) is not None and a.device.type == "cpu"

@@ -304,7 +304,8 @@ def _real(value: Any, name: str, what: str) -> float:
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be {what}; got an {type(value).__name__} too large for a float") from None
+        too_large = f"got an {type(value).__name__} too large for a float"
+        raise ValueError(f"{name} must be {what}; {too_large}") from None
 
 
 def check_eps(eps: Any, training: bool) -> float:
@@ -312,7 +313,9 @@ def check_eps(eps: Any, training: bool) -> float:
     if not eps >= 0.0 or math.isinf(eps):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if training and eps == 0.0:
-        raise ValueError("eps must be > 0 when normalizing with batch statistics (eps == 0 is allowed only in eval)")
+        raise ValueError(
+            "eps must be > 0 when normalizing with batch statistics (eps == 0 is allowed only in eval)"
+        )
     return eps
 
 

@@ -57,7 +57,8 @@ def section(name, fn, *args):
         ok = False
     if ok is False:
         FAILED.append(name)
-    print(f"  [{name}: {'ok' if ok is not False else 'FAILED'}, {time.perf_counter() - t0:.1f} s]", flush=True)
+    verdict = "ok" if ok is not False else "FAILED"
+    print(f"  [{name}: {verdict}, {time.perf_counter() - t0:.1f} s]", flush=True)
 
 
 def _host(a):
@@ -155,7 +156,8 @@ def check_params_requiring_grad():
     err = max((y - yt).abs().max().item(), (rm - bn.running_mean).abs().max().item(),
               (rv - bn.running_var).abs().max().item())
     ok = err < 1e-5 and isinstance(y, torch.Tensor) and not y.requires_grad
-    print(f"check nn.Parameter weight/bias: error vs torch (y, running stats) {err:.1e} -> {'ok' if ok else 'FAILED'}")
+    verdict = "ok" if ok else "FAILED"
+    print(f"check nn.Parameter weight/bias: error vs torch (y, running stats) {err:.1e} -> {verdict}")
     return ok
 
 
@@ -219,7 +221,8 @@ def check_huge():
     xs = x.double()
     vr, mr = torch.var_mean(xs, dim=(0, 2), unbiased=False)
     del xs
-    err = max((mean.double() - mr).abs().max().item(), ((1 / invstd.double() ** 2 - 1e-5 - vr) / vr).abs().max().item())
+    var_err = ((1 / invstd.double() ** 2 - 1e-5 - vr) / vr).abs().max().item()
+    err = max((mean.double() - mr).abs().max().item(), var_err)
     # the last values of the last plane: indices beyond 2**31
     tail = x[1, 3, -1000:].double()
     yr = (tail - mr[3]) / torch.sqrt(vr[3] + 1e-5)
@@ -303,7 +306,8 @@ def tiny_overhead(profile):
          lambda: torch.nn.functional.batch_norm(tiny, None, None, None, None, True)),
     ]
     for name, fn, peer in rows:
-        print(f"2x3x4x5 {name}: {_wall(fn):.1f} us per call wall time (torch {_wall(peer):.1f} us)", flush=True)
+        print(f"2x3x4x5 {name}: {_wall(fn):.1f} us per call wall time (torch {_wall(peer):.1f} us)",
+              flush=True)
     for name, fn, peer in rows:
         gpu, hidden = _gpu(fn, reps=50)
         gpu_t, _ = _gpu(peer, reps=50)
@@ -363,7 +367,8 @@ def _overhead_parts(x, rm, rv, w, b):
     yv = _gpu_arrays.kernel_view(y, "y", chk.layout)
     launch = _gpu_launch.launcher(K.normalize_ncl, grid, block, stream)
     zero = np.float32(0)
-    args = (*_gpu_arrays.kernel_args((xv,), chk.layout), fresh[1], zero, *_gpu_arrays.operands(yv, chk.layout))
+    args = (*_gpu_arrays.kernel_args((xv,), chk.layout), fresh[1], zero,
+            *_gpu_arrays.operands(yv, chk.layout))
     parts = {
         "validation": lambda: _validate.batch_norm_args(x, rm, rv, w, b, True, 0.1, 1e-5, 1, None),
         "input view (cached)": lambda: _gpu_arrays.input_view(x, "x", chk.layout, stream),
@@ -444,8 +449,10 @@ def bench(shape, layout, dtype):
         w_nb, w_tt = _wall(nb, 100), _wall(tt, 100)
         floor = passes * copy
         note = "" if hid_nb and hid_tt else "  (host-bound: launch overhead not hidden)"
-        print(f"{layout:<5} {str(dtype)[6:]:<8} {'x'.join(map(str, shape)):<14} {op:<10} {g_nb:9.1f} {g_tt:9.1f} "
-              f"{floor:9.1f} {g_tt / g_nb:8.2f}x {floor / g_nb:8.0%} {w_nb:9.1f} {w_tt:9.1f}{note}", flush=True)
+        size = "x".join(map(str, shape))
+        print(f"{layout:<5} {str(dtype)[6:]:<8} {size:<14} {op:<10} {g_nb:9.1f} {g_tt:9.1f} "
+              f"{floor:9.1f} {g_tt / g_nb:8.2f}x {floor / g_nb:8.0%} {w_nb:9.1f} {w_tt:9.1f}{note}",
+              flush=True)
     return True
 
 
@@ -455,7 +462,8 @@ def blocks_per_sm_ab():
     from numbabn import _gpu as backend
 
     default = backend._BLOCKS_PER_SM
-    for layout, shape in (("nhwc", (32, 64, 56, 56)), ("nchw", (32, 64, 56, 56)), ("nhwc", (256, 256, 14, 14))):
+    shapes = (("nhwc", (32, 64, 56, 56)), ("nchw", (32, 64, 56, 56)), ("nhwc", (256, 256, 14, 14)))
+    for layout, shape in shapes:
         x = _batch(shape, layout, torch.float32)
         dy = _batch(shape, layout, torch.float32, seed=1)
         _, mean, invstd = numbabn.batch_norm_forward(x)
@@ -463,8 +471,8 @@ def blocks_per_sm_ab():
         for k in (2, 4, 8, 16):
             backend._BLOCKS_PER_SM = k
             try:
-                fwd, _ = _gpu(lambda: numbabn.batch_norm_forward(x))
-                bwd, _ = _gpu(lambda: numbabn.batch_norm_backward(dy, x, mean, invstd))
+                fwd, _ = _gpu(lambda x=x: numbabn.batch_norm_forward(x))
+                bwd, _ = _gpu(lambda a=(dy, x, mean, invstd): numbabn.batch_norm_backward(*a))
             finally:
                 backend._BLOCKS_PER_SM = default
             cells.append(f"{k}/SM: fwd {fwd:6.1f} bwd {bwd:6.1f}")

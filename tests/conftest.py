@@ -1,7 +1,6 @@
 import warnings
 
 import pytest
-
 from helpers import SIDE, tune_cpu
 
 

@@ -13,9 +13,7 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
-
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")

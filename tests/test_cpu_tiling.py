@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
@@ -188,6 +187,7 @@ def test_plain_planes_of_64_take_the_plane_loops(monkeypatch, shape):
     planes the flat rows; either way eval and backward are bitwise what the flat rows
     give."""
     from helpers import tune_cpu
+
     from numbabn import _cpu, _validate, batch_norm, batch_norm_backward
 
     small = {"ncl": 0, "mc": 0}  # the parallel passes, not the single-thread kernels

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import ON_DEVICE, random_batch, to_host, to_side
 
 import numbabn
-from helpers import ON_DEVICE, random_batch, to_host, to_side
 
 C = 3
 
@@ -59,7 +59,11 @@ BAD_BATCH_NORM = [
 ]
 
 
-@pytest.mark.parametrize("name,value,exc", BAD_BATCH_NORM, ids=lambda v: getattr(v, "__name__", None) or str(getattr(v, "dtype", v))[:12])
+def _case_id(v):
+    return getattr(v, "__name__", None) or str(getattr(v, "dtype", v))[:12]
+
+
+@pytest.mark.parametrize("name,value,exc", BAD_BATCH_NORM, ids=_case_id)
 def test_bad_arrays(name, value, exc):
     arrays = _fresh()
     arrays[name] = value

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases import LAYOUTS, SHAPES, on_side
+from helpers import (
+    DTYPES,
+    ON_DEVICE,
+    assert_close,
+    channel_vector,
+    random_batch,
+    to_host,
+    to_side,
+    tune_cpu,
+)
 
 import numbabn
 import numbabn.reference as ref
-from cases import LAYOUTS, SHAPES, on_side
-from helpers import (
-    DTYPES, ON_DEVICE, assert_close, channel_vector, random_batch, to_host, to_side,
-    tune_cpu,
-)
 
 SHAPE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES]
 

@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 from helpers import ON_DEVICE
 
 cuda = pytest.importorskip("numba.cuda")
@@ -28,7 +27,10 @@ class FakeKernel:
     def __getitem__(self, config):
         from numba.cuda.core.errors import NumbaPerformanceWarning
 
-        warnings.warn(NumbaPerformanceWarning("Grid size 1 will likely result in GPU under-utilization"))
+        warnings.warn(
+            NumbaPerformanceWarning("Grid size 1 will likely result in GPU under-utilization"),
+            stacklevel=2,
+        )
         launch = object()
         self.configured.append((config, launch))
         return launch
@@ -227,8 +229,8 @@ def _argument_samples(monkeypatch):
 def test_argument_kinds_decide_numba_types(monkeypatch):
     """The direct launch path keys compiled kernels by ``_kind``: two arguments of one
     kind must get one numba type."""
-    from numbabn import _gpu_launch
     from numbabn import _gpu_kernels as K
+    from numbabn import _gpu_launch
 
     seen = {}
     for a in _argument_samples(monkeypatch):
@@ -242,8 +244,8 @@ def test_argument_kinds_decide_numba_types(monkeypatch):
 def test_parameters_are_packed_as_numba_packs_them(monkeypatch):
     from numba.cuda.dispatcher import _Kernel
 
-    from numbabn import _gpu_launch
     from numbabn import _gpu_kernels as K
+    from numbabn import _gpu_launch
 
     class Compiled:  # what numba's _prepare_args uses of its kernel
         extensions = []
@@ -270,8 +272,8 @@ def test_launches_go_direct_after_numbas_first(monkeypatch):
     parameters here and call cuda.core's launch, with numba's stream and config."""
     from numba.cuda.dispatcher import _Kernel
 
-    from numbabn import _gpu_launch
     from numbabn import _gpu_kernels as K
+    from numbabn import _gpu_launch
 
     args = [a for a in _argument_samples(monkeypatch)][:3]
     types = tuple(K.stats_ncl.typeof_pyval(a) for a in args)
@@ -319,7 +321,8 @@ def test_launches_go_direct_after_numbas_first(monkeypatch):
     launch(*args)
     assert Configured.calls == 1 and len(launched) == 1
     stream, config, kernel, *params = launched[0]
-    assert (stream, config, kernel) == ("numba's stream", ("config", (3, 2, 1), (256, 1, 1)), "the compiled kernel")
+    expected = ("numba's stream", ("config", (3, 2, 1), (256, 1, 1)), "the compiled kernel")
+    assert (stream, config, kernel) == expected
     expected = []
     for t, a in zip(types, args):
         Compiled()._prepare_args(t, a, 0, [], expected)

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import DTYPES, ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 import numbabn
 import numbabn.reference as ref
-from helpers import DTYPES, ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 C = 3
 
@@ -106,7 +106,8 @@ def test_out_overlapping_a_per_channel_argument_is_refused(target):
     x0 = random_batch((4, C, 5), np.float32, seed=5)
     buf = to_side(np.zeros(C + x0.size, np.float32))
     out = buf[:x0.size].reshape(x0.shape)
-    args = {k: to_side(np.full(C, 1.0, np.float32)) for k in ("running_mean", "running_var", "weight", "bias")}
+    names = ("running_mean", "running_var", "weight", "bias")
+    args = {k: to_side(np.full(C, 1.0, np.float32)) for k in names}
     args[target] = buf[x0.size - 1: x0.size - 1 + C]  # shares one value with out
     before = to_host(buf).copy()
     for training in (True, False):
@@ -261,7 +262,8 @@ def test_concurrent_calls_under_the_workqueue_layer():
         "ref = numbabn.batch_norm(x, training=True)\n"
         "assert numba.threading_layer() == 'workqueue'\n"
         "with ThreadPoolExecutor(4) as p:\n"
-        "    ok = list(p.map(lambda i: np.array_equal(numbabn.batch_norm(x, training=True), ref), range(24)))\n"
+        "    same = lambda i: np.array_equal(numbabn.batch_norm(x, training=True), ref)\n"
+        "    ok = list(p.map(same, range(24)))\n"
         "assert all(ok)\n"
     )
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU tensors")
@@ -101,7 +100,7 @@ def test_compiles_without_graph_break():
         g = torch.randn(4, 3, 5, 5)
         ys = [compiled(xs[0]), theirs(xs[1])]
         torch.testing.assert_close(ys[0], ys[1])
-        for y, xi in zip(ys, xs):
+        for y in ys:
             y.backward(g)
         torch.testing.assert_close(xs[0].grad, xs[1].grad)
         torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
@@ -116,7 +115,8 @@ def test_compiles_without_graph_break():
 def test_modules_match_torch(cls, shape, momentum, track):
     base = {nbt.BatchNorm1d: torch.nn.BatchNorm1d, nbt.BatchNorm2d: torch.nn.BatchNorm2d,
             nbt.BatchNorm3d: torch.nn.BatchNorm3d}[cls]
-    ours, theirs = cls(3, momentum=momentum, track_running_stats=track), base(3, momentum=momentum, track_running_stats=track)
+    kw = {"momentum": momentum, "track_running_stats": track}
+    ours, theirs = cls(3, **kw), base(3, **kw)
     assert isinstance(ours, base)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     for step in range(3):
@@ -248,7 +248,7 @@ def test_sync_batch_norm_over_gloo(world, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
 
 
