@@ -22,8 +22,8 @@ def is_foreign_host(a: Any) -> bool:
         return False
     if type(a).__module__.startswith("torch"):
         return getattr(a, "device", None) is not None and a.device.type == "cpu"
-    if hasattr(a, "__cuda_array_interface__"):
-        return False
+    if getattr(a, "__cuda_ndarray__", False) is True or hasattr(a, "__cuda_array_interface__"):
+        return False  # device arrays (the CUDA simulator's pass NumPy's attributes through)
     if hasattr(a, "__dlpack__"):
         try:
             return a.__dlpack_device__()[0] == _DLPACK_CPU

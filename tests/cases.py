@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from helpers import ON_DEVICE
 
 # (shape, channel axis): ndim 2 to 5, axis 1, -1 and a middle axis, sizes 1 and primes.

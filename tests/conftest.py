@@ -1,6 +1,7 @@
 import warnings
 
 import pytest
+
 from helpers import SIDE, tune_cpu
 
 

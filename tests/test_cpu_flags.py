@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 import pytest
+
 from helpers import ON_DEVICE, assert_close, random_batch, tune_cpu
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
@@ -186,9 +187,9 @@ def test_plain_planes_of_64_take_the_plane_loops(monkeypatch, shape):
     """8x8 planes with plain stores run the NCL kernels (``_cpu._PLANE_LOOP_MIN``), 7x7
     planes the flat rows; either way eval and backward are bitwise what the flat rows
     give."""
-    from helpers import tune_cpu
-
     from numbabn import _cpu, _validate, batch_norm, batch_norm_backward
+
+    from helpers import tune_cpu
 
     small = {"ncl": 0, "mc": 0}  # the parallel passes, not the single-thread kernels
     tune_cpu(monkeypatch, _threads=lambda: 2, _SMALL_VALUES=small)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import DTYPES, ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 import numbabn
+
+from helpers import DTYPES, ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 MPI = pytest.importorskip("mpi4py.MPI")
 COMM = MPI.COMM_WORLD

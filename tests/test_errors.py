@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import ON_DEVICE, random_batch, to_host, to_side
 
 import numbabn
+
+from helpers import ON_DEVICE, random_batch, to_host, to_side
 
 C = 3
 

@@ -13,10 +13,11 @@ import types
 
 import numpy as np
 import pytest
-from helpers import ON_DEVICE, assert_close, channel_vector, random_batch
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import ON_DEVICE, assert_close, channel_vector, random_batch
 
 pytestmark = pytest.mark.skipif(not ON_DEVICE, reason="needs the CUDA simulator")
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import numbabn
+import numbabn.reference as ref
+
 from cases import LAYOUTS, SHAPES, on_side
 from helpers import (
     DTYPES,
@@ -15,9 +19,6 @@ from helpers import (
     to_side,
     tune_cpu,
 )
-
-import numbabn
-import numbabn.reference as ref
 
 SHAPE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES]
 

@@ -10,12 +10,13 @@ import os
 import warnings
 
 import numpy as np
-from helpers import ON_DEVICE, RTOL, to_host, to_side
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import ON_DEVICE, RTOL, to_host, to_side
 
 OPS = ["train", "eval", "forward", "stats", "backward", "backward_eval"]
 OUTS = ["none", "fresh", "x", "overlap", "over_stats"]

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from helpers import ON_DEVICE
 
 cuda = pytest.importorskip("numba.cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="PTX is compiled in the host test run")

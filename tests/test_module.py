@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 
 def _steps(bn, batches, training=True):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import DTYPES, ON_DEVICE, random_batch, to_host, to_side
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import DTYPES, ON_DEVICE, random_batch, to_host, to_side
 
 LAYOUT_CASES = [((4, 3, 5, 7), 1), ((4, 5, 7, 3), -1)]
 if not ON_DEVICE:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from helpers import ON_DEVICE, assert_close, to_host, to_side
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import ON_DEVICE, assert_close, to_host, to_side
 
 
 @st.composite

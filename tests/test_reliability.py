@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import DTYPES, ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import DTYPES, ON_DEVICE, assert_close, random_batch, to_host, to_side
 
 C = 3
 

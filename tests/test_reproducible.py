@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ON_DEVICE, random_batch
 
 import numbabn
+
+from helpers import ON_DEVICE, random_batch
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="the CPU thread pool")
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import DTYPES, ON_DEVICE, assert_close, channel_vector, random_batch, tune_cpu
 
 import numbabn
 import numbabn.reference as ref
+
+from helpers import DTYPES, ON_DEVICE, assert_close, channel_vector, random_batch, tune_cpu
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 

@@ -6,9 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import ON_DEVICE, random_batch, to_host, to_side
 
 import numbabn
+
+from helpers import ON_DEVICE, random_batch, to_host, to_side
 
 
 def test_concurrent_calls_agree_with_serial():

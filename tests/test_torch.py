@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from helpers import ON_DEVICE
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU tensors")
