@@ -31,8 +31,9 @@ import numpy as np
 
 from . import _cpu_kernels as kernels
 from . import _pool, _stream
+from ._alias import same_view
 from ._channel import as64
-from ._validate import Checked, Layout, same_view, stats_dtype
+from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
 # above this many elements so the split does not cost more than it saves.
