@@ -394,7 +394,7 @@ def _streamed(result: np.ndarray, layout: Layout) -> bool:
     aligned and a plane is whole vectors, and otherwise must be long."""
     vector = _stream.VECTOR_BYTES
     row = layout.l * result.itemsize
-    return result.nbytes >= _stream.MIN_BYTES and result.flags.aligned and (
+    return _stream.STREAMING and result.nbytes >= _stream.MIN_BYTES and result.flags.aligned and (
         layout.kind == "mc"
         or (_address(result) % vector == 0 and row % vector == 0)
         or row >= _STREAM_MIN_ROW_BYTES

@@ -30,7 +30,9 @@ per-channel constants loaded once.
 
 from __future__ import annotations
 
+import math
 import os
+import platform
 
 from llvmlite import ir
 from numba import njit, types
@@ -75,12 +77,39 @@ _LLC_PER_CPU = 16 << 20
 
 def _cache_share(llc: int, cpus: int) -> int:
     """The last-level cache the thresholds count on: ``llc`` bytes, at most
-    _LLC_PER_CPU for each of the machine's ``cpus``."""
+    _LLC_PER_CPU for each of the ``cpus`` this process may use."""
     return min(llc, _LLC_PER_CPU * cpus)
 
 
-LLC_BYTES = _cache_share(_llc_bytes(), os.cpu_count() or 1)
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup (v2) CPU
+    quota (a container's ``--cpus``), not the machine's count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def _bytes_setting(name: str, default: int) -> int:
+    """A size in bytes from environment variable ``name`` (if set), else ``default``."""
+    text = os.environ.get(name, "").strip()
+    return int(float(text)) if text else default
+
+
+# NUMBABN_LLC_BYTES overrides what the thresholds count on (the cache share).
+LLC_BYTES = _bytes_setting("NUMBABN_LLC_BYTES", _cache_share(_llc_bytes(), usable_cpus()))
 MIN_BYTES = LLC_BYTES // 4
+# Streaming stores are measured on x86-64 only (AVX2 and AVX-512 machines); elsewhere
+# (ARM's non-temporal stores are hints with other costs) every store is plain.
+STREAMING = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def item_bytes(a):

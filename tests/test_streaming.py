@@ -196,3 +196,35 @@ def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
     else:
         _cpu_kernels.normalize_ncl(x, params, 2, 3, True, out)
     np.testing.assert_array_equal(out, (x - np.float32(0.5)) * np.float32(2) + np.float32(1))
+
+
+def test_no_streaming_where_it_is_untested(monkeypatch):
+    """On CPUs other than x86-64 (``_stream.STREAMING`` False) no pass streams, however
+    large its output; results stay those of the plain stores."""
+    x = random_batch((8, 4, 1024), np.float32, seed=7)
+    layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
+    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    y = _cpu._aligned_empty(x.shape, x.dtype)
+    assert _cpu._streamed(y, layout) is _stream.STREAMING
+    streamed = _run(x, 1, 0, monkeypatch)
+    monkeypatch.setattr(_stream, "STREAMING", False)
+    assert not _cpu._streamed(y, layout)
+    plain = _run(x, 1, 0, monkeypatch)
+    for a, b in zip(streamed, plain):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_cache_share_settings():
+    """The cache share counts the CPUs this process may use (its affinity mask), and
+    NUMBABN_LLC_BYTES overrides it."""
+    import os
+    import subprocess
+    import sys
+
+    assert 1 <= _stream.usable_cpus() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert _stream.usable_cpus() <= len(os.sched_getaffinity(0))
+    script = "from numbabn import _stream; print(_stream.LLC_BYTES, _stream.MIN_BYTES)"
+    env = {**os.environ, "NUMBABN_LLC_BYTES": "12e6"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["12000000", "3000000"], done.stderr
