@@ -7,6 +7,7 @@ of your choice; NumPy arrays run on parallel CPU kernels, CUDA arrays (anything 
 
 from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from ._module import BatchNorm
+from ._precompile import precompile
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_stats",
+    "precompile",
 ]

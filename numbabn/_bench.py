@@ -72,6 +72,8 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default of returning large freed blocks to the OS")
+    p.add_argument("--precompile", action="store_true",
+                   help="only fill numba's cache with every CPU kernel, every dtype (then exit)")
     return p.parse_args(argv)
 
 
@@ -238,6 +240,11 @@ def _torch_layers(threads: int, repeats: int) -> None:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.precompile:
+        from numbabn import precompile
+
+        print(f"numbabn {numbabn.__version__}: CPU kernels compiled or loaded in {precompile():.1f} s")
+        return 0
     steady = False if args.system_malloc else _keep_freed_memory()
     if args.threads:
         numba.set_num_threads(args.threads)
