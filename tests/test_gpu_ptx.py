@@ -59,9 +59,18 @@ class _Target:
         self.compute_capability = cc
 
 
-@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("data", list(DATA))
-@pytest.mark.parametrize("vec", VECTORS, ids=str)
+# Every kernel for every dtype pair on the newest capability; the older one for float32
+# only (a fault specific to it and to one dtype has not been seen; each compile costs).
+MATRIX = [(data, vec, CCS[-1]) for data in DATA for vec in VECTORS] + [
+    ("float32", types.float32, cc) for cc in CCS[:-1]
+]
+
+
+def _id(v):
+    return f"sm{v[0]}{v[1]}" if isinstance(v, tuple) else str(v)
+
+
+@pytest.mark.parametrize("data,vec,cc", MATRIX, ids=_id)
 @pytest.mark.parametrize("name", KERNELS)
 def test_kernel_compiles_to_ptx(name, data, vec, cc, monkeypatch):
     from numba.cuda import dispatcher
