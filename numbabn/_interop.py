@@ -71,12 +71,6 @@ def on_host(f: Callable, *args: Any, **kwargs: Any) -> Any:
             originals[id(v)] = a
         return v
 
-    args = [view(a) for a in args]
+    args = [view(a) for a in args]  # (alive until the results are matched by id)
     kwargs = {k: view(v) for k, v in kwargs.items()}
-    like = originals[id(args[0])] if args and id(args[0]) in originals else None
-    # Keep the views alive while results are matched against them by id.
-    views = list(args) + list(kwargs.values())
-    result = f(*args, **kwargs)
-    out = _back(result, like, originals)
-    del views
-    return out
+    return _back(f(*args, **kwargs), originals.get(id(args[0])), originals)

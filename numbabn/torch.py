@@ -43,14 +43,19 @@ class _Threads:
             numba.set_num_threads(self.before)
 
 
+def _host(a):
+    """The NumPy view of a CPU tensor; anything else (CUDA tensors too) as it is."""
+    return a.detach().numpy() if isinstance(a, Tensor) and not a.is_cuda else a
+
+
 def _run(f, *args, **kwargs):
     """``f`` (a numbabn function) on tensors: for CPU tensors on zero-copy NumPy views,
     results back as tensors sharing their memory; CUDA tensors go as they are, on
     PyTorch's current stream (the first argument says which)."""
     if args[0].is_cuda:
         return f(*args, stream=torch.cuda.current_stream(args[0].device), **kwargs)
-    args = [a.detach().numpy() if isinstance(a, Tensor) else a for a in args]
-    kwargs = {k: v.detach().numpy() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    args = [_host(a) for a in args]
+    kwargs = {k: _host(v) for k, v in kwargs.items()}
     with _Threads():
         result = f(*args, **kwargs)
     if isinstance(result, tuple):
@@ -238,10 +243,6 @@ class _TorchComm:
         gathered = [None] * torch.distributed.get_world_size(self.group)
         torch.distributed.all_gather_object(gathered, obj, group=self.group)
         return gathered
-
-
-def _host(t):
-    return t if t is None or t.is_cuda else t.detach().numpy()
 
 
 def _tensor(a, like):
