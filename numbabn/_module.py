@@ -92,6 +92,15 @@ class BatchNorm:
         self._saved: tuple | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # copies and pickles: a lock of their own
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def train(self, mode: bool = True) -> BatchNorm:
         """Switch to training mode (or eval with ``mode=False``)."""
         self.training = bool(mode)

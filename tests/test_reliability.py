@@ -297,3 +297,18 @@ def test_dlpack_cpu_arrays_are_viewed_without_copies():
     assert_close(y, y_ref, np.float32)
     assert_close(rm, rm_ref, np.float32)
     assert_close(rv, rv_ref, np.float32)
+
+
+def test_layer_copies_and_pickles_with_a_lock_of_its_own():
+    import copy
+    import pickle
+
+    if ON_DEVICE:
+        pytest.skip("host arrays")
+    bn = numbabn.BatchNorm(C, momentum=None)
+    bn(random_batch((4, C, 5), np.float32))
+    for other in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        assert other._lock is not bn._lock and other.num_batches_tracked == 1
+        np.testing.assert_array_equal(other.running_mean, bn.running_mean)
+        other(random_batch((4, C, 5), np.float32, seed=1))
+        assert other.num_batches_tracked == 2 and bn.num_batches_tracked == 1
