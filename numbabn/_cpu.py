@@ -26,13 +26,13 @@ import functools
 import math
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
 from . import _cpu_kernels as kernels
 from . import _pool, _stream
 from ._alias import same_view
 from ._channel import as64
+from ._pool import threads as _threads
 from ._validate import Checked, Layout, stats_dtype
 
 # Aim for this many tasks per thread so uneven tasks still balance, and keep each task
@@ -42,9 +42,11 @@ _MIN_TASK_ELEMENTS = 4096
 # Results must not depend on the thread count, so everything that decides the order of
 # a reduction's additions (the single-thread kernels, fusion, the reductions' partial
 # sums) is decided from the shape alone; only the elementwise passes and the tasks of
-# the fused ones follow the thread count. The reductions are cut into at most this
-# many partial sums (4 per thread on 2 cores), whatever the thread count.
-_SUM_TASKS = 8
+# the fused ones follow the thread count. Those decisions are made as for this many
+# threads (the measured machines'): the reductions are cut into at most _SUM_TASKS
+# partial sums, and fusion asks for channels that share out evenly among them.
+_PLAN_THREADS = 2
+_SUM_TASKS = _TASKS_PER_THREAD * _PLAN_THREADS
 # The fused per-channel passes (train forward, backward) reduce one channel's slab and
 # then re-read it from the core's L2 or the shared L3 instead of memory. Measured on the
 # 2-core development machine (1 MiB L2, 32 MiB L3), float32:
@@ -265,31 +267,6 @@ def _finish_output(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _threads() -> int:
-    """The calling thread's numba thread count (``numba.set_num_threads`` sets it per
-    Python thread). Read once per operation and passed down. ``numba.get_num_threads``
-    takes two locks on every call (to start the pool on the first): 1.2-2.5 us in a
-    loop and 51 us right after a 25.7 MB train call here, where the count reader it
-    then calls took 0.5 and 14 us (full calls 1.01-1.09x faster, paired). So after
-    the first read this calls that reader directly, and falls back to the public
-    function should numba's internals change."""
-    n = (_count_reader or _find_count_reader())()
-    return n if n > 0 else numba.get_num_threads()
-
-
-_count_reader = None
-
-
-def _find_count_reader():
-    global _count_reader
-    from numba.np.ufunc import parallel
-
-    _pool.start()  # starts the pool, which sets the reader
-    reader = getattr(parallel, "_get_num_threads", None)
-    _count_reader = reader if callable(reader) else numba.get_num_threads
-    return _count_reader
-
-
 def _tasks(threads: int) -> int:
     """Tasks to deal out to a pool of ``threads`` threads (1 when it has one)."""
     return _TASKS_PER_THREAD * threads if threads > 1 else 1
@@ -455,13 +432,13 @@ def _moments(v: np.ndarray, layout: Layout, plan: _Plan) -> tuple[np.ndarray, np
 
 def _fuse(layout: Layout, itemsize: int, which: str) -> bool:
     """Use a per-channel fused pass (``which``: "forward" or "backward"): NCL, enough
-    channels to share out evenly (judged for 2 threads: the choice must not follow the
-    thread count, see _SUM_TASKS), planes too long for the flat elementwise passes
+    channels to share out evenly (among _PLAN_THREADS: the choice must not follow the
+    thread count), planes too long for the flat elementwise passes
     (``_flat``), a channel's data (its slab, of every array the pass reads) small
     enough to stay in cache (train forward: or rows long enough), and either rows of
     ``_FUSE_LONG_ROW_BYTES`` or a tensor that fits the cache (x, if rows are not too
     short; else all the pass reads)."""
-    balanced = layout.c % 2 == 0 or layout.c >= _TASKS_PER_THREAD * 2
+    balanced = layout.c % _PLAN_THREADS == 0 or layout.c >= _SUM_TASKS
     arrays = _FUSE_ARRAYS[which]
     row = layout.l * itemsize  # of one array
     wide = row * arrays  # of all the arrays the pass reads
@@ -548,8 +525,10 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     sd = stats_dtype(x.dtype)
     if chk.eps >= _TINY_EPS:
         return y, mean.astype(sd, copy=False), invstd.astype(sd, copy=False)
-    with np.errstate(over="ignore"):  # invstd past float32's range is inf (np.errstate
-        return y, mean.astype(sd), invstd.astype(sd)  # costs 1.4 us: only when it can be)
+    # invstd past float32's range becomes inf, quietly (np.errstate costs 1.4 us a call,
+    # so only where that can happen)
+    with np.errstate(over="ignore"):
+        return y, mean.astype(sd), invstd.astype(sd)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
