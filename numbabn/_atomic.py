@@ -1,12 +1,12 @@
 """An atomic counter for the CPU kernels' parallel tasks.
 
-The fused per-channel passes (``_cpu_kernels.forward_channels``,
+The fused per-channel passes (``_cpu.fused.forward_channels``,
 ``backward_channels``) over data out of cache let their tasks take channels one at a
 time from a shared counter, so that a thread slowed down by the machine takes fewer
 channels instead of holding up the whole call. Numba's CPU target has no atomics of
 its own; this is LLVM's ``atomicrmw add``.
 
-Like ``_stream``, kernels that use this compile it into their own code, and numba's
+Like ``_cpu.llvm``, kernels that use this compile it into their own code, and numba's
 on-disk cache keys a kernel on its own source file only: after editing this module,
 delete ``numbabn/__pycache__/*.nb[ci]``.
 """

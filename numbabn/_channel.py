@@ -6,7 +6,7 @@ constants are packed as rows of one array in the compute dtype, the layout the
 elementwise kernels of both backends read:
 
 * normalize: ``(mean hi, mean lo, scale, shift)``, ``y = ((x - hi) - lo) * scale + shift``
-  (on the CPU computed by the kernels, ``_cpu_kernels._norm_params``);
+  (on the CPU computed by the kernels, ``_cpu.formulas.norm_params``);
 * gradient: ``(mean hi, mean lo, k2, mean(dy), k1)``,
   ``dx = (dy - mean(dy) - ((x - hi) - lo) * k2) * k1``; in eval mode the rows are
   ``(0, 0, k1, 0, k1)`` so that the normalize kernel gives ``dx = dy * k1``.

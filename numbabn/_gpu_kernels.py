@@ -1,4 +1,4 @@
-"""numba-cuda kernels: the GPU twins of ``_cpu_kernels``. They trust their arguments.
+"""numba-cuda kernels: the GPU twins of the CPU kernels (``_cpu``). They trust their arguments.
 
 Views (see ``_gpu_arrays``): ``x3`` is ``(N, C, L)`` and ``x2`` is ``(M, C)``, both with any
 strides, so sliced inputs need no copy. Reductions split each channel over several

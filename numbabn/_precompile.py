@@ -74,7 +74,7 @@ def precompile(dtypes=DTYPES, processes: int | None = None, progress: bool = Tru
     ``processes`` worker processes at once (default: the CPUs this process may use);
     ``progress`` draws a bar on stderr. Returns the seconds it took; RuntimeError if a
     worker failed."""
-    from ._stream import usable_cpus
+    from ._cpu.tuning import usable_cpus
 
     jobs = _jobs(dtypes)
     processes = max(1, processes or usable_cpus())

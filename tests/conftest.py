@@ -1,8 +1,34 @@
+"""Test set-up. Numba's disk cache keys a kernel on its own source file only, and the CPU
+kernels inline code from other modules (formulas, LLVM vector loops, float16 loads,
+atomics): the tests therefore keep their cache in a directory named after the sources
+of all of those, so that an edit anywhere among them never runs stale kernels."""
+
+import hashlib
+import os
+import pathlib
 import warnings
 
-import pytest
+_PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "numbabn"
 
-from helpers import SIDE, tune_cpu
+
+def _kernel_sources_digest() -> str:
+    files = sorted(_PACKAGE.glob("_cpu/*.py")) + [
+        _PACKAGE / name for name in ("_half.py", "_atomic.py", "_channel.py", "_bench.py")
+    ]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+if "NUMBA_CACHE_DIR" not in os.environ:  # set before numba is imported
+    os.environ["NUMBA_CACHE_DIR"] = str(
+        pathlib.Path.home() / ".cache" / "numbabn-tests" / _kernel_sources_digest()
+    )
+
+import pytest  # noqa: E402
+
+from helpers import SIDE, tune_cpu  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -26,10 +52,10 @@ def _parallel_kernels_for_mid_sizes(monkeypatch):
     path are higher (tuned for speed), so the suite keeps 2**15. ``test_functional``
     checks the shipped limits on their own."""
     if SIDE == "host":
-        from numbabn import _cpu
+        from numbabn._cpu import plan
 
-        tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 1 << 15, "mc": 1 << 15})
+        tune_cpu(monkeypatch, small_values_ncl=1 << 15, small_values_mc=1 << 15)
         yield
-        _cpu._plan.cache_clear()  # no plan made with a test's tunables outlives it
+        plan.make.cache_clear()  # no plan made with a test's tunables outlives it
     else:
         yield

@@ -64,12 +64,30 @@ def channel_vector(c, dtype, seed, low=0.5, high=1.5):
     return np.random.default_rng(seed).uniform(low, high, c).astype(dtype)
 
 
-def tune_cpu(monkeypatch, **values):
-    """Set tunables of the CPU backend (``_SMALL_VALUES=...``) for one test. The
-    backend caches its work plans per geometry, so the cache is emptied here too (and
-    after every test, by ``conftest``)."""
-    from numbabn import _cpu
+def tune_cpu(monkeypatch, threads=None, **values):
+    """Set fields of the CPU side's tunables (``small_values_ncl=...``, see
+    ``numbabn._cpu.tuning``) and, given ``threads`` (a function), the thread count it
+    plans for, for one test. Plans are cached per geometry, so the cache is emptied here
+    too (and after every test, by ``conftest``)."""
+    import dataclasses
 
-    for name, value in values.items():
-        monkeypatch.setattr(_cpu, name, value)
-    _cpu._plan.cache_clear()
+    from numbabn import _cpu
+    from numbabn._cpu import plan, tuning
+
+    monkeypatch.setattr(tuning, "TUNING", dataclasses.replace(tuning.TUNING, **values))
+    if threads is not None:
+        monkeypatch.setattr(_cpu, "_threads", threads)
+    plan.make.cache_clear()
+
+
+def mc_pass(g, x, params, l, w, nchunk, streamed, y):
+    """Run the channels-last elementwise kernel the CPU plan picks for (M, C) kernel
+    arrays (``g`` None: normalize of ``x``; else grad_input of ``g`` and ``x``), plan
+    work (l, span ``w``, ``nchunk`` chunks), directly."""
+    from types import SimpleNamespace
+
+    from numbabn._cpu import plan
+
+    elem = SimpleNamespace(n=x.shape[0], c=x.shape[1])
+    kernel, work = plan.mc_kernel(elem, (l, w, nchunk), y.itemsize, streamed, y.reshape(-1))
+    kernel(g, x, params, *work, y)

@@ -22,7 +22,13 @@ pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 if not ON_DEVICE:
     from numba.core.registry import CPUDispatcher
 
-    from numbabn import _bench, _cpu_kernels
+    from numbabn import _bench
+    from numbabn._cpu import elementwise, formulas, fused, llvm, pieces, reduce, small
+
+    MODULES = {
+        m.__name__.rsplit(".", 1)[-1]: m
+        for m in (_bench, elementwise, formulas, fused, llvm, pieces, reduce, small)
+    }
 
 
 def _dispatchers(module):
@@ -32,9 +38,11 @@ def _dispatchers(module):
     }
 
 
-@pytest.mark.parametrize("module", ["_cpu_kernels", "_bench"])
+@pytest.mark.parametrize(
+    "module", ["_bench", "elementwise", "formulas", "fused", "llvm", "pieces", "reduce", "small"]
+)
 def test_functions_not_inlined_state_their_fastmath_flags(module):
-    found = _dispatchers({"_cpu_kernels": _cpu_kernels, "_bench": _bench}[module])
+    found = _dispatchers(MODULES[module])
     assert found
     missing = [
         name for name, d in found.items()
@@ -46,15 +54,15 @@ def test_functions_not_inlined_state_their_fastmath_flags(module):
 _FIRST_A_CONTRACTING_PASS = textwrap.dedent(
     """
     import numpy as np
-    from numbabn import _cpu_kernels as k
+    from numbabn._cpu import formulas, small
 
     # The fused train forward (fastmath "contract") is the first caller of moments.
     x = np.random.default_rng(0).normal(1.0, 3.0, (3, 2, 40))
-    k.forward_small_ncl(x, np.ones(2), np.zeros(2), 1e-5, np.empty((4, 2)), np.empty((3, 2)),
+    small.forward_ncl(x, np.ones(2), np.zeros(2), 1e-5, np.empty((4, 2)), np.empty((3, 2)),
                         np.empty_like(x))
     rng = np.random.default_rng(1)
     s1, s2 = rng.uniform(-50, 50, 200), rng.uniform(400, 900, 200)  # variances > 0
-    got = np.array([k.moments(a, b, 0.0, 7)[1] for a, b in zip(s1, s2)])
+    got = np.array([formulas.moments(a, b, 0.0, 7)[1] for a, b in zip(s1, s2)])
     # Python's float arithmetic rounds each operation: the formula without an FMA
     want = np.array([b / 7 - (a / 7) * (a / 7) for a, b in zip(s1, s2)])
     print(int(np.sum(got != want)))

@@ -1,13 +1,13 @@
-"""The fused per-channel passes (``_cpu_kernels.forward_channels``,
+"""The fused per-channel passes (``_cpu.fused.forward_channels``,
 ``backward_channels`` and the small kernels built on the same loops). Each task takes
 channels one at a time; the forward writes one channel while it sums the next it took
-(``_stream._fused_row``), so a channel's sums are taken either alone (a task's first)
-or next to another channel's writes, by whichever thread took it, into outputs that
-are streamed or not and lie anywhere; the backward sums a channel alone, then writes
-its dx, in row order or (streamed) from the last row. The order of the additions must not depend on
-any of that: the statistics, and so the outputs, must be bitwise the same whatever
-the number of tasks, the streaming and the output's alignment, and close to the
-float64 reference. (Where the outputs are float32 or
+(``_cpu.vector.fused_moments_*``), so a channel's sums are taken either alone (a
+task's first) or next to another channel's writes, by whichever thread took it, into
+outputs that are streamed or not and lie anywhere; the backward sums a channel alone,
+then writes its dx, in row order or (streamed) from the last row. The order of the
+additions must not depend on any of that: the statistics, and so the outputs, must be
+bitwise the same whatever the number of tasks, the streaming and the output's
+alignment, and close to the float64 reference. (Where the outputs are float32 or
 float16, a different order of float64 additions rarely shows in them; the float64
 cases are the ones that catch it, and the forward cases' float64 statistics.)"""
 
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
 if not ON_DEVICE:
     import numbabn
-    from numbabn import _cpu, _cpu_kernels, _stream, _validate, reference
+    from numbabn import _validate, reference
+    from numbabn._cpu import fused, llvm, plan, small, tuning
 
 # Plane lengths: whole cache lines for every dtype (1504), not (1501, 37), less than a
 # line (5); a single channel, and more runs than threads.
@@ -73,17 +74,17 @@ def test_forward_statistics_do_not_depend_on_split_or_output(shape, dtype):
         for streamed in (False, True):
             for offset, y in _outputs(shape, dtype):
                 params, stats = np.empty((4, c), _ctype(dtype)), np.empty((3, c))
-                _cpu_kernels.forward_channels(
+                fused.forward_channels(
                     _bits(x), weight, bias, 1e-5, params, stats, ntask, streamed, _bits(y)
                 )
                 results.append(((ntask, streamed, offset), stats.copy(), y.copy()))
     params, stats = np.empty((4, c), _ctype(dtype)), np.empty((3, c))
     y = np.empty(shape, dtype)
-    _cpu_kernels.forward_small_ncl(_bits(x), weight, bias, 1e-5, params, stats, _bits(y))
+    small.forward_ncl(_bits(x), weight, bias, 1e-5, params, stats, _bits(y))
     results.append(("small", stats, y))
-    small = np.empty((2, c))
-    _cpu_kernels.stats_small_ncl(_bits(x), small)
-    np.testing.assert_array_equal(small, stats[:2], err_msg="stats_small_ncl")
+    alone = np.empty((2, c))
+    small.stats_ncl(_bits(x), alone)
+    np.testing.assert_array_equal(alone, stats[:2], err_msg="small.stats_ncl")
     _, stats0, y0 = results[0]
     for how, st, yy in results[1:]:
         np.testing.assert_array_equal(st, stats0, err_msg=f"statistics of {how}")
@@ -115,14 +116,14 @@ def test_backward_sums_do_not_depend_on_split_or_output(shape, dtype, training):
         for streamed in (False, True):
             for offset, dx in _outputs(shape, dtype):
                 params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
-                _cpu_kernels.backward_channels(
+                fused.backward_channels(
                     _bits(dy), _bits(x), mean, invstd, weight, training, params, grads, ntask,
                     streamed, _bits(dx),
                 )
                 results.append(((ntask, streamed, offset), grads.copy(), dx.copy()))
     params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
     dx = np.empty(shape, dtype)
-    _cpu_kernels.backward_small_ncl(
+    small.backward_ncl(
         _bits(dy), _bits(x), mean, invstd, weight, training, params, grads, _bits(dx)
     )
     results.append(("small", grads, dx))
@@ -154,10 +155,10 @@ def test_fused_forward_in_place(streamed):
     x = np.random.default_rng(1).normal(5.0, 3.0, shape).astype(np.float32)
     expected, stats = np.empty_like(x), np.empty((3, 4))
     args = (np.ones(4), np.zeros(4), 1e-5, np.empty((4, 4), np.float32))
-    _cpu_kernels.forward_channels(x, *args, stats, 2, streamed, expected)
+    fused.forward_channels(x, *args, stats, 2, streamed, expected)
     buf = _line_aligned(x.size, np.float32).reshape(shape)
     buf[...] = x
-    _cpu_kernels.forward_channels(buf, *args, np.empty((3, 4)), 2, streamed, buf)
+    fused.forward_channels(buf, *args, np.empty((3, 4)), 2, streamed, buf)
     np.testing.assert_array_equal(buf, expected)
 
 
@@ -166,31 +167,31 @@ def test_line_blocks():
     for offset in range(17):
         for size in (0, 3, 16, 17, 40, 100):
             y = raw[offset : offset + size]
-            start, blocks = _stream.line_blocks(y)
+            start, blocks = llvm.line_blocks(y)
             first = (-offset) % 16
             assert start == min(first, size)
             assert blocks == (size - start) // 16
             assert (y[start:].ctypes.data % 64 == 0) or start == size
     odd = np.frombuffer(np.zeros(100, np.uint8).data, np.float32, 20, offset=1)
-    assert _stream.line_blocks(odd) == (0, 0)
+    assert llvm.line_blocks(odd) == (0, 0)
 
 
 def test_train_forward_fuses_long_rows_past_the_slab_limit(monkeypatch):
-    """``_cpu._fuse``: train forward takes the fused pass for rows of 12 KB or more
+    """``plan.fuse``: train forward takes the fused pass for rows of 12 KB or more
     whatever a channel's slab (here 3 MB, past the 2 MB limit); backward keeps its
     limit, and so do shorter rows (28x28 planes). Through that path, on 2 threads, a
     call gives the float64 reference's result."""
 
-    def plan(shape):  # on 2 threads (np.empty does not touch the memory)
+    def plan_of(shape):  # on 2 threads (np.empty does not touch the memory)
         info = _validate.describe(np.empty(shape, np.float32), "x")
-        return _cpu._plan(_validate.plan_layout(info, 1), 2, 4)
+        return plan.make(_validate.plan_layout(info, 1), 2, 4)
 
     long_rows = (3, 2, 64, 4096)  # x slab 3 MB, rows 1 MB
-    assert plan(long_rows).fuse_forward and not plan(long_rows).fuse_backward
-    assert not plan((1024, 8, 28, 28)).fuse_forward  # 3.2 MB slab of 3 KB rows
-    assert plan((64, 8, 112, 112)).fuse_forward  # 3.2 MB slab of 49 KB rows
+    assert plan_of(long_rows).fuse_forward and not plan_of(long_rows).fuse_backward
+    assert not plan_of((1024, 8, 28, 28)).fuse_forward  # 3.2 MB slab of 3 KB rows
+    assert plan_of((64, 8, 112, 112)).fuse_forward  # 3.2 MB slab of 49 KB rows
 
-    tune_cpu(monkeypatch, _threads=lambda: 2)
+    tune_cpu(monkeypatch, threads=lambda: 2)
     x = random_batch(long_rows, np.float32, seed=3, per_channel_axis=1)
     y, mean, invstd = numbabn.batch_norm_forward(x)
     yr, meanr, invstdr = reference.batch_norm_forward(x)
@@ -210,20 +211,21 @@ def test_train_forward_fuses_long_rows_past_the_slab_limit(monkeypatch):
     ],
 )
 def test_fuse_rule_for_short_rows(monkeypatch, shape, forward, backward):
-    """``_cpu._fuse`` with a 32 MiB last-level cache: rows shorter than
-    ``_FUSE_LONG_ROW_BYTES`` per array fuse only while x fits a quarter of the cache
-    (and, for rows under ``_FUSE_MIN_ROW_BYTES`` of all arrays, all the pass reads)."""
-    monkeypatch.setattr(_stream, "LLC_BYTES", 32 << 20)
+    """``plan.fuse`` with a 32 MiB last-level cache: rows shorter than
+    ``fuse_long_row_bytes`` per array fuse only while x fits a quarter of the cache
+    (and, for rows under ``fuse_min_row_bytes`` of all arrays, all the pass reads)."""
+    tune_cpu(monkeypatch, llc_bytes=32 << 20)
     info = _validate.describe(np.empty(shape, np.float32), "x")
     layout = _validate.plan_layout(info, 1)
-    assert _cpu._fuse(layout, 4, "forward") is forward
-    assert _cpu._fuse(layout, 4, "backward") is backward
+    assert plan.fuse(layout, 4, "forward") is forward
+    assert plan.fuse(layout, 4, "backward") is backward
 
 
 def test_cache_share():
     """A virtual machine's sysfs may give the whole host socket's cache (300 MiB on a
     2-vCPU guest): at most 16 MiB per CPU count."""
-    assert _stream._cache_share(300 << 20, 2) == 32 << 20
-    assert _stream._cache_share(32 << 20, 2) == 32 << 20
-    assert _stream._cache_share(300 << 20, 64) == 300 << 20
-    assert _stream.LLC_BYTES <= _stream._LLC_PER_CPU * (os.cpu_count() or 1)
+    per_cpu = tuning.LLC_PER_CPU
+    assert tuning.cache_share(300 << 20, 2, per_cpu) == 32 << 20
+    assert tuning.cache_share(32 << 20, 2, per_cpu) == 32 << 20
+    assert tuning.cache_share(300 << 20, 64, per_cpu) == 300 << 20
+    assert tuning.TUNING.llc_bytes <= per_cpu * (os.cpu_count() or 1)

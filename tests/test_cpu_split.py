@@ -1,5 +1,5 @@
 """How the kernels split their work. The NCL reductions take runs of samples, each
-plane cut into segments (``_cpu_kernels.stats_ncl``, ``grad_sums_ncl``): each partial
+plane cut into segments (``_cpu.reduce.stats_ncl``, ``grad_sums_ncl``): each partial
 row must hold exactly its own run's and segment's sums, where the functional tests
 check only totals. The MC reductions fold flat columns into channels. The
 elementwise passes walk plane segments in runs that may start mid-plane."""
@@ -14,7 +14,8 @@ from helpers import ON_DEVICE
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
 if not ON_DEVICE:
-    from numbabn import _cpu, _cpu_kernels, _validate
+    from numbabn import _validate
+    from numbabn._cpu import elementwise, plan, reduce
 
 
 def _expected(a, per_channel, nrun, nseg, fn):
@@ -59,10 +60,10 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype, sweep):
     k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
     part = np.full((nrun * nseg, 2, shape[1]), np.nan)
     out = np.full((2, shape[1]), np.nan)
-    _cpu_kernels.stats_ncl(k(x), nrun, nseg, sweep, part, out)
+    reduce.stats_ncl(k(x), nrun, nseg, sweep, part, out)
     if sweep:
         part_t, out_t = np.full_like(part, np.nan), np.full_like(out, np.nan)
-        _cpu_kernels.stats_ncl(k(x), nrun, nseg, False, part_t, out_t)
+        reduce.stats_ncl(k(x), nrun, nseg, False, part_t, out_t)
         assert np.array_equal(part, part_t) and np.array_equal(out, out_t)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     shift = x64[0, :, 0]
@@ -71,10 +72,10 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype, sweep):
     np.testing.assert_allclose(out[1], x64.var(axis=(0, 2)), rtol=1e-10)
     part[...] = np.nan
     out[...] = np.nan
-    _cpu_kernels.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, sweep, part, out)
+    reduce.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, sweep, part, out)
     if sweep:
         part_t, out_t = np.full_like(part, np.nan), np.full_like(out, np.nan)
-        _cpu_kernels.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, False, part_t, out_t)
+        reduce.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, False, part_t, out_t)
         assert np.array_equal(part, part_t) and np.array_equal(out, out_t)
     expected = _expected((dy, x), mean, nrun, nseg, _grad)
     np.testing.assert_allclose(part, expected, rtol=1e-12, atol=1e-9)
@@ -88,11 +89,11 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype, sweep):
      ((2, 1, 40000), 2, (2, 4, False))],
 )
 def test_reductions_sweep_whole_planes_when_runs_share_out(shape, threads, work):
-    """``_cpu._plan``: (runs, segments, sweep) of the NCL reductions. The sweep takes
+    """``plan.make``: (runs, segments, sweep) of the NCL reductions. The sweep takes
     whole planes, in runs that cover the threads evenly (as many as the tasks wanted,
     or a multiple of the threads)."""
     info = _validate.describe(np.empty(shape, np.float32), "x")
-    assert _cpu._plan(_validate.plan_layout(info, 1), threads, 4).sums_work == work
+    assert plan.make(_validate.plan_layout(info, 1), threads, 4).sums_work == work
 
 
 @pytest.mark.parametrize("m,c,l,nchunk", [(9, 5, 1, 4), (7, 3, 16, 3), (12, 7, 3, 5), (2, 4, 5, 2)])
@@ -109,7 +110,7 @@ def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     per_channel = x64.reshape(m, c, l).transpose(1, 0, 2).reshape(c, m * l)
     part, out = np.full((nchunk, 2, c * l), np.nan), np.full((2, c), np.nan)
-    _cpu_kernels.stats_mc(k(x), l, nchunk, part, out)
+    reduce.stats_mc(k(x), l, nchunk, part, out)
     shift = np.repeat(x64[0, ::l], l)
     for t in range(nchunk):
         d = x64[t * m // nchunk : (t + 1) * m // nchunk] - shift
@@ -118,7 +119,7 @@ def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
     np.testing.assert_allclose(out[0], per_channel.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(out[1], per_channel.var(axis=1), rtol=1e-10)
     out[...] = np.nan
-    _cpu_kernels.grad_sums_mc(k(dy), k(x), mean, l, nchunk, part, out)
+    reduce.grad_sums_mc(k(dy), k(x), mean, l, nchunk, part, out)
     d = (x64 - np.repeat(mean, l)).reshape(m, c, l)
     g = dy64.reshape(m, c, l)
     expected = [g.sum(axis=(0, 2)), (g * d).sum(axis=(0, 2))]
@@ -139,8 +140,8 @@ def test_elementwise_tasks_walk_every_segment(shape, nseg, nchunk):
     dy = rng.standard_normal(shape)
     params = rng.uniform(0.5, 1.5, (5, shape[1]))
     y, dx = np.full(shape, np.nan), np.full(shape, np.nan)
-    _cpu_kernels.normalize_ncl(x, params[:4].copy(), nseg, nchunk, False, y)
-    _cpu_kernels.grad_input_ncl(dy, x, params, nseg, nchunk, False, dx)
+    elementwise.ncl_segments(None, x, params[:4].copy(), nseg, nchunk, False, y)
+    elementwise.ncl_segments(dy, x, params, nseg, nchunk, False, dx)
     hi, lo, a, b, k1 = (p[None, :, None] for p in params)
     np.testing.assert_allclose(y, ((x - hi) - lo) * a + b, rtol=1e-14, atol=1e-14)
     np.testing.assert_allclose(dx, (dy - b - ((x - hi) - lo) * a) * k1, rtol=1e-13, atol=1e-13)

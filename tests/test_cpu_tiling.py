@@ -1,25 +1,27 @@
 """How the channels-last (MC) elementwise passes lay out their per-channel constants.
 
-``expand`` spreads per-channel values over the flat positions of a row (one per value,
-planes of ``l`` values); the plain-store passes then take spans of whole rows several
-at a time (``_block_span``), and rows too long for that in bands (``_wide_task``).
-Flat NCL rows of planes of at least ``_PLANE_MIN_VALUES`` values instead choose each
-lane's constants from its channel's (``_stream.normalize_planes``).
+``pieces.expand`` spreads per-channel values over the flat positions of a row (one per
+value, planes of ``l`` values); the plain-store passes then take spans of whole rows
+several at a time (``elementwise.mc_spans``), and rows too long for that in bands
+(``mc_bands``). Flat NCL rows of planes of at least ``plane_min_values`` values instead
+choose each lane's constants from its channel's (``mc_planes``).
 The functional tests check the passes' results; these
 check the layout itself, exactly, on the odd periods the fast paths must get right.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from helpers import ON_DEVICE
+from helpers import ON_DEVICE, mc_pass
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
 if not ON_DEVICE:
-    from numbabn import _cpu_kernels
+    from numbabn._cpu import elementwise, pieces, plan, small, tuning
 
 
 @pytest.mark.parametrize(
@@ -32,27 +34,30 @@ def test_expand_follows_its_definition(c, l, columns):
     the row, and rows that end mid-period or mid-plane."""
     per_channel = np.random.default_rng(c * l).random((3, c))
     out = np.full((3, columns), np.nan)
-    _cpu_kernels.expand(per_channel, l, out)
+    pieces.expand(per_channel, l, out)
     j = np.arange(columns)
     np.testing.assert_array_equal(out, per_channel[:, j % (c * l) // l])
 
 
 def test_block_span_is_whole_rows():
-    span = _cpu_kernels._block_span.py_func
-    assert span(1024, 3) == 1023 and span(1024, 24) == 1008 and span(1024, 1024) == 1024
-    assert span(1024, 3136) == 3136  # one row when a row is longer than the span
-    assert span(1024, _cpu_kernels._BLOCK_MAX_C + 1) == 0  # not blocked
+    def span(c):  # the blocked span of the plain-store spans, None if banded
+        kernel, work = plan._mc_route(SimpleNamespace(n=8, c=c), (1, 1024, 1), 4, False)
+        return work[2] if kernel is elementwise.mc_spans else None
+
+    assert span(3) == 1023 and span(24) == 1008 and span(1024) == 1024
+    assert span(3136) == 3136  # one row when a row is longer than the span
+    assert span(tuning.TUNING.block_max_c + 1) is None  # bands
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("m,c,l", [(7, 4099, 1), (11, 521, 9), (3, 9000, 1), (2, 5, 1000)])
 @pytest.mark.parametrize("nchunk", [1, 3, 8])
 def test_wide_rows_in_bands(m, c, l, nchunk, dtype):
-    """Rows of more than _BLOCK_MAX_C values (true channels, l == 1, or flat NCL planes
+    """Rows of more than ``block_max_c`` values (true channels, l == 1, or flat NCL planes
     of l values) are cut into bands of rows and columns; every element is written
     once, with its own column's constants."""
     columns = c * l
-    assert columns > _cpu_kernels._BLOCK_MAX_C
+    assert columns > tuning.TUNING.block_max_c
     rng = np.random.default_rng(columns + nchunk)
     x = rng.standard_normal((m, columns)).astype(dtype)
     dy = rng.standard_normal((m, columns)).astype(dtype)
@@ -60,8 +65,8 @@ def test_wide_rows_in_bands(m, c, l, nchunk, dtype):
     params = rng.uniform(0.5, 1.5, (5, c)).astype(ctype)
     k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
     y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
-    _cpu_kernels.normalize_mc(k(x), params[:4].copy(), l, 1024, nchunk, False, k(y))
-    _cpu_kernels.grad_input_mc(k(dy), k(x), params, l, 1024, nchunk, False, k(dx))
+    mc_pass(None, k(x), params[:4].copy(), l, 1024, nchunk, False, k(y))
+    mc_pass(k(dy), k(x), params, l, 1024, nchunk, False, k(dx))
     p = params.astype(np.float64)[:, np.arange(columns) // l]
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     xmu = (x64 - p[0]) - p[1]
@@ -71,7 +76,7 @@ def test_wide_rows_in_bands(m, c, l, nchunk, dtype):
 
 
 def test_wide_grid_covers_each_element_once():
-    grid, task = _cpu_kernels._wide_grid.py_func, _cpu_kernels._wide_task.py_func
+    grid, task = plan._wide_grid, elementwise.band_task.py_func
     for nchunk, m, c in [(8, 64, 12544), (8, 3, 4100), (1, 5, 100352), (8, 64, 4704), (3, 1, 5000)]:
         nb, nrc = grid(nchunk, m, c)
         hits = np.zeros((m, c), np.int64)
@@ -96,11 +101,11 @@ def _plane_references(x, dy, params, m, c, l, k):
     each plane has its channel's constants as scalars."""
     y_ref, dx_ref = np.empty_like(x), np.empty_like(x)
     x3, dy3 = k(x).reshape(m, c, l), k(dy).reshape(m, c, l)
-    _cpu_kernels.normalize_small_ncl(x3, params[:4].copy(), k(y_ref).reshape(m, c, l))
+    small.elementwise_ncl(None, x3, params[:4].copy(), k(y_ref).reshape(m, c, l))
     for n in range(m):
         for ch in range(c):
-            _cpu_kernels._grad_input_span(
-                dy3[n, ch], x3[n, ch], *params[:, ch], k(dx_ref).reshape(m, c, l)[n, ch], False
+            elementwise.span(
+                dy3[n, ch], x3[n, ch], tuple(params[:, ch]), k(dx_ref).reshape(m, c, l)[n, ch], False
             )
     return y_ref, dx_ref
 
@@ -119,10 +124,10 @@ def _plane_case(m, c, l, dtype):
 @pytest.mark.parametrize("m,c,l", [(3, 7, 49), (5, 33, 16), (2, 9, 17), (4, 5, 64), (1, 3, 25)])
 @pytest.mark.parametrize("streamed", [False, True])
 def test_short_planes_match_the_plane_kernels(m, c, l, streamed, dtype):
-    """Flat rows of C planes of l values (``_normalize_planes``), in pieces that start
+    """Flat rows of C planes of l values (``elementwise.planes``), in pieces that start
     and end anywhere (mid-plane, across rows), written from any alignment: bitwise what
     the per-plane loops give."""
-    assert l >= _cpu_kernels._PLANE_MIN_VALUES
+    assert l >= tuning.TUNING.plane_min_values
     x, dy, params, k = _plane_case(m, c, l, dtype)
     y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
     total = x.size
@@ -132,8 +137,8 @@ def test_short_planes_match_the_plane_kernels(m, c, l, streamed, dtype):
             y[...], dx[...] = np.nan, np.nan
             xf, gf, yf, df = (k(a).reshape(-1) for a in (x, dy, y, dx))
             for i0, i1 in zip(cuts[:-1], cuts[1:]):
-                _cpu_kernels._normalize_planes(xf, yf, params[:4].copy(), l, i0, i1, streamed)
-                _cpu_kernels._grad_input_planes(gf, xf, df, params, l, i0, i1, streamed)
+                elementwise.planes(None, xf, yf, params[:4].copy(), l, i0, i1, streamed)
+                elementwise.planes(gf, xf, df, params, l, i0, i1, streamed)
             how = f"pieces {cuts}, offset {offset}"
             np.testing.assert_array_equal(k(y), k(y_ref), err_msg=f"y, {how}")
             np.testing.assert_array_equal(k(dx), k(dx_ref), err_msg=f"dx, {how}")
@@ -143,24 +148,25 @@ def test_short_planes_match_the_plane_kernels(m, c, l, streamed, dtype):
 @pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("nchunk", [1, 3, 8])
 def test_mc_passes_take_short_planes_per_channel(nchunk, streamed, dtype):
-    """normalize_mc and grad_input_mc on rows past _BLOCK_MAX_C values of 7x7 planes
-    (the per-channel path, streamed or not), and on short rows streamed."""
+    """The mc passes on rows past ``block_max_c`` values of 7x7 planes (the per-channel
+    path, streamed or not), and on short rows streamed."""
     for m, c, l in [(3, 85, 49), (4, 7, 25)]:
         x, dy, params, k = _plane_case(m, c, l, dtype)
         item = np.dtype(dtype).itemsize
-        assert _cpu_kernels._per_channel_planes.py_func(l, c * l, streamed, item) == (
-            streamed or (c * l > _cpu_kernels._BLOCK_MAX_C and item >= 4)
+        route = plan._mc_route(SimpleNamespace(n=m, c=c * l), (l, 1024, nchunk), item, streamed)
+        assert (route[0] is elementwise.mc_planes) == (
+            streamed or (c * l > tuning.TUNING.block_max_c and item >= 4)
         )
         y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
         y, dx = _aligned_rows(m, c * l, dtype, 0), _aligned_rows(m, c * l, dtype, 0)
-        _cpu_kernels.normalize_mc(k(x), params[:4].copy(), l, 1024, nchunk, streamed, k(y))
-        _cpu_kernels.grad_input_mc(k(dy), k(x), params, l, 1024, nchunk, streamed, k(dx))
+        mc_pass(None, k(x), params[:4].copy(), l, 1024, nchunk, streamed, k(y))
+        mc_pass(k(dy), k(x), params, l, 1024, nchunk, streamed, k(dx))
         np.testing.assert_array_equal(k(y), k(y_ref))
         np.testing.assert_array_equal(k(dx), k(dx_ref))
 
 
 def test_plane_at():
-    at = _cpu_kernels._plane_at.py_func
+    at = elementwise.plane_at.py_func
     assert at(0, 98, 49) == (0, 49) and at(48, 98, 49) == (0, 1) and at(49, 98, 49) == (1, 49)
     assert at(97, 98, 49) == (1, 1) and at(98, 98, 49) == (0, 49) and at(150, 98, 49) == (1, 46)
 
@@ -169,34 +175,33 @@ def test_plane_at():
 @pytest.mark.parametrize("m,c,l", [(3, 7, 64), (2, 5, 49), (4, 3, 196), (1, 2, 1001)])
 @pytest.mark.parametrize("nseg,nchunk", [(1, 1), (1, 5), (3, 4), (2, 64)])
 def test_ncl_plain_segments_match_the_plane_loops(m, c, l, nseg, nchunk, dtype):
-    """normalize_ncl and grad_input_ncl with plain stores (their segment loops compiled
-    whole, ``_normalize_segments``), any split of the planes into segments and runs:
-    bitwise what the per-plane loops give."""
+    """``ncl_segments`` with plain stores (the segment loops compiled whole), any split
+    of the planes into segments and runs: bitwise what the per-plane loops give."""
     x, dy, params, k = _plane_case(m, c, l, dtype)
     y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
     y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
     x3, g3, y3, d3 = (k(a).reshape(m, c, l) for a in (x, dy, y, dx))
-    _cpu_kernels.normalize_ncl(x3, params[:4].copy(), nseg, nchunk, False, y3)
-    _cpu_kernels.grad_input_ncl(g3, x3, params, nseg, nchunk, False, d3)
+    elementwise.ncl_segments(None, x3, params[:4].copy(), nseg, nchunk, False, y3)
+    elementwise.ncl_segments(g3, x3, params, nseg, nchunk, False, d3)
     np.testing.assert_array_equal(k(y), k(y_ref))
     np.testing.assert_array_equal(k(dx), k(dx_ref))
 
 
 @pytest.mark.parametrize("shape", [(16, 24, 8, 8), (16, 24, 7, 7)])
 def test_plain_planes_of_64_take_the_plane_loops(monkeypatch, shape):
-    """8x8 planes with plain stores run the NCL kernels (``_cpu._PLANE_LOOP_MIN``), 7x7
+    """8x8 planes with plain stores run the NCL kernels (``plane_loop_min``), 7x7
     planes the flat rows; either way eval and backward are bitwise what the flat rows
     give."""
-    from numbabn import _cpu, _validate, batch_norm, batch_norm_backward
+    from numbabn import _validate, batch_norm, batch_norm_backward
 
     from helpers import tune_cpu
 
-    small = {"ncl": 0, "mc": 0}  # the parallel passes, not the single-thread kernels
-    tune_cpu(monkeypatch, _threads=lambda: 2, _SMALL_VALUES=small)
+    # the parallel passes, not the single-thread kernels
+    tune_cpu(monkeypatch, threads=lambda: 2, small_values_ncl=0, small_values_mc=0)
     info = _validate.describe(np.empty(shape, np.float32), "x")
-    plan = _cpu._plan(_validate.plan_layout(info, 1), 2, 4)
-    assert not plan.small and plan.elem.kind == "mc"
-    assert bool(plan.plane_work) == (shape[-1] == 8)
+    made = plan.make(_validate.plan_layout(info, 1), 2, 4)
+    assert not made.small and made.elem.kind == "mc"
+    assert bool(made.plane_work) == (shape[-1] == 8)
     rng = np.random.default_rng(5)
     x = rng.normal(2.0, 3.0, shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -209,6 +214,6 @@ def test_plain_planes_of_64_take_the_plane_loops(monkeypatch, shape):
         return (y, *batch_norm_backward(dy, x, stats[0], 1 / np.sqrt(stats[1]), w))
 
     got = run()
-    tune_cpu(monkeypatch, _PLANE_LOOP_MIN=1000)  # flat rows for every plane length
+    tune_cpu(monkeypatch, plane_loop_min=1000)  # flat rows for every plane length
     for a, b in zip(got, run()):
         np.testing.assert_array_equal(a, b)

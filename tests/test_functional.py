@@ -298,7 +298,7 @@ def test_reductions_split_over_many_blocks(shape, axis, monkeypatch):
     assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)
 
 
-SHIPPED_SMALL_VALUES = {"ncl": 1 << 16, "mc": 1 << 18}
+SHIPPED_SMALL_VALUES = {"small_values_ncl": 1 << 16, "small_values_mc": 1 << 18}
 
 
 @pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's single-thread limits")
@@ -306,20 +306,21 @@ def test_single_thread_limits(monkeypatch):
     """The limits up to which an operation stays on the calling thread: per layout,
     the same for every thread count (results must not depend on it), never for empty
     inputs."""
-    from numbabn import _cpu, _validate
+    from numbabn import _validate
+    from numbabn._cpu import plan
 
-    tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
+    tune_cpu(monkeypatch, **SHIPPED_SMALL_VALUES)
 
     def small(shape, axis):
         x = np.empty(shape, np.float32)
-        return _cpu._small(_validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim))
+        return plan.small(_validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim))
 
     assert small((16, 64, 8, 8), 1) and not small((16, 64, 8, 9), 1)
     assert small((1024, 256), 1) and not small((1025, 256), 1)
     assert small((64, 8, 8, 64), -1) and not small((64, 8, 8, 65), -1)
     assert not small((0, 3, 5), 1)
     layout = _validate.plan_layout(_validate.describe(np.empty((1024, 64), np.float32), "x"), 1)
-    assert len({_cpu._plan(layout, t, 4).small for t in (1, 2, 8, 64)}) == 1
+    assert len({plan.make(layout, t, 4).small for t in (1, 2, 8, 64)}) == 1
 
 
 @pytest.mark.skipif(ON_DEVICE, reason="the CPU backend's single-thread limits")
@@ -327,12 +328,13 @@ def test_single_thread_limits(monkeypatch):
 def test_mid_sizes_on_the_calling_thread(shape, axis, monkeypatch):
     """Inputs between the suite's limit and the shipped ones (here they run on the
     calling thread): train forward, eval and backward against the reference."""
-    from numbabn import _cpu, _validate
+    from numbabn import _validate
+    from numbabn._cpu import plan
 
-    tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
+    tune_cpu(monkeypatch, **SHIPPED_SMALL_VALUES)
     x = random_batch(shape, np.float32, seed=61, per_channel_axis=axis)
     layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
-    assert x.size > 1 << 15 and _cpu._small(layout)
+    assert x.size > 1 << 15 and plan.small(layout)
     c = shape[axis]
     w, b = channel_vector(c, np.float32, 62), channel_vector(c, np.float32, 63, -1, 1)
     rm, rv = channel_vector(c, np.float32, 64, -1, 1), channel_vector(c, np.float32, 65)
@@ -354,15 +356,16 @@ def test_mid_sizes_on_the_calling_thread(shape, axis, monkeypatch):
 def test_tuned_limits_take_effect_on_a_cached_geometry(monkeypatch):
     """The CPU backend caches its work plan per geometry; the tests' tuning helper
     must not leave a stale one behind, or a test meant for one path runs another."""
-    from numbabn import _cpu, _validate
+    from numbabn import _validate
+    from numbabn._cpu import plan
 
     x = random_batch((16, 8, 9), np.float32, seed=67)
     layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
-    tune_cpu(monkeypatch, _SMALL_VALUES=SHIPPED_SMALL_VALUES)
-    assert _cpu._plan(layout, 2, x.itemsize).small
+    tune_cpu(monkeypatch, **SHIPPED_SMALL_VALUES)
+    assert plan.make(layout, 2, x.itemsize).small
     numbabn.batch_stats(x)
-    tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0})
-    assert not _cpu._plan(layout, 2, x.itemsize).small
+    tune_cpu(monkeypatch, small_values_ncl=0, small_values_mc=0)
+    assert not plan.make(layout, 2, x.itemsize).small
     mean, var = numbabn.batch_stats(x)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)

@@ -1,5 +1,5 @@
 """Results are bitwise the same for any thread count: the order of every reduction's
-additions is decided by the shape alone (``_cpu._SUM_TASKS``)."""
+additions is decided by the shape alone (``_cpu.plan.sum_tasks``)."""
 
 from __future__ import annotations
 

@@ -14,12 +14,13 @@ import pytest
 import numbabn
 import numbabn.reference as ref
 
-from helpers import DTYPES, ON_DEVICE, assert_close, channel_vector, random_batch, tune_cpu
+from helpers import DTYPES, ON_DEVICE, assert_close, channel_vector, mc_pass, random_batch, tune_cpu
 
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels only")
 
 if not ON_DEVICE:
-    from numbabn import _cpu, _cpu_kernels, _stream, _validate
+    from numbabn import _validate
+    from numbabn._cpu import arrays, elementwise, plan, tuning
 
 # NCL planes of whole vectors for every dtype (streamed), planes that are not (plain),
 # channels-last with a channel count that is no divisor of the span, a single channel,
@@ -42,11 +43,11 @@ CASES = [
 @pytest.fixture(autouse=True)
 def _no_small_path(monkeypatch):
     if not ON_DEVICE:
-        tune_cpu(monkeypatch, _SMALL_VALUES={"ncl": 0, "mc": 0})
+        tune_cpu(monkeypatch, small_values_ncl=0, small_values_mc=0)
 
 
 def _run(x, axis, threshold, monkeypatch):
-    monkeypatch.setattr(_stream, "MIN_BYTES", threshold)
+    tune_cpu(monkeypatch, stream_min_bytes=threshold)
     c = x.shape[axis]
     w = channel_vector(c, np.float32, 1)
     b = channel_vector(c, np.float32, 2, -1, 1)
@@ -94,14 +95,14 @@ def test_kernels_stream_when_asked(layout, c, items, dtype):
     results = []
     for streamed in (False, True):
         y, dx = _misaligned(kshape, dtype, offset), _misaligned(kshape, dtype, offset)
-        k = _cpu._kernel_array
+        k = arrays.kernel_array
         if layout == "ncl":
-            _cpu_kernels.normalize_ncl(k(x), params, 2, 3, streamed, k(y))
-            _cpu_kernels.grad_input_ncl(k(dy), k(x), params, 2, 3, streamed, k(dx))
+            elementwise.ncl_segments(None, k(x), params, 2, 3, streamed, k(y))
+            elementwise.ncl_segments(k(dy), k(x), params, 2, 3, streamed, k(dx))
         else:
             # spans of 64 elements: several per chunk, each starting mid-row
-            _cpu_kernels.normalize_mc(k(x), params, 1, 64, 3, streamed, k(y))
-            _cpu_kernels.grad_input_mc(k(dy), k(x), params, 1, 64, 3, streamed, k(dx))
+            mc_pass(None, k(x), params, 1, 64, 3, streamed, k(y))
+            mc_pass(k(dy), k(x), params, 1, 64, 3, streamed, k(dx))
         results.append((y, dx))
     for p, s in zip(*results):
         np.testing.assert_array_equal(s, p)
@@ -114,7 +115,7 @@ def test_kernels_stream_when_asked(layout, c, items, dtype):
 
 
 def test_fresh_outputs_are_aligned(monkeypatch):
-    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    tune_cpu(monkeypatch, stream_min_bytes=0)
     for shape, axis in [((3, 5, 7), 1), ((4, 6, 5), -1), ((2, 1), 1)]:
         x = random_batch(shape, np.float32)
         y = numbabn.batch_norm(x, None, None, training=True, axis=axis)
@@ -124,14 +125,14 @@ def test_fresh_outputs_are_aligned(monkeypatch):
 
 def test_streaming_needs_alignment(monkeypatch):
     """A misaligned ``out=`` takes the plain path and is still right."""
-    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    tune_cpu(monkeypatch, stream_min_bytes=0)
     x = random_batch((3, 4, 1504), np.float32, per_channel_axis=1)
     raw = np.empty(x.nbytes + 64, np.uint8)
     start = (-raw.ctypes.data) % 64 + 4
     out = raw[start : start + x.nbytes].view(np.float32).reshape(x.shape)
     layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
-    assert _cpu._streamed(_cpu._aligned_empty(x.shape, x.dtype), layout)
-    assert not _cpu._streamed(out, layout)
+    assert plan.streamed(arrays.aligned_empty(x.shape, x.dtype), layout)
+    assert not plan.streamed(out, layout)
     y = numbabn.batch_norm(x, None, None, training=True, out=out)
     assert y is out
     yref, _, _ = ref.batch_norm_forward(x)
@@ -152,10 +153,10 @@ def test_misaligned_out_streams_and_equals_plain(shape, axis, dtype, monkeypatch
     x = np.ascontiguousarray(random_batch(shape, dtype, per_channel_axis=axis))
     results = []
     for threshold in (1 << 62, 0):
-        monkeypatch.setattr(_stream, "MIN_BYTES", threshold)
+        tune_cpu(monkeypatch, stream_min_bytes=threshold)
         out = _misaligned(shape, dtype, 2 * np.dtype(dtype).itemsize)
         layout = _validate.plan_layout(_validate.describe(x, "x"), axis % x.ndim)
-        assert _cpu._streamed(out, layout) == (threshold == 0)
+        assert plan.streamed(out, layout) == (threshold == 0)
         numbabn.batch_norm(x, None, None, training=True, axis=axis, out=out)
         results.append(out.copy())
     np.testing.assert_array_equal(results[1], results[0])
@@ -163,13 +164,13 @@ def test_misaligned_out_streams_and_equals_plain(shape, axis, dtype, monkeypatch
 
 @pytest.mark.parametrize("shape,axis", [((3, 4, 1504), 1), ((2001, 24), 1)])
 def test_streamed_in_place(shape, axis, monkeypatch):
-    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    tune_cpu(monkeypatch, stream_min_bytes=0)
     x = random_batch(shape, np.float32, per_channel_axis=axis)
     expected = numbabn.batch_norm(x, None, None, training=True, axis=axis)
     dy = random_batch(shape, np.float32, seed=3)
     _, mean, invstd = numbabn.batch_norm_forward(x, axis=axis)
     dx_expected, _, _ = numbabn.batch_norm_backward(dy, x, mean, invstd, axis=axis)
-    buf = _cpu._aligned_empty(shape, np.float32)
+    buf = arrays.aligned_empty(shape, np.float32)
     buf[...] = x
     assert numbabn.batch_norm(buf, None, None, training=True, axis=axis, out=buf) is buf
     np.testing.assert_array_equal(buf, expected)
@@ -180,7 +181,7 @@ def test_streamed_in_place(shape, axis, monkeypatch):
 def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
     """An array whose address is not a multiple of its item size (NumPy allows them)
     takes plain stores; aligned vector stores would fault on it."""
-    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
+    tune_cpu(monkeypatch, stream_min_bytes=0)
     x = random_batch(shape, np.float32, per_channel_axis=axis)
     raw = np.zeros(x.nbytes + 1, np.uint8)
     out = np.frombuffer(raw.data, np.float32, x.size, offset=1).reshape(shape)
@@ -192,23 +193,23 @@ def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
     c = x.shape[axis]
     params = np.tile(np.array([[0.5], [0.0], [2.0], [1.0]], np.float32), (1, c))
     if x.ndim == 2:
-        _cpu_kernels.normalize_mc(x, params, 1, 1024, 3, True, out)
+        mc_pass(None, x, params, 1, 1024, 3, True, out)
     else:
-        _cpu_kernels.normalize_ncl(x, params, 2, 3, True, out)
+        elementwise.ncl_segments(None, x, params, 2, 3, True, out)
     np.testing.assert_array_equal(out, (x - np.float32(0.5)) * np.float32(2) + np.float32(1))
 
 
 def test_no_streaming_where_it_is_untested(monkeypatch):
-    """On CPUs other than x86-64 (``_stream.STREAMING`` False) no pass streams, however
+    """On CPUs other than x86-64 (``tuning.STREAMING`` False) no pass streams, however
     large its output; results stay those of the plain stores."""
     x = random_batch((8, 4, 1024), np.float32, seed=7)
     layout = _validate.plan_layout(_validate.describe(x, "x"), 1)
-    monkeypatch.setattr(_stream, "MIN_BYTES", 0)
-    y = _cpu._aligned_empty(x.shape, x.dtype)
-    assert _cpu._streamed(y, layout) is _stream.STREAMING
+    tune_cpu(monkeypatch, stream_min_bytes=0)
+    y = arrays.aligned_empty(x.shape, x.dtype)
+    assert plan.streamed(y, layout) is tuning.STREAMING
     streamed = _run(x, 1, 0, monkeypatch)
-    monkeypatch.setattr(_stream, "STREAMING", False)
-    assert not _cpu._streamed(y, layout)
+    monkeypatch.setattr(plan, "STREAMING", False)
+    assert not plan.streamed(y, layout)
     plain = _run(x, 1, 0, monkeypatch)
     for a, b in zip(streamed, plain):
         assert a.tobytes() == b.tobytes()
@@ -221,10 +222,14 @@ def test_cache_share_settings():
     import subprocess
     import sys
 
-    assert 1 <= _stream.usable_cpus() <= (os.cpu_count() or 1)
+    assert 1 <= tuning.usable_cpus() <= (os.cpu_count() or 1)
     if hasattr(os, "sched_getaffinity"):
-        assert _stream.usable_cpus() <= len(os.sched_getaffinity(0))
-    script = "from numbabn import _stream; print(_stream.LLC_BYTES, _stream.MIN_BYTES)"
-    env = {**os.environ, "NUMBABN_LLC_BYTES": "12e6"}
+        assert tuning.usable_cpus() <= len(os.sched_getaffinity(0))
+    script = (
+        "from numbabn._cpu import tuning; t = tuning.TUNING; "
+        "print(t.llc_bytes, t.stream_min_bytes, t.small_values_ncl, t.sweep)"
+    )
+    env = {**os.environ, "NUMBABN_LLC_BYTES": "12e6", "NUMBABN_SMALL_VALUES_NCL": "100"}
+    env["NUMBABN_SWEEP"] = "0"
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.stdout.split() == ["12000000", "3000000"], done.stderr
+    assert done.stdout.split() == ["12000000", "3000000", "100", "False"], done.stderr

@@ -44,7 +44,7 @@ class ShortPlanes:
     """NCHW batches of short planes, out of cache, whose statistics and gradient sums take
     the unfused reductions (each run of samples read in memory order), float32; the
     elementwise passes over 7x7 planes run as flat rows with per-channel constants.
-    28x28 and 32x32 planes (3-4 KB rows) are fused only in cache (``_cpu._fuse``)."""
+    28x28 and 32x32 planes (3-4 KB rows) are fused only in cache (``_cpu.plan.fuse``)."""
 
     params = [["32x32", "28x28", "14x14", "7x7", "7x7 x512"]]
     param_names = ["planes"]

@@ -1,0 +1,292 @@
+"""CPU backend: runs the CPU kernels on NumPy arrays.
+
+Arguments arrive validated (``_validate``). An operation views its tensors as the
+kernels want them (``arrays``), takes the plan of its geometry (``plan``: which kernels,
+how the work is split, which stores) and allocates outputs. The per-channel arithmetic
+between passes runs in kernels too (``formulas``): each Python step costs microseconds,
+more than the passes of a small tensor take.
+
+The kernels, by role: ``formulas`` (every formula, once), ``reduce`` (sums),
+``elementwise`` (one kernel per traversal, both formulas), ``fused`` (per-channel
+passes from cache), ``small`` (single-thread), ``vector`` and ``llvm`` (hand-written
+vector loops), ``pieces`` (work cuts), ``tuning`` (every tunable).
+
+Operations (mirrored by the GPU backend, ``_gpu``): ``batch_stats``,
+``forward_train``, ``forward_eval``, ``backward``; and the pieces
+``numbabn.distributed`` assembles around its exchanges.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _pool
+from .._channel import as64
+from .._pool import threads as _threads
+from .._validate import Checked, Layout, stats_dtype
+from . import arrays, formulas, fused, plan, reduce, small
+from .plan import make as _plan
+
+# Below this eps, 1 / sqrt(var + eps) of a constant channel exceeds float32's range.
+_TINY_EPS = 1e-76
+
+
+class Kernels(NamedTuple):
+    """The kernels of one view kind."""
+
+    stats: object
+    grad_sums: object
+    small_stats: object
+    small_forward: object
+    small_backward: object
+    small_elementwise: object
+
+
+KERNELS = {
+    "ncl": Kernels(
+        reduce.stats_ncl, reduce.grad_sums_ncl, small.stats_ncl, small.forward_ncl,
+        small.backward_ncl, small.elementwise_ncl,
+    ),
+    "mc": Kernels(
+        reduce.stats_mc, reduce.grad_sums_mc, small.stats_mc, small.forward_mc,
+        small.backward_mc, small.elementwise_mc,
+    ),
+}
+_RUNNABLE: dict = _pool.on_fork_clear({})
+
+
+def _run(kernel):
+    """``kernel`` as this process can run it (``_pool.runnable``: a serial twin in a
+    forked child of a started OpenMP pool)."""
+    runnable = _RUNNABLE.get(kernel)
+    if runnable is None:
+        runnable = _RUNNABLE[kernel] = _pool.runnable(kernel)
+    return runnable
+
+
+def _reduce(kernel, views, extra: tuple, layout: Layout, p: plan.Plan) -> np.ndarray:
+    """Run a reduction kernel (``extra``: its per-channel inputs); its (2, C) float64
+    result."""
+    view = p.sums
+    if view is not layout:  # flat rows: one column per value of a sample
+        views = [a.reshape(view.n, view.c) for a in views]
+    part = np.empty((p.sums_tasks, 2, view.c))
+    out = np.empty((2, layout.c))
+    _run(kernel)(*map(arrays.kernel_array, views), *extra, *p.sums_work, part, out)
+    return out
+
+
+def _elementwise(g, x, params: np.ndarray, result: np.ndarray, layout: Layout, p: plan.Plan):
+    """The formula (normalize when ``g`` is None, else grad_input of ``g`` and ``x``)
+    into ``result``, with per-channel constants ``params``, as the plan routes it."""
+    kernel, view, work = plan.route(p, layout, result)
+    k = arrays.kernel_array
+    if view is not layout:  # flat rows of short planes
+        x, result = x.reshape(view.n, view.c), result.reshape(view.n, view.c)
+        g = None if g is None else g.reshape(view.n, view.c)
+    _run(kernel)(None if g is None else k(g), k(x), params, *work, k(result))
+
+
+def _moments(v: np.ndarray, layout: Layout, p: plan.Plan) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and biased variance of each channel of a canonical view."""
+    if p.small:
+        stats = np.empty((2, layout.c))
+        _run(KERNELS[layout.kind].small_stats)(arrays.kernel_array(v), stats)
+        return stats[0], stats[1]
+    moments = _reduce(KERNELS[p.sums.kind].stats, (v,), (), layout, p)
+    return moments[0], moments[1]
+
+
+def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, p):
+    """y from ``x`` (canonical view ``xv``) normalized with the given mean and biased
+    variance (float64, or running statistics as stored); any count, even 0. Returns
+    (y, float64 invstd)."""
+    y, yv = arrays.output(out, x, layout)
+    c = layout.c
+    params, stats = np.empty((4, c), stats_dtype(x.dtype)), np.empty((3, c))
+    formulas.channel_params(
+        arrays.kernel_array(mean), arrays.kernel_array(var), as64(weight, c, 1.0), as64(bias, c, 0.0),
+        eps, params, stats,
+    )
+    if p.small:
+        k = arrays.kernel_array
+        _run(KERNELS[layout.kind].small_elementwise)(None, k(xv), params, k(yv))
+    elif layout.count * c:
+        _elementwise(None, xv, params, yv, layout, p)
+    return arrays.finish_output(y, out), stats[2]
+
+
+def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance."""
+    layout = chk.layout
+    if layout.c == 0:
+        none = np.empty(0, stats_dtype(x.dtype))
+        return none, none.copy()
+    mean, var = _moments(arrays.view(x, layout), layout, _plan(layout, _threads(), x.itemsize))
+    sd = stats_dtype(x.dtype)
+    return mean.astype(sd, copy=False), var.astype(sd, copy=False)
+
+
+def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out):
+    """Normalize with batch statistics; update running statistics if given.
+
+    Returns ``(y, mean, invstd)`` with the statistics in :func:`stats_dtype`.
+    """
+    layout = chk.layout
+    if layout.c == 0:  # (training needs 2 values in each channel there is)
+        none = np.empty(0, stats_dtype(x.dtype))
+        return arrays.nothing(x, layout, out), none, none.copy()
+    x, xv = arrays.ordered(x, layout)
+    p = _plan(layout, _threads(), x.itemsize)
+    if p.small or p.fuse_forward:
+        y, yv = arrays.output(out, x, layout)
+        c = layout.c
+        stats = np.empty((3, c))
+        args = (
+            arrays.kernel_array(xv), as64(weight, c, 1.0), as64(bias, c, 0.0), chk.eps,
+            np.empty((4, c), stats_dtype(x.dtype)), stats,
+        )
+        if p.small:
+            _run(KERNELS[layout.kind].small_forward)(*args, arrays.kernel_array(yv))
+        else:
+            _run(fused.forward_channels)(*args, p.runs, plan.streamed(yv, layout), arrays.kernel_array(yv))
+        y = arrays.finish_output(y, out)
+        mean, var, invstd = stats
+    else:
+        mean, var = _moments(xv, layout, p)
+        y, invstd = _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, p)
+    if running_mean is not None:
+        update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
+    sd = stats_dtype(x.dtype)
+    if chk.eps >= _TINY_EPS:
+        return y, mean.astype(sd, copy=False), invstd.astype(sd, copy=False)
+    # invstd past float32's range becomes inf, quietly (np.errstate costs 1.4 us a call,
+    # so only where that can happen)
+    with np.errstate(over="ignore"):
+        return y, mean.astype(sd), invstd.astype(sd)
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum) -> None:
+    """The running-statistics update from float64 batch mean and biased variance."""
+    formulas.update_running(
+        arrays.kernel_array(running_mean), arrays.kernel_array(running_var), mean, var, count, momentum
+    )
+
+
+def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
+    with np.errstate(divide="ignore", over="ignore"):
+        return 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+
+
+def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
+    """Normalize with the running statistics."""
+    layout = chk.layout
+    if layout.count * layout.c == 0:
+        return arrays.nothing(x, layout, out)
+    x, xv = arrays.ordered(x, layout)
+    p = _plan(layout, _threads(), x.itemsize)
+    return _normalize(x, xv, layout, running_mean, running_var, chk.eps, weight, bias, out, p)[0]
+
+
+def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
+    """Gradients (dx, dweight, dbias); see the API contract for the formulas."""
+    layout = chk.layout
+    if layout.count * layout.c == 0:  # eval with N = 0, or no channels
+        zeros = np.zeros(layout.c, stats_dtype(x.dtype))
+        return arrays.nothing(x, layout, None), zeros, zeros.copy()
+    mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
+    (dy, dyv), (x, xv) = arrays.ordered(dy, layout), arrays.ordered(x, layout)
+    p = _plan(layout, _threads(), x.itemsize)
+    if not (p.small or p.fuse_backward):
+        sums = local_grad_sums(dy, x, chk, mean64, p)
+        return grad_input(
+            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, p
+        )
+    c = layout.c
+    ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
+    dx, dxv = arrays.output(None, x, layout)
+    grads = np.empty((2, c), ctype)
+    args = (
+        arrays.kernel_array(dyv), arrays.kernel_array(xv), mean64, invstd64, as64(weight, c, 1.0),
+        training, np.empty((5, c), ctype), grads,
+    )
+    if p.small:
+        _run(KERNELS[layout.kind].small_backward)(*args, arrays.kernel_array(dxv))
+    else:
+        _run(fused.backward_channels)(*args, p.runs, plan.streamed(dxv, layout), arrays.kernel_array(dxv))
+    return dx, grads[0], grads[1]
+
+
+# --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
+
+
+def local_moments(x, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (mean, sum of squared deviations) of this array's values (zeros if none)."""
+    layout = chk.layout
+    if layout.count * layout.c == 0:
+        return np.zeros(layout.c), np.zeros(layout.c)
+    mean, var = _moments(arrays.view(x, layout), layout, _plan(layout, _threads(), x.itemsize))
+    return mean, var * layout.count
+
+
+def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
+    """Normalize with given float64 statistics (those of the whole distributed batch)."""
+    layout = chk.layout
+    x, xv = arrays.ordered(x, layout)
+    p = _plan(layout, _threads(), x.itemsize)
+    return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, p)[0]
+
+
+def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None) -> np.ndarray:
+    """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C) (``plan``: the
+    caller's :func:`_plan`, made here if not given)."""
+    layout = chk.layout
+    if layout.count * layout.c == 0:
+        return np.zeros((2, layout.c))
+    views = (arrays.view(dy, layout), arrays.view(x, layout))
+    p = p or _plan(layout, _threads(), x.itemsize)
+    return _reduce(KERNELS[p.sums.kind].grad_sums, views, (mean,), layout, p)
+
+
+def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None):
+    """(dx, dweight, dbias) from the sums over ``count`` values per channel
+    (``plan``: the caller's :func:`_plan`, made here if not given)."""
+    layout = chk.layout
+    c = layout.c
+    ctype = stats_dtype(x.dtype)
+    dx, dxv = arrays.output(None, x, layout)
+    params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
+    formulas.grad_params(sums, count, mean, invstd, as64(weight, c, 1.0), training, params, grads)
+    if layout.count * c:
+        dyv = arrays.view(dy, layout)
+        p = p or _plan(layout, _threads(), x.itemsize)
+        if training:
+            _elementwise(dyv, arrays.view(x, layout), params, dxv, layout, p)
+        else:
+            _elementwise(None, dyv, params, dxv, layout, p)
+    return dx, grads[0], grads[1]
+
+
+def to_host(a) -> np.ndarray:
+    """A per-channel vector as float64 NumPy."""
+    return np.asarray(a, dtype=np.float64)
+
+
+def from_host(a: np.ndarray, like) -> np.ndarray:
+    """A host per-channel vector on this side (as the kind of array ``like`` is)."""
+    return a
+
+
+def copy(a: np.ndarray) -> np.ndarray:
+    return a.copy()
+
+
+def from_other_side(a) -> np.ndarray:
+    """A host copy of a CUDA array (used when a layer follows its input to the CPU)."""
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    from numba import cuda
+
+    return cuda.as_cuda_array(a).copy_to_host()

@@ -1,0 +1,201 @@
+"""The formulas of the CPU kernels, each written once.
+
+Elementwise: :func:`normalize` and :func:`grad_input` are plain Python, compiled into
+the njit traversals (``value``) and evaluated on LLVM vectors by the hand-written
+vector loops (``llvm.formula``), so every path does the same operations in the same
+order (``contract`` only: bitwise the same results streamed or not).
+
+A traversal takes the formula from its gradient argument ``g``: None gives normalize
+of ``x`` with 4 constants (hi, lo, a, b), an array gives grad_input of (``g``, ``x``)
+with 5 (hi, lo, k2, mdy, k1). The choice is made when numba compiles the traversal,
+never in its loops. The eval-mode backward is normalize of dy (rows (0, 0, k1, 0)).
+
+Per channel: moments from shifted sums, the normalize and dx constants, the running
+update (see ``_channel`` for the packed-constant layout and the host versions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .._channel import finite_scale, mean_lo
+from .._half import load, store
+
+# Reductions vectorize only with reassociation. Elementwise rows must not reassociate
+# (x - hi) - lo into x - (hi + lo); each row helper is compiled with its own flags.
+SUM = {"cache": True, "fastmath": {"reassoc", "contract"}}
+ELEM = {"cache": True, "fastmath": {"contract"}}
+# A function compiled without flags of its own inherits its first caller's, and the disk
+# cache then keeps that version for every caller: so every function that is not
+# inlined states its flags. EXACT: no reassociation, no contraction.
+EXACT = {"cache": True, "fastmath": False}
+PAR = {"parallel": True, **EXACT}
+
+
+# --- the elementwise formulas ---------------------------------------------------------
+
+
+def normalize(x, hi, lo, a, b):
+    """y = ((x - hi) - lo) * a + b: the mean as hi + lo, subtracted in two steps."""
+    return ((x - hi) - lo) * a + b
+
+
+def grad_input(g, x, hi, lo, k2, mdy, k1):
+    """dx = (dy - mean(dy) - (x - mean) * k2) * k1."""
+    return (g - mdy - ((x - hi) - lo) * k2) * k1
+
+
+_normalize = njit(inline="always")(normalize)
+_grad_input = njit(inline="always")(grad_input)
+
+
+def at(p, i):
+    """``p[i]`` for a per-element constant array, ``p`` itself for a scalar."""
+
+
+@overload(at, inline="always")
+def _at(p, i):
+    if isinstance(p, types.Array):
+        return lambda p, i: p[i]
+    return lambda p, i: p
+
+
+def value(g, x, k, i, j):
+    """The formula (see the module) at element ``i`` of the data, constants ``k`` (a
+    tuple of scalars or of arrays) read at ``j``, in the compute type."""
+
+
+@overload(value, inline="always")
+def _value(g, x, k, i, j):
+    if isinstance(g, types.NoneType):
+        return lambda g, x, k, i, j: _normalize(
+            load(x[i]), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j)
+        )
+    return lambda g, x, k, i, j: _grad_input(
+        load(g[i]), load(x[i]), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j), at(k[4], j)
+    )
+
+
+def consts(g, params, j):
+    """The formula's constants from packed rows ``params``: column ``j`` (an index: one
+    channel's scalars; a slice: arrays)."""
+
+
+@overload(consts, inline="always")
+def _consts(g, params, j):
+    if isinstance(g, types.NoneType):
+        return lambda g, params, j: (params[0, j], params[1, j], params[2, j], params[3, j])
+    return lambda g, params, j: (
+        params[0, j], params[1, j], params[2, j], params[3, j], params[4, j]
+    )
+
+
+def piece(a, i0, i1):
+    """``a[i0:i1]``; None stays None (normalize's missing gradient)."""
+
+
+@overload(piece, inline="always")
+def _piece(a, i0, i1):
+    if isinstance(a, types.NoneType):
+        return lambda a, i0, i1: None
+    return lambda a, i0, i1: a[i0:i1]
+
+
+def plane(a, n, c, i0, i1):
+    """``a[n, c, i0:i1]``; None stays None."""
+
+
+@overload(plane, inline="always")
+def _plane(a, n, c, i0, i1):
+    if isinstance(a, types.NoneType):
+        return lambda a, n, c, i0, i1: None
+    return lambda a, n, c, i0, i1: a[n, c, i0:i1]
+
+
+def flat(a):
+    """``a.reshape(-1)``; None stays None."""
+
+
+@overload(flat, inline="always")
+def _flat(a):
+    if isinstance(a, types.NoneType):
+        return lambda a: None
+    return lambda a: a.reshape(-1)
+
+
+@njit(inline="always")
+def plain(g, x, k, y, i0, i1):
+    """y[i] = the formula at i, for i in [i0, i1), plain stores (inlined: a call per
+    short row cost more than its work)."""
+    for i in range(i0, i1):
+        y[i] = store(value(g, x, k, i, i), y)
+
+
+# --- per channel ----------------------------------------------------------------------
+
+
+@njit(**EXACT)
+def moments(s1, s2, k, count):
+    """Mean and biased variance from shifted sums (s1, s2) of ``count`` values."""
+    delta = s1 / count
+    var = s2 / count - delta * delta
+    return k + delta, var if not var < 0.0 else 0.0
+
+
+@njit(**EXACT, error_model="numpy")
+def norm_params(c, mean, var, weight, bias, eps, params, stats):
+    """Channel c's mean, variance and invstd into ``stats`` and normalize constants
+    into ``params`` (invstd inf for var + eps == 0, which eval allows)."""
+    invstd = 1.0 / math.sqrt(var + eps)
+    stats[0, c] = mean
+    stats[1, c] = var
+    stats[2, c] = invstd
+    params[0, c] = mean
+    params[1, c] = mean_lo(mean, np.float64(params[0, c]))
+    params[2, c] = finite_scale(invstd * weight[c], params)
+    params[3, c] = bias[c]
+
+
+@njit(**EXACT)
+def channel_params(mean, var, weight, bias, eps, params, stats):
+    """``norm_params`` of every channel, from float64 statistics or running ones as
+    stored (float16 as bits); float64 weight and bias."""
+    for c in range(mean.size):
+        m, v = np.float64(load(mean[c])), np.float64(load(var[c]))
+        norm_params(c, m, v, weight, bias, eps, params, stats)
+
+
+@njit(**EXACT)
+def update_running(rm, rv, mean, var, count, momentum):
+    """r = (1 - momentum) * r + momentum * batch value, in place, the variance unbiased
+    (float64 batch mean and biased variance; the arithmetic of ``_channel``)."""
+    for c in range(rm.size):
+        rm[c] = store((1.0 - momentum) * np.float64(load(rm[c])) + momentum * mean[c], rm)
+        unbiased = var[c] * (count / (count - 1))
+        rv[c] = store((1.0 - momentum) * np.float64(load(rv[c])) + momentum * unbiased, rv)
+
+
+@njit(**EXACT)
+def channel_grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads):
+    """Channel c's dx constants into ``params`` from its gradient sums (eval mode:
+    (0, 0, k1, 0, k1), so that normalize gives dx = dy * k1), and its (dweight, dbias)
+    into ``grads``."""
+    grads[0, c] = s2 * invstd[c]
+    grads[1, c] = s1
+    params[4, c] = invstd[c] * weight[c]
+    params[0, c] = mean[c] if training else 0.0
+    params[1, c] = mean_lo(mean[c], np.float64(params[0, c])) if training else 0.0
+    params[2, c] = invstd[c] * invstd[c] * s2 / count if training else params[4, c]
+    params[3, c] = s1 / count if training else 0.0
+
+
+@njit(**EXACT)
+def grad_params(sums, count, mean, invstd, weight, training, params, grads):
+    """``channel_grad_params`` of every channel, from float64 sums."""
+    for c in range(mean.size):
+        s1, s2 = sums[0, c], sums[1, c]
+        channel_grad_params(c, s1, s2, count, mean, invstd, weight, training, params, grads)
