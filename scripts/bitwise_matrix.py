@@ -7,6 +7,9 @@ fused per-channel passes, segments, spans, blocks, lines, planes, streamed store
 Usage:
     PYTHONPATH=. python scripts/bitwise_matrix.py record FILE    # digests of this tree
     PYTHONPATH=. python scripts/bitwise_matrix.py compare FILE   # exit 1 on any difference
+
+scripts/results/bitwise-7373b6e.json holds the digests of commit 7373b6e (before the
+CPU side became a package).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ SHAPES = [
     ((16, 64, 28, 28), 1),
     ((8, 3, 224, 224), 1),
     ((32, 64, 56, 56), 1),
+    ((64, 2048, 7, 7), 1),
     ((32, 128), 1),
     ((1000, 3), 1),
     ((256, 512), 1),
@@ -39,6 +43,7 @@ SHAPES = [
     ((32, 28, 28, 32), -1),
     ((32, 14, 14, 256), -1),
     ((32, 56, 56, 64), -1),
+    ((64, 56, 56, 24), -1),
 ]
 DTYPES = ["float16", "float32", "float64"]
 ALIGNS = ["fresh", "aligned", "shifted"]  # out=None; out= at a 64-byte boundary; one item past

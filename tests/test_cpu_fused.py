@@ -74,8 +74,8 @@ def test_forward_statistics_do_not_depend_on_split_or_output(shape, dtype):
         for streamed in (False, True):
             for offset, y in _outputs(shape, dtype):
                 params, stats = np.empty((4, c), _ctype(dtype)), np.empty((3, c))
-                fused.forward_channels(
-                    _bits(x), weight, bias, 1e-5, params, stats, ntask, streamed, _bits(y)
+                fused.forward_channels[streamed](
+                    _bits(x), weight, bias, 1e-5, params, stats, ntask, _bits(y)
                 )
                 results.append(((ntask, streamed, offset), stats.copy(), y.copy()))
     params, stats = np.empty((4, c), _ctype(dtype)), np.empty((3, c))
@@ -116,9 +116,8 @@ def test_backward_sums_do_not_depend_on_split_or_output(shape, dtype, training):
         for streamed in (False, True):
             for offset, dx in _outputs(shape, dtype):
                 params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
-                fused.backward_channels(
-                    _bits(dy), _bits(x), mean, invstd, weight, training, params, grads, ntask,
-                    streamed, _bits(dx),
+                fused.backward_channels[streamed, training](
+                    _bits(dy), _bits(x), mean, invstd, weight, params, grads, ntask, _bits(dx)
                 )
                 results.append(((ntask, streamed, offset), grads.copy(), dx.copy()))
     params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
@@ -155,10 +154,10 @@ def test_fused_forward_in_place(streamed):
     x = np.random.default_rng(1).normal(5.0, 3.0, shape).astype(np.float32)
     expected, stats = np.empty_like(x), np.empty((3, 4))
     args = (np.ones(4), np.zeros(4), 1e-5, np.empty((4, 4), np.float32))
-    fused.forward_channels(x, *args, stats, 2, streamed, expected)
+    fused.forward_channels[streamed](x, *args, stats, 2, expected)
     buf = _line_aligned(x.size, np.float32).reshape(shape)
     buf[...] = x
-    fused.forward_channels(buf, *args, np.empty((3, 4)), 2, streamed, buf)
+    fused.forward_channels[streamed](buf, *args, np.empty((3, 4)), 2, buf)
     np.testing.assert_array_equal(buf, expected)
 
 

@@ -42,7 +42,7 @@ def test_expand_follows_its_definition(c, l, columns):
 def test_block_span_is_whole_rows():
     def span(c):  # the blocked span of the plain-store spans, None if banded
         kernel, work = plan._mc_route(SimpleNamespace(n=8, c=c), (1, 1024, 1), 4, False)
-        return work[2] if kernel is elementwise.mc_spans else None
+        return work[2] if kernel is elementwise.mc_spans[False] else None
 
     assert span(3) == 1023 and span(24) == 1008 and span(1024) == 1024
     assert span(3136) == 3136  # one row when a row is longer than the span
@@ -104,8 +104,8 @@ def _plane_references(x, dy, params, m, c, l, k):
     small.elementwise_ncl(None, x3, params[:4].copy(), k(y_ref).reshape(m, c, l))
     for n in range(m):
         for ch in range(c):
-            elementwise.span(
-                dy3[n, ch], x3[n, ch], tuple(params[:, ch]), k(dx_ref).reshape(m, c, l)[n, ch], False
+            elementwise.span_plain(
+                dy3[n, ch], x3[n, ch], tuple(params[:, ch]), k(dx_ref).reshape(m, c, l)[n, ch]
             )
     return y_ref, dx_ref
 
@@ -154,7 +154,7 @@ def test_mc_passes_take_short_planes_per_channel(nchunk, streamed, dtype):
         x, dy, params, k = _plane_case(m, c, l, dtype)
         item = np.dtype(dtype).itemsize
         route = plan._mc_route(SimpleNamespace(n=m, c=c * l), (l, 1024, nchunk), item, streamed)
-        assert (route[0] is elementwise.mc_planes) == (
+        assert (route[0] is elementwise.mc_planes[streamed]) == (
             streamed or (c * l > tuning.TUNING.block_max_c and item >= 4)
         )
         y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
@@ -181,8 +181,8 @@ def test_ncl_plain_segments_match_the_plane_loops(m, c, l, nseg, nchunk, dtype):
     y_ref, dx_ref = _plane_references(x, dy, params, m, c, l, k)
     y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
     x3, g3, y3, d3 = (k(a).reshape(m, c, l) for a in (x, dy, y, dx))
-    elementwise.ncl_segments(None, x3, params[:4].copy(), nseg, nchunk, False, y3)
-    elementwise.ncl_segments(g3, x3, params, nseg, nchunk, False, d3)
+    elementwise.ncl_segments[False](None, x3, params[:4].copy(), nseg, nchunk, y3)
+    elementwise.ncl_segments[False](g3, x3, params, nseg, nchunk, d3)
     np.testing.assert_array_equal(k(y), k(y_ref))
     np.testing.assert_array_equal(k(dx), k(dx_ref))
 

@@ -97,8 +97,8 @@ def test_kernels_stream_when_asked(layout, c, items, dtype):
         y, dx = _misaligned(kshape, dtype, offset), _misaligned(kshape, dtype, offset)
         k = arrays.kernel_array
         if layout == "ncl":
-            elementwise.ncl_segments(None, k(x), params, 2, 3, streamed, k(y))
-            elementwise.ncl_segments(k(dy), k(x), params, 2, 3, streamed, k(dx))
+            elementwise.ncl_segments[streamed](None, k(x), params, 2, 3, k(y))
+            elementwise.ncl_segments[streamed](k(dy), k(x), params, 2, 3, k(dx))
         else:
             # spans of 64 elements: several per chunk, each starting mid-row
             mc_pass(None, k(x), params, 1, 64, 3, streamed, k(y))
@@ -195,7 +195,7 @@ def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
     if x.ndim == 2:
         mc_pass(None, x, params, 1, 1024, 3, True, out)
     else:
-        elementwise.ncl_segments(None, x, params, 2, 3, True, out)
+        elementwise.ncl_segments[True](None, x, params, 2, 3, out)
     np.testing.assert_array_equal(out, (x - np.float32(0.5)) * np.float32(2) + np.float32(1))
 
 

@@ -151,7 +151,8 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         if p.small:
             _run(KERNELS[layout.kind].small_forward)(*args, arrays.kernel_array(yv))
         else:
-            _run(fused.forward_channels)(*args, p.runs, plan.streamed(yv, layout), arrays.kernel_array(yv))
+            kernel = fused.forward_channels[plan.streamed(yv, layout)]
+            _run(kernel)(*args, p.runs, arrays.kernel_array(yv))
         y = arrays.finish_output(y, out)
         mean, var, invstd = stats
     else:
@@ -208,14 +209,15 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = arrays.output(None, x, layout)
     grads = np.empty((2, c), ctype)
-    args = (
-        arrays.kernel_array(dyv), arrays.kernel_array(xv), mean64, invstd64, as64(weight, c, 1.0),
-        training, np.empty((5, c), ctype), grads,
-    )
+    k = arrays.kernel_array
+    per_channel = (mean64, invstd64, as64(weight, c, 1.0))
+    params = np.empty((5, c), ctype)
     if p.small:
-        _run(KERNELS[layout.kind].small_backward)(*args, arrays.kernel_array(dxv))
+        small_backward = _run(KERNELS[layout.kind].small_backward)
+        small_backward(k(dyv), k(xv), *per_channel, training, params, grads, k(dxv))
     else:
-        _run(fused.backward_channels)(*args, p.runs, plan.streamed(dxv, layout), arrays.kernel_array(dxv))
+        kernel = _run(fused.backward_channels[plan.streamed(dxv, layout), training])
+        kernel(k(dyv), k(xv), *per_channel, params, grads, p.runs, k(dxv))
     return dx, grads[0], grads[1]
 
 

@@ -3,9 +3,10 @@
 Every kernel takes ``(g, x, params, <work>, y)``: ``g`` None computes normalize of ``x``
 (constant rows hi, lo, a, b), an array grad_input of ``g`` and ``x`` (rows hi, lo, k2,
 mdy, k1); see ``formulas``. The plan (``plan.elementwise``) picks the kernel and its
-work; the kernels do not choose again. ``streamed``: the aligned middle of each piece
-is written with non-temporal stores (``vector.span_nt`` and friends), the ends with
-plain ones, and each task ends with a fence.
+work; the kernels do not choose again. Each kernel is a dict by store kind
+(``_store_kinds``): ``[True]`` writes the aligned middle of each piece with non-temporal
+stores (``vector.span_nt`` and friends), the ends with plain ones, and ends each task
+with a fence; ``[False]`` stores plainly.
 
 * :func:`ncl_segments`: (N, C, L) planes cut into ``N * C * nseg`` segments, dealt out
   in ``nchunk`` runs; one channel's scalar constants per segment.
@@ -77,13 +78,22 @@ def _block_spans(g):
     return lambda g: n
 
 
+def _store_kinds(factory):
+    """A kernel for each store kind, ``{False: plain stores, True: streamed}``: the kind is
+    a constant of the kernel's closure, so numba compiles only its own walk."""
+    return {streamed: factory(streamed) for streamed in (False, True)}
+
+
 @njit(**ELEM)
-def span(g, x, k, y, streamed):
+def span_plain(g, x, k, y):
     """The formula over a contiguous span; ``k`` scalars (one channel) or arrays indexed
     like the span (tiled constants)."""
-    if not streamed:
-        plain(g, x, k, y, 0, y.size)
-        return
+    plain(g, x, k, y, 0, y.size)
+
+
+@njit(**ELEM)
+def span_streamed(g, x, k, y):
+    """:func:`span_plain` with the aligned whole vectors streamed."""
     i0, i1 = llvm.bounds(y)
     plain(g, x, k, y, 0, i0)
     vector.span_nt(g, x, y, i0, i1, k)
@@ -112,21 +122,27 @@ def _segments_streamed(g3, x3, params, first, end, nseg, y3):
     n, c, s, i0, i1 = pieces.segment(first, nseg, c_, l_)
     for _ in range(first, end):
         k = consts(g3, params, c)
-        span(plane(g3, n, c, i0, i1), x3[n, c, i0:i1], k, y3[n, c, i0:i1], True)
+        span_streamed(plane(g3, n, c, i0, i1), x3[n, c, i0:i1], k, y3[n, c, i0:i1])
         n, c, s, i0, i1 = pieces.next_segment(n, c, s, nseg, c_, l_)
     llvm.fence()
 
 
-@njit(**PAR)
-def ncl_segments(g3, x3, params, nseg, nchunk, streamed, y3):
-    n_, c_, l_ = x3.shape
-    ntasks = np.int64(n_ * c_ * nseg)
-    for t in prange(np.int64(nchunk)):
-        first, end = pieces.rows(np.int64(t), nchunk, ntasks)
-        if streamed:
-            _segments_streamed(g3, x3, params, first, end, nseg, y3)
-        else:
-            _segments_plain(g3, x3, params, first, end, nseg, y3)
+def _ncl_segments(streamed):
+    @njit(**PAR)
+    def ncl_segments(g3, x3, params, nseg, nchunk, y3):
+        n_, c_, l_ = x3.shape
+        ntasks = np.int64(n_ * c_ * nseg)
+        for t in prange(np.int64(nchunk)):
+            first, end = pieces.rows(np.int64(t), nchunk, ntasks)
+            if streamed:
+                _segments_streamed(g3, x3, params, first, end, nseg, y3)
+            else:
+                _segments_plain(g3, x3, params, first, end, nseg, y3)
+
+    return ncl_segments
+
+
+ncl_segments = _store_kinds(_ncl_segments)
 
 
 # --- flat spans --------------------------------------------------------------------------
@@ -155,34 +171,44 @@ def _block(gf, xf, yf, k, p, w):
             y1[i] = store(value(g1, x1, c, i, 0), y1)
 
 
-@njit(**PAR)
-def mc_spans(g2, x2, params, l, w, wb, nchunk, streamed, y2):
-    """Flat spans of ``w`` values (``wb`` > 0: whole-row spans of ``wb`` values, blocked,
-    plain stores); streamed pieces start on vector boundaries of the output (the few
-    values before the first are written first). ``l`` > 1: NCL planes as flat rows."""
-    c_ = x2.shape[1]
-    gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
-    total = x2.size
-    w = max(w, wb)
-    tiled = pieces.tile(params, l, w + c_ - 1)
-    h = pieces.head(yf, streamed)
-    span(piece(gf, 0, h), xf[:h], columns(gf, tiled, 0, h), yf[:h], False)
-    for t in prange(np.int64(nchunk)):
-        end = h + pieces.cut(t + 1, nchunk, total - h)
-        start = h + pieces.cut(t, nchunk, total - h)
-        if wb:
-            ph = start % c_
-            kb = columns(gf, tiled, ph, ph + wb)
-            while start + block_spans(gf) * wb <= end:
-                _block(gf, xf, yf, kb, start, wb)
-                start += block_spans(gf) * wb
-        for p in range(start, end, w):
-            q = min(p + w, end)
-            ph = p % c_
-            k = columns(gf, tiled, ph, ph + q - p)
-            span(piece(gf, p, q), xf[p:q], k, yf[p:q], streamed)
-        if streamed:
-            llvm.fence()
+def _mc_spans(streamed):
+    @njit(**PAR)
+    def mc_spans(g2, x2, params, l, w, wb, nchunk, y2):
+        """Flat spans of ``w`` values (``wb`` > 0: whole-row spans of ``wb`` values,
+        blocked, plain stores); streamed pieces start on vector boundaries of the output
+        (the few values before the first are written first). ``l`` > 1: NCL planes as
+        flat rows."""
+        c_ = x2.shape[1]
+        gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
+        total = x2.size
+        w = max(w, wb)
+        tiled = pieces.tile(params, l, w + c_ - 1)
+        h = pieces.head(yf, streamed)
+        span_plain(piece(gf, 0, h), xf[:h], columns(gf, tiled, 0, h), yf[:h])
+        for t in prange(np.int64(nchunk)):
+            end = h + pieces.cut(t + 1, nchunk, total - h)
+            start = h + pieces.cut(t, nchunk, total - h)
+            if wb:
+                ph = start % c_
+                kb = columns(gf, tiled, ph, ph + wb)
+                while start + block_spans(gf) * wb <= end:
+                    _block(gf, xf, yf, kb, start, wb)
+                    start += block_spans(gf) * wb
+            for p in range(start, end, w):
+                q = min(p + w, end)
+                ph = p % c_
+                k = columns(gf, tiled, ph, ph + q - p)
+                if streamed:
+                    span_streamed(piece(gf, p, q), xf[p:q], k, yf[p:q])
+                else:
+                    span_plain(piece(gf, p, q), xf[p:q], k, yf[p:q])
+            if streamed:
+                llvm.fence()
+
+    return mc_spans
+
+
+mc_spans = _store_kinds(_mc_spans)
 
 
 @njit(inline="always")
@@ -205,7 +231,7 @@ def mc_bands(g2, x2, params, l, nb, nrc, y2):
         wp = c1 - c0
         k = columns(gf, pieces.band(params, l, c0, c1), 0, wp)
         for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
-            span(piece(gf, p, p + wp), xf[p : p + wp], k, yf[p : p + wp], False)
+            span_plain(piece(gf, p, p + wp), xf[p : p + wp], k, yf[p : p + wp])
 
 
 # --- lines of columns ----------------------------------------------------------------------
@@ -226,28 +252,34 @@ def _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed):
         llvm.fence()
 
 
-@njit(**PAR)
-def mc_lines(g2, x2, params, l, sweep_bytes, nchunk, streamed, y2):
-    """Rows of whole cache lines, a line of columns at a time down ``sweep_bytes`` of
-    rows. An output that does not start on a line is walked in rows shifted to start on
-    one (wrapping into the next row, constants tiled a line past the row); the values
-    outside the shifted rows get plain stores."""
-    m, c_ = x2.shape
-    gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
-    item = llvm.item_bytes(yf)
-    s = llvm.line_blocks(yf)[0]
-    per = llvm.LINE_BYTES // item
-    rows = max(1, sweep_bytes // (c_ * item))
-    full = m - (s > 0)
-    tiled = pieces.tile(params, l, c_ + per)
-    k = columns(gf, tiled, 0, c_ + per)
-    for t in prange(np.int64(nchunk)):
-        r0, r1 = pieces.rows(np.int64(t), nchunk, full)
-        _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
-    e = full * c_ + s
-    span(piece(gf, 0, s), xf[:s], columns(gf, tiled, 0, s), yf[:s], False)
-    h = s + xf.size - e
-    span(piece(gf, e, xf.size), xf[e:], columns(gf, tiled, s, h), yf[e:], False)
+def _mc_lines(streamed):
+    @njit(**PAR)
+    def mc_lines(g2, x2, params, l, sweep_bytes, nchunk, y2):
+        """Rows of whole cache lines, a line of columns at a time down ``sweep_bytes``
+        of rows. An output that does not start on a line is walked in rows shifted to
+        start on one (wrapping into the next row, constants tiled a line past the row);
+        the values outside the shifted rows get plain stores."""
+        m, c_ = x2.shape
+        gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
+        item = llvm.item_bytes(yf)
+        s = llvm.line_blocks(yf)[0]
+        per = llvm.LINE_BYTES // item
+        rows = max(1, sweep_bytes // (c_ * item))
+        full = m - (s > 0)
+        tiled = pieces.tile(params, l, c_ + per)
+        k = columns(gf, tiled, 0, c_ + per)
+        for t in prange(np.int64(nchunk)):
+            r0, r1 = pieces.rows(np.int64(t), nchunk, full)
+            _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
+        e = full * c_ + s
+        span_plain(piece(gf, 0, s), xf[:s], columns(gf, tiled, 0, s), yf[:s])
+        h = s + xf.size - e
+        span_plain(piece(gf, e, xf.size), xf[e:], columns(gf, tiled, s, h), yf[e:])
+
+    return mc_lines
+
+
+mc_lines = _store_kinds(_mc_lines)
 
 
 # --- short NCL planes, per-channel constants -----------------------------------------------
@@ -290,11 +322,17 @@ def planes(gf, xf, yf, params, l, i0, i1, streamed):
     _by_channel(gf, xf, yf, k, l, cl, e, i1)
 
 
-@njit(**PAR)
-def mc_planes(g2, x2, params, l, nchunk, streamed, y2):
-    gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
-    for t in prange(np.int64(nchunk)):
-        i0, i1 = pieces.cut(t, nchunk, x2.size), pieces.cut(t + 1, nchunk, x2.size)
-        planes(gf, xf, yf, params, l, i0, i1, streamed)
-        if streamed:
-            llvm.fence()
+def _mc_planes(streamed):
+    @njit(**PAR)
+    def mc_planes(g2, x2, params, l, nchunk, y2):
+        gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
+        for t in prange(np.int64(nchunk)):
+            i0, i1 = pieces.cut(t, nchunk, x2.size), pieces.cut(t + 1, nchunk, x2.size)
+            planes(gf, xf, yf, params, l, i0, i1, streamed)
+            if streamed:
+                llvm.fence()
+
+    return mc_planes
+
+
+mc_planes = _store_kinds(_mc_planes)

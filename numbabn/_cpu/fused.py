@@ -25,7 +25,7 @@ from numba import njit, prange
 from .. import _atomic
 from .._half import load, zero
 from . import llvm, vector
-from .elementwise import span
+from .elementwise import span_streamed
 from .formulas import ELEM, EXACT, PAR, consts, moments, norm_params, plain
 from .formulas import channel_grad_params as grad_params
 
@@ -34,15 +34,6 @@ from .formulas import channel_grad_params as grad_params
 def _block(a):
     """Values per block of the fused rows: two vectors, one cache line."""
     return llvm.LINE_BYTES // llvm.item_bytes(a)
-
-
-@njit(inline="always")
-def _store_blocks(yr, streamed, block):
-    """(first index, blocks) that a fused row loop writes of output row ``yr``: whole
-    cache lines from its first line boundary when streaming, else from its start."""
-    if streamed:
-        return llvm.line_blocks(yr)
-    return 0, yr.size // block
 
 
 @njit(inline="always")
@@ -82,13 +73,16 @@ def _row_moments(xr, yr, k, streamed, zr, shift, acc, t1, t2, pn):
     """Normalize row ``xr`` into ``yr`` (constants ``k``) and, in the same loop, add the
     shifted sums of row ``zr`` (the next channel's; may be empty) into ``acc``; the
     values past its last block go into (t1, t2), which are returned. ``pn``: elements
-    from ``zr`` to the next row to be summed (prefetched near the row's end)."""
+    from ``zr`` to the next row to be summed (prefetched near the row's end). The stores
+    write whole cache lines from the row's first line boundary when streaming, else
+    blocks from its start."""
     block = _block(yr)
-    s, nstore = _store_blocks(yr, streamed, block)
     nsum = zr.size // block
     if streamed:
+        s, nstore = llvm.line_blocks(yr)
         vector.fused_moments_nt(xr, yr, s, nstore, k, zr, shift, nsum, acc, pn)
     else:
+        s, nstore = 0, yr.size // block
         vector.fused_moments_plain(xr, yr, s, nstore, k, zr, shift, nsum, acc, pn)
     plain(None, xr, k, yr, 0, s)
     plain(None, xr, k, yr, s + nstore * block, yr.size)
@@ -149,37 +143,44 @@ def _take(counters, slot, limit):
     return c if c < limit else -1
 
 
-@njit(**ELEM)
-def forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, streamed, y3):
-    """Train forward of the channels this task takes from ``claims`` (counter ``slot``,
-    up to ``limit``): each channel is normalized while the next one taken is summed."""
-    n_, c_, l_ = x3.shape
-    c = _take(claims, slot, limit)
-    if c < 0:
-        return
-    acc = np.empty(vector.ACC_SIZE)
-    shift = np.float64(load(x3[0, c, 0]))
-    s1, s2 = _channel_sums(x3, c, shift, acc)
-    while c >= 0:
-        mean, var = moments(s1, s2, shift, n_ * l_)
-        norm_params(c, mean, var, weight, bias, eps, params, stats)
-        k = consts(None, params, c)
-        nxt = _take(claims, slot, limit)
-        # the channel summed while c is written: the next one taken, or none (c, empty)
-        src, width = (nxt, l_) if nxt >= 0 else (c, 0)
-        shift = np.float64(load(x3[0, src, 0]))
-        acc.fill(0.0)
-        t1 = 0.0
-        t2 = 0.0
-        for n in range(n_):
-            t1, t2 = _row_moments(
-                x3[n, c], y3[n, c], k, streamed, x3[n, src, :width], shift, acc, t1, t2,
-                _pnext(x3, n),
-            )
-        s1, s2 = _acc_total(acc, _block(x3), t1, t2)
-        c = nxt
-    if streamed:
-        llvm.fence()
+def _forward_run(streamed):
+    @njit(**ELEM)
+    def forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, y3):
+        """Train forward of the channels this task takes from ``claims`` (counter
+        ``slot``, up to ``limit``): each channel is normalized while the next one taken
+        is summed."""
+        n_, c_, l_ = x3.shape
+        c = _take(claims, slot, limit)
+        if c < 0:
+            return
+        acc = np.empty(vector.ACC_SIZE)
+        shift = np.float64(load(x3[0, c, 0]))
+        s1, s2 = _channel_sums(x3, c, shift, acc)
+        while c >= 0:
+            mean, var = moments(s1, s2, shift, n_ * l_)
+            norm_params(c, mean, var, weight, bias, eps, params, stats)
+            k = consts(None, params, c)
+            nxt = _take(claims, slot, limit)
+            # the channel summed while c is written: the next one taken, or none
+            src, width = (nxt, l_) if nxt >= 0 else (c, 0)
+            shift = np.float64(load(x3[0, src, 0]))
+            acc.fill(0.0)
+            t1 = 0.0
+            t2 = 0.0
+            for n in range(n_):
+                t1, t2 = _row_moments(
+                    x3[n, c], y3[n, c], k, streamed, x3[n, src, :width], shift, acc, t1, t2,
+                    _pnext(x3, n),
+                )
+            s1, s2 = _acc_total(acc, _block(x3), t1, t2)
+            c = nxt
+        if streamed:
+            llvm.fence()
+
+    return forward_run
+
+
+forward_plain, forward_streamed = _forward_run(False), _forward_run(True)
 
 
 @njit(inline="always")
@@ -191,44 +192,40 @@ def _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, ac
     grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
 
 
-@njit(**ELEM)
-def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3):
-    """Backward for data in cache, of the channels this task takes: each channel's
-    gradient sums, then its dx (eval: normalize of dy with rows (0, 0, k1, 0))."""
-    n_, c_, l_ = x3.shape
-    acc = np.empty(vector.ACC_SIZE)
-    c = _take(claims, slot, limit)
-    while c >= 0:
-        _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc)
-        kg, kn = consts(dy3, params, c), consts(None, params, c)
-        for n in range(n_):  # (the row loops inlined: called, short rows cost more)
-            if training:
-                plain(dy3[n, c], x3[n, c], kg, dx3[n, c], 0, l_)
-            else:
-                plain(None, dy3[n, c], kn, dx3[n, c], 0, l_)
+def _backward_run(streamed, training):
+    @njit(**ELEM)
+    def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, dx3):
+        """Backward of the channels this task takes: each channel's gradient sums, its
+        rows in order, then its dx (eval: normalize of dy with rows (0, 0, k1, 0));
+        streamed, the rows in reverse order: those summed last are the likeliest to be
+        in the core's cache still."""
+        n_, c_, l_ = x3.shape
+        acc = np.empty(vector.ACC_SIZE)
         c = _take(claims, slot, limit)
+        while c >= 0:
+            _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc)
+            kg, kn = consts(dy3, params, c), consts(None, params, c)
+            for i in range(n_):  # (the row loops inlined: called, short rows cost more)
+                n = n_ - 1 - i if streamed else i
+                if streamed:
+                    if training:
+                        span_streamed(dy3[n, c], x3[n, c], kg, dx3[n, c])
+                    else:
+                        span_streamed(None, dy3[n, c], kn, dx3[n, c])
+                elif training:
+                    plain(dy3[n, c], x3[n, c], kg, dx3[n, c], 0, l_)
+                else:
+                    plain(None, dy3[n, c], kn, dx3[n, c], 0, l_)
+            c = _take(claims, slot, limit)
+        if streamed:
+            llvm.fence()
+
+    return backward_run
 
 
-@njit(**ELEM)
-def _backward_run_streamed(
-    dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads, dx3
-):
-    """Backward into a streamed ``dx3``: each channel's gradient sums, its rows in
-    order, then its dx, rows in reverse order."""
-    n_, c_, l_ = x3.shape
-    acc = np.empty(vector.ACC_SIZE)
-    c = _take(claims, slot, limit)
-    while c >= 0:
-        _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc)
-        kg, kn = consts(dy3, params, c), consts(None, params, c)
-        for i in range(n_):
-            n = n_ - 1 - i
-            if training:
-                span(dy3[n, c], x3[n, c], kg, dx3[n, c], True)
-            else:
-                span(None, dy3[n, c], kn, dx3[n, c], True)
-        c = _take(claims, slot, limit)
-    llvm.fence()
+backward_plain_eval, backward_plain_train = _backward_run(False, False), _backward_run(False, True)
+backward_streamed_eval = _backward_run(True, False)
+backward_streamed_train = _backward_run(True, True)
 
 
 @njit(inline="always")
@@ -251,32 +248,53 @@ def _source(t, ntask, c_, shared):
     return t, (t + 1) * c_ // ntask
 
 
-@njit(**PAR)
-def forward_channels(x3, weight, bias, eps, params, stats, ntask, streamed, y3):
-    """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64 mean,
-    biased variance and invstd out in ``stats``; ``params`` gets the constants."""
-    c_ = x3.shape[1]
-    claims = _claims(ntask, c_, streamed)
-    for t in prange(ntask):
-        slot, limit = _source(t, ntask, c_, streamed)
-        # constant flags: each compiles its own loops (a flag read in the row loops
-        # measured 8% slower)
-        if streamed:
-            forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, True, y3)
-        else:
-            forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, False, y3)
+# (The kernels below branch among the run functions on their closure's constants, which
+# numba prunes: a kernel compiles one run function.)
 
 
-@njit(**PAR)
-def backward_channels(dy3, x3, mean, invstd, weight, training, params, grads, ntask, streamed, dx3):
-    """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
-    (dweight, dbias) and ``params`` the dx constants."""
-    c_ = x3.shape[1]
-    claims = _claims(ntask, c_, streamed)
-    for t in prange(ntask):
-        slot, limit = _source(t, ntask, c_, streamed)
-        args = (dy3, x3, claims, slot, limit, mean, invstd, weight, training, params, grads)
-        if streamed:
-            _backward_run_streamed(*args, dx3)
-        else:
-            backward_run(*args, dx3)
+def _forward_channels(streamed):
+    @njit(**PAR)
+    def forward_channels(x3, weight, bias, eps, params, stats, ntask, y3):
+        """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64
+        mean, biased variance and invstd out in ``stats``; ``params`` gets the
+        constants."""
+        c_ = x3.shape[1]
+        claims = _claims(ntask, c_, streamed)
+        for t in prange(ntask):
+            slot, limit = _source(t, ntask, c_, streamed)
+            args = (x3, claims, slot, limit, weight, bias, eps, params, stats, y3)
+            if streamed:
+                forward_streamed(*args)
+            else:
+                forward_plain(*args)
+
+    return forward_channels
+
+
+def _backward_channels(streamed, training):
+    @njit(**PAR)
+    def backward_channels(dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
+        """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
+        (dweight, dbias) and ``params`` the dx constants."""
+        c_ = x3.shape[1]
+        claims = _claims(ntask, c_, streamed)
+        for t in prange(ntask):
+            slot, limit = _source(t, ntask, c_, streamed)
+            args = (dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, dx3)
+            if streamed:
+                if training:
+                    backward_streamed_train(*args)
+                else:
+                    backward_streamed_eval(*args)
+            elif training:
+                backward_plain_train(*args)
+            else:
+                backward_plain_eval(*args)
+
+    return backward_channels
+
+
+# Kernels by store kind (streamed: channels from a shared counter) and, for the backward,
+# by (streamed, training): each compiles only its own loops.
+forward_channels = {streamed: _forward_channels(streamed) for streamed in (False, True)}
+backward_channels = {(s, t): _backward_channels(s, t) for s in (False, True) for t in (False, True)}

@@ -143,11 +143,11 @@ def _mc_route(elem: Layout, work: tuple, itemsize: int, streamed: bool) -> tuple
     l, w, nchunk = work
     c = elem.c
     if l >= t.plane_min_values and (streamed or (c > t.block_max_c and itemsize >= 4)):
-        return elementwise.mc_planes, (l, nchunk, streamed)  # per-channel constants
+        return elementwise.mc_planes[streamed], (l, nchunk)  # per-channel constants
     if c > t.block_max_c and not streamed:
         return elementwise.mc_bands, (l, *_wide_grid(nchunk, elem.n, c))
     blocked = 0 if streamed or c > t.block_max_c else c * max(1, w // c)
-    return elementwise.mc_spans, (l, w, blocked, nchunk, streamed)
+    return elementwise.mc_spans[streamed], (l, w, blocked, nchunk)
 
 
 @functools.lru_cache(maxsize=256)
@@ -223,7 +223,7 @@ def _lines_fit(c: int, itemsize: int, streamed: bool) -> bool:
 def _lines_work(work: tuple, streamed: bool) -> tuple:
     """The line pass's work from the mc plan work (l, span, chunks)."""
     sweep = _t().line_row_bytes if streamed else _t().line_row_bytes_plain
-    return work[0], sweep, work[2], streamed
+    return work[0], sweep, work[2]
 
 
 def _whole_lines(result: np.ndarray) -> bool:
@@ -238,20 +238,20 @@ def _whole_lines(result: np.ndarray) -> bool:
 
 
 def route(plan: Plan, layout: Layout, result: np.ndarray) -> tuple:
-    """(kernel, view of the data, work arguments, streamed) of an elementwise pass into
-    ``result`` (canonical view). The kernel takes (g, x, params, *work, y) in the view."""
+    """(kernel, view of the data, work arguments) of an elementwise pass into ``result``
+    (canonical view). The kernel takes (g, x, params, *work, y) in the view."""
     elem = plan.elem
     if elem is not layout:
         view = result.reshape(elem.n, elem.c)
         is_streamed = streamed(view, elem)
         if plan.plane_work and not is_streamed:  # short planes loop per plane again
-            return elementwise.ncl_segments, layout, (*plan.plane_work, False)
+            return elementwise.ncl_segments[False], layout, plan.plane_work
     else:
         view, is_streamed = result, streamed(result, elem)
     if elem.kind == "ncl":
-        return elementwise.ncl_segments, elem, (*plan.elem_work, is_streamed)
+        return elementwise.ncl_segments[is_streamed], elem, plan.elem_work
     if plan.lines[is_streamed] and _whole_lines(view):
-        return elementwise.mc_lines, elem, _lines_work(plan.elem_work, is_streamed)
+        return elementwise.mc_lines[is_streamed], elem, _lines_work(plan.elem_work, is_streamed)
     kernel, work = plan.mc_streamed if is_streamed else plan.mc_plain
     return kernel, elem, work
 
@@ -260,5 +260,5 @@ def mc_kernel(elem, work: tuple, itemsize: int, streamed: bool, result: np.ndarr
     """(kernel, work) of the mc elementwise pass into ``result`` ((M, C) view ``elem``,
     plan work (l, span, chunks)), as :func:`route` picks it, without a cached plan."""
     if _lines_fit(elem.c, itemsize, streamed) and _whole_lines(result):
-        return elementwise.mc_lines, _lines_work(work, streamed)
+        return elementwise.mc_lines[streamed], _lines_work(work, streamed)
     return _mc_route(elem, work, itemsize, streamed)

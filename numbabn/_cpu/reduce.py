@@ -113,6 +113,15 @@ def _finish_moments(out, shift, count):
 
 
 @njit(inline="always")
+def _keep(p, s1, s2):
+    """p[0], p[1] = s1, s2, as a loop: numba's array assignment compiles a shape check
+    whose error message (string formatting) took 3-4 s to compile."""
+    for j in range(s1.size):
+        p[0, j] = s1[j]
+        p[1, j] = s2[j]
+
+
+@njit(inline="always")
 def _sum_task(task, nrun, nseg, n_, c_, l_):
     """(samples [n0, n1), channel, segment [lo, hi), partial row) of reduction task
     ``task``: runs of samples, then channels, then segments of a plane."""
@@ -209,7 +218,7 @@ def stats_mc(x2, l, nchunk, part, out):
         lo, hi = pieces.rows(np.int64(t), nchunk, m)
         s1, s2 = np.zeros(cols), np.zeros(cols)
         sums_rows_mc(x2, lo, hi, shift, s1, s2)
-        part[t, 0], part[t, 1] = s1, s2
+        _keep(part[t], s1, s2)
     _add_partials(part, l, out)
     _finish_moments(out, first, m * l)
 
@@ -224,5 +233,5 @@ def grad_sums_mc(dy2, x2, mean, l, nchunk, part, out):
         lo, hi = pieces.rows(np.int64(t), nchunk, m)
         s1, s2 = np.zeros(cols), np.zeros(cols)
         grad_sums_rows_mc(dy2, x2, lo, hi, centre, s1, s2)
-        part[t, 0], part[t, 1] = s1, s2
+        _keep(part[t], s1, s2)
     _add_partials(part, l, out)

@@ -9,23 +9,27 @@ import numpy as np
 from numba import njit
 
 from .._half import load
+from . import fused
 from .elementwise import columns
 from .formulas import ELEM, EXACT, channel_grad_params, channel_params, consts, moments, plain
-from .fused import backward_run, channel_moments, forward_run
+from .fused import channel_moments
 from .reduce import grad_sums_rows_mc, sums_rows_mc
 
 
 @njit(**EXACT)
 def forward_ncl(x3, weight, bias, eps, params, stats, y3):
     claims = np.zeros(1, np.int64)  # one task: it takes the channels in order
-    forward_run(x3, claims, 0, x3.shape[1], weight, bias, eps, params, stats, False, y3)
+    fused.forward_plain(x3, claims, 0, x3.shape[1], weight, bias, eps, params, stats, y3)
 
 
 @njit(**EXACT)
 def backward_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
     claims = np.zeros(1, np.int64)
-    args = (dy3, x3, claims, 0, x3.shape[1], mean, invstd, weight)
-    backward_run(*args, training, params, grads, dx3)
+    args = (dy3, x3, claims, 0, x3.shape[1], mean, invstd, weight, params, grads, dx3)
+    if training:
+        fused.backward_plain_train(*args)
+    else:
+        fused.backward_plain_eval(*args)
 
 
 @njit(**EXACT)
