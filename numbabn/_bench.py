@@ -238,33 +238,11 @@ def _torch_layers(threads: int, repeats: int) -> None:
     print("\n".join(_bench_torch.report(cases, med)))
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    if args.precompile:
-        from numbabn import precompile
-
-        print(f"numbabn {numbabn.__version__}: CPU kernels compiled or loaded in {precompile():.1f} s")
-        return 0
-    steady = False if args.system_malloc else _keep_freed_memory()
-    if args.threads:
-        numba.set_num_threads(args.threads)
-    threads = numba.get_num_threads()
-    x, dy, w, b, axis = _make_inputs(args)
+def _cases(x, dy, w, b, axis, threads, torch):
+    """{op: {peer: call}}: numbabn (fresh output and ``out=``), NumPy and PyTorch."""
     c = x.shape[axis]
-    mb = x.nbytes / 1e6
-    print(f"numbabn {numbabn.__version__}: x {x.shape} {x.dtype} {args.layout.upper()} "
-          f"({mb:.1f} MB), {threads} threads, median of {args.repeats}, "
-          f"allocator: {'freed memory reused' if steady else 'system default'}")
-    lines, ok = _check(x, dy, w, b, axis)
-    print("check against the float64 NumPy reference:")
-    print("\n".join(lines))
-    print("  -> " + ("all within limits" if ok else "FAILED"))
-
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     _, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis)
-    flat = x.reshape(-1)
-    flat = flat.view(np.uint16) if x.dtype == np.float16 else flat  # numba has no float16
-    dst = np.empty_like(flat)
     y_out = np.empty_like(x)
     cases = {
         "train fwd": {
@@ -282,21 +260,14 @@ def main(argv=None) -> int:
             "numpy": lambda: ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, dtype=None),
         },
     }
-    if not args.no_torch:
+    if torch:
         for op, fn in _torch_cases(x, dy, w, b, axis, threads).items():
             cases[op]["torch"] = fn
-    passes = {"read": lambda: _read_pass(flat), "copy": lambda: _copy_pass(flat, dst)}
-    floors = {"train fwd": (1, 1), "eval fwd": (0, 1), "backward": (3, 1)}  # (reads, copies)
+    return cases
 
-    fast, slow = dict(passes), {}
-    for op, peers in cases.items():
-        for peer, fn in peers.items():
-            (slow if peer == "numpy" else fast)[(op, peer)] = fn
-    samples = {}
-    _time_rounds(fast, args.repeats, samples)
-    _time_rounds(slow, args.repeats, samples)
-    med = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
 
+def _print_table(cases, floors, med, mb) -> None:
+    """The main job's table: median ms per op and peer, floors and speed-ups."""
     has_torch = any("torch" in p for p in cases.values())
     head = f"{'op':<10} {'numbabn':>9} {'out=':>9} {'numpy':>9}"
     head += f" {'torch':>9}" if has_torch else ""
@@ -321,6 +292,46 @@ def main(argv=None) -> int:
     print("out=: numbabn writing into a preallocated output; x numpy / x torch: speed-up of "
           "numbabn (fresh output) over that peer; of floor: floor time / best numbabn time")
     print("floors: train fwd = read + copy, eval fwd = copy, backward = 3 reads + copy")
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if args.precompile:
+        from numbabn import precompile
+
+        print(f"numbabn {numbabn.__version__}: CPU kernels compiled or loaded in {precompile():.1f} s")
+        return 0
+    steady = False if args.system_malloc else _keep_freed_memory()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    threads = numba.get_num_threads()
+    x, dy, w, b, axis = _make_inputs(args)
+    mb = x.nbytes / 1e6
+    print(f"numbabn {numbabn.__version__}: x {x.shape} {x.dtype} {args.layout.upper()} "
+          f"({mb:.1f} MB), {threads} threads, median of {args.repeats}, "
+          f"allocator: {'freed memory reused' if steady else 'system default'}")
+    lines, ok = _check(x, dy, w, b, axis)
+    print("check against the float64 NumPy reference:")
+    print("\n".join(lines))
+    print("  -> " + ("all within limits" if ok else "FAILED"))
+
+    flat = x.reshape(-1)
+    flat = flat.view(np.uint16) if x.dtype == np.float16 else flat  # numba has no float16
+    dst = np.empty_like(flat)
+    cases = _cases(x, dy, w, b, axis, threads, not args.no_torch)
+    passes = {"read": lambda: _read_pass(flat), "copy": lambda: _copy_pass(flat, dst)}
+    floors = {"train fwd": (1, 1), "eval fwd": (0, 1), "backward": (3, 1)}  # (reads, copies)
+
+    fast, slow = dict(passes), {}
+    for op, peers in cases.items():
+        for peer, fn in peers.items():
+            (slow if peer == "numpy" else fast)[(op, peer)] = fn
+    samples = {}
+    _time_rounds(fast, args.repeats, samples)
+    _time_rounds(slow, args.repeats, samples)
+    med = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
+
+    _print_table(cases, floors, med, mb)
     if not args.no_torch:
         _torch_layers(threads, args.repeats)
     tiny = _tiny_calls(not args.no_torch)

@@ -26,6 +26,20 @@ _F64 = np.dtype(np.float64)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+# --- the elementwise formulas, one source for the CPU kernels (njit code and the LLVM
+# vector loops, ``_cpu.formulas``) and the CUDA kernels (``_gpu_kernels``) -----------
+
+
+def normalize(x, hi, lo, a, b):
+    """y = ((x - hi) - lo) * a + b: the mean as hi + lo, subtracted in two steps."""
+    return ((x - hi) - lo) * a + b
+
+
+def grad_input(g, x, hi, lo, k2, mdy, k1):
+    """dx = (dy - mean(dy) - (x - mean) * k2) * k1."""
+    return (g - mdy - ((x - hi) - lo) * k2) * k1
+
+
 # --- scalar formulas, one source for host code, CPU kernels and CUDA kernels ----------
 # (``register_jitable`` and ``overload`` compile them into njit and cuda.jit code; the
 # CUDA simulator runs the Python bodies.)

@@ -12,6 +12,7 @@ from ._dispatch import backend
 Array = Any  # a NumPy array or a CUDA array (see the README)
 
 
+# (batch_norm's length is its docstring: the contract's summary for help().)
 def batch_norm(
     x: Array,
     running_mean: Array | None = None,

@@ -25,159 +25,33 @@ from __future__ import annotations
 
 import math
 
-from numba import config, cuda, float64, int32, uint64
+from numba import cuda, float64, int32, uint64
 
-from ._channel import finite_scale, mean_lo
-
-# Threads per block. Kept small under the simulator (one Python thread per CUDA
-# thread) so that tiny test inputs still span several blocks and partial blocks.
-BLOCK = 16 if config.ENABLE_CUDASIM else 256
-TX = 4 if config.ENABLE_CUDASIM else 32  # channels per block in the MC kernels
-TY = BLOCK // TX
-U = 4  # values each thread loads before it uses them (memory parallelism)
-MIN_SPAN = BLOCK * U * 2  # fewest values of a channel that one block takes
-
-# Bits of the ``flags`` argument of the finishing step.
-HAS_WEIGHT, HAS_BIAS, UPDATE_RUNNING, TRAINING = 1, 2, 4, 8
-# Rows of ``chan``: three returned values, then the elementwise constants.
-HI, LO, A, B, K1 = 3, 4, 5, 6, 7
-ROWS = 8
-
-
-@cuda.jit(device=True)
-def _tree_sum2(sh1, sh2, tid, width, rows):
-    """Add the ``rows`` rows of ``width`` values of two shared arrays into row 0."""
-    step = rows // 2
-    while step > 0:
-        if tid < step * width:
-            sh1[tid] += sh1[tid + step * width]
-            sh2[tid] += sh2[tid + step * width]
-        cuda.syncthreads()
-        step //= 2
-
-
-@cuda.jit(device=True)
-def _is_last(counter, c, nblocks, flag, tid):
-    """True in every thread of the block that is the last to finish channel c. The
-    threads that wrote partials have fenced them and the block has synchronized, so
-    every partial of this block is visible before its count is."""
-    if tid == 0:
-        flag[0] = cuda.atomic.add(counter, c, 1) == nblocks - 1
-    cuda.syncthreads()
-    return flag[0] != 0
-
-
-@cuda.jit(device=True)
-def _accumulate(s1, s2, a, b, k, mode):
-    """One value into a thread's two sums. mode 0 (statistics): d = a - k adds
-    (d, d^2); mode 1 (gradient): adds (a, a * (b - k)) with a = dy, b = x, k = mean."""
-    if mode == 0:
-        d = float64(a) - k
-        return s1 + d, s2 + d * d
-    g = float64(a)
-    return s1 + g, s2 + g * (float64(b) - k)
-
-
-@cuda.jit(device=True)
-def _merge_block(s1, s2, sh1, sh2, tid, width, rows, part, c, write, counter, group, flag):
-    """Merge the block's per-thread sums with a shared-memory tree, store the block's
-    partial of channel c where ``write``, and return, in every thread, whether this
-    block is the last of counter ``group`` (whose counter it resets for the next launch).
-    """
-    sh1[tid] = s1
-    sh2[tid] = s2
-    cuda.syncthreads()
-    _tree_sum2(sh1, sh2, tid, width, rows)
-    if write:  # several threads of an MC block write: each fences its own writes
-        part[c, cuda.blockIdx.y, 0] = sh1[tid]
-        part[c, cuda.blockIdx.y, 1] = sh2[tid]
-        cuda.threadfence()
-    cuda.syncthreads()
-    last = _is_last(counter, group, cuda.gridDim.y, flag, tid)
-    if last and tid == 0:
-        counter[group] = 0
-    return last
-
-
-@cuda.jit(device=True)
-def _gather(part, c, sh1, sh2, tid, width, rows, row, active):
-    """In the last block: channel c's sums over its gridDim.y partials, returned in
-    row 0 of c's column. The ``rows`` threads of the column (this one is ``row``) each
-    add the partials row, row + rows, ... with U of them loaded at a time, then the
-    shared-memory tree adds the threads: a fixed order for a given grid. One thread
-    adding hundreds of partials serially took tens of microseconds (H100).
-    Every thread of the block calls it (it synchronizes)."""
-    nblocks = cuda.gridDim.y
-    s1 = 0.0
-    s2 = 0.0
-    if active:
-        s = row
-        while s + (U - 1) * rows < nblocks:
-            p0, q0 = part[c, s, 0], part[c, s, 1]
-            p1, q1 = part[c, s + rows, 0], part[c, s + rows, 1]
-            p2, q2 = part[c, s + 2 * rows, 0], part[c, s + 2 * rows, 1]
-            p3, q3 = part[c, s + 3 * rows, 0], part[c, s + 3 * rows, 1]
-            s1 = s1 + p0 + p1 + p2 + p3
-            s2 = s2 + q0 + q1 + q2 + q3
-            s += U * rows
-        while s < nblocks:
-            s1 += part[c, s, 0]
-            s2 += part[c, s, 1]
-            s += rows
-    sh1[tid] = s1
-    sh2[tid] = s2
-    cuda.syncthreads()
-    _tree_sum2(sh1, sh2, tid, width, rows)
-    return sh1[tid], sh2[tid]
-
-
-@cuda.jit(device=True)
-def _finish_stats(s1, s2, c, shift, count, w, b, rm, rv, flags, eps, momentum, chan):
-    """Channel c's mean, variance, invstd, running statistics and normalize constants
-    from its shifted sums (s1, s2)."""
-    delta = s1 / count
-    mean = shift + delta
-    var = s2 / count - delta * delta
-    if var < 0.0:
-        var = 0.0
-    invstd = 1.0 / math.sqrt(var + eps)
-    chan[0, c] = mean
-    chan[1, c] = var
-    chan[2, c] = invstd
-    scale = invstd
-    if flags & HAS_WEIGHT:
-        scale *= float64(w[c])
-    chan[HI, c] = mean
-    chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
-    chan[A, c] = finite_scale(scale, chan)
-    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
-    if flags & UPDATE_RUNNING:
-        rm[c] = (1.0 - momentum) * float64(rm[c]) + momentum * mean
-        rv[c] = (1.0 - momentum) * float64(rv[c]) + momentum * var * (count / (count - 1.0))
-
-
-@cuda.jit(device=True)
-def _finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan):
-    """Channel c's dweight, dbias and the constants of the dx kernel from its sums
-    (sum dy, sum dy * (x - mean))."""
-    inv = float64(invstd[c])
-    chan[0, c] = s2 * inv
-    chan[1, c] = s1
-    k1 = inv
-    if flags & HAS_WEIGHT:
-        k1 *= float64(w[c])
-    mu = float64(mean[c])
-    if flags & TRAINING:
-        chan[HI, c] = mu
-        chan[LO, c] = mean_lo(mu, float64(chan[HI, c]))
-        chan[A, c] = inv * inv * s2 / count
-        chan[B, c] = s1 / count
-    else:  # dx = dy * k1: the constants of "normalize" with mean 0 and no shift
-        chan[HI, c] = 0.0
-        chan[LO, c] = 0.0
-        chan[A, c] = k1
-        chan[B, c] = 0.0
-    chan[K1, c] = k1
+from ._channel import finite_scale, grad_input, mean_lo, normalize
+from ._gpu_reduce import (  # noqa: F401 (launch constants, read by _gpu as K.*)
+    BLOCK,
+    HAS_BIAS,
+    HAS_WEIGHT,
+    HI,
+    K1,
+    LO,
+    MIN_SPAN,
+    ROWS,
+    TRAINING,
+    TX,
+    TY,
+    UPDATE_RUNNING,
+    A,
+    B,
+    U,
+    accumulate,
+    finish_grad,
+    finish_stats,
+    gather,
+    is_last,
+    merge_block,
+    tree_sum2,
+)
 
 
 @cuda.jit(device=True)
@@ -223,15 +97,19 @@ def _constants(chan, c, mode):
     return chan[HI, c], chan[LO, c], chan[A, c], chan[B, c], k1
 
 
+_normalize = cuda.jit(device=True)(normalize)
+_grad_input = cuda.jit(device=True)(grad_input)
+
+
 @cuda.jit(device=True)
 def _value(mode, g, v, ct, k):
-    """One output value: mode 0, y = ((v - hi) - lo) * scale + shift (g unused);
-    mode 1, dx = (g - mdy - ((v - hi) - lo) * k2) * k1. k: ``_constants``."""
+    """One output value (``_channel``'s formulas; ``ct`` widens float16 to the compute
+    type): mode 0, normalize of v (g unused); mode 1, grad_input of g and v. k:
+    ``_constants``."""
     hi, lo, p, q, k1 = k
-    xmu = (v + ct - hi) - lo
     if mode == 0:
-        return xmu * p + q
-    return (g + ct - q - xmu * p) * k1
+        return _normalize(v + ct, hi, lo, p, q)
+    return _grad_input(g + ct, v + ct, hi, lo, p, q, k1)
 
 
 @cuda.jit(device=True)
@@ -277,15 +155,15 @@ def _ncl_sums(a1, sa, b1, sb, nl, c, k, mode, tid):
         oa3, ob3 = _next(oa2, da, wa, w), _next(ob2, db, wb, w)
         a0, a1_, a2, a3 = a1[_at(oa)], a1[_at(oa1)], a1[_at(oa2)], a1[_at(oa3)]
         b0, b1_, b2, b3 = b1[_at(ob)], b1[_at(ob1)], b1[_at(ob2)], b1[_at(ob3)]
-        s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
-        s1, s2 = _accumulate(s1, s2, a1_, b1_, k, mode)
-        s1, s2 = _accumulate(s1, s2, a2, b2, k, mode)
-        s1, s2 = _accumulate(s1, s2, a3, b3, k, mode)
+        s1, s2 = accumulate(s1, s2, a0, b0, k, mode)
+        s1, s2 = accumulate(s1, s2, a1_, b1_, k, mode)
+        s1, s2 = accumulate(s1, s2, a2, b2, k, mode)
+        s1, s2 = accumulate(s1, s2, a3, b3, k, mode)
         l, w = _wraps(l, dl, l_)
         oa, ob = _next(oa3, da, wa, w), _next(ob3, db, wb, w)
         j += U * BLOCK
     while j < j1:
-        s1, s2 = _accumulate(s1, s2, a1[_at(oa)], b1[_at(ob)], k, mode)
+        s1, s2 = accumulate(s1, s2, a1[_at(oa)], b1[_at(ob)], k, mode)
         l, w = _wraps(l, dl, l_)
         oa, ob = _next(oa, da, wa, w), _next(ob, db, wb, w)
         j += BLOCK
@@ -302,12 +180,12 @@ def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, cha
     tid = cuda.threadIdx.x
     k = float64(x1[_at(c * xs[1])])
     s1, s2 = _ncl_sums(x1, xs, x1, xs, nl, c, k, 0, tid)
-    last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
+    last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
-        s1, s2 = _gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
+        s1, s2 = gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
         if tid == 0:
             count = float64(nl[0] * nl[1])
-            _finish_stats(s1, s2, c, k, count, w, b, rm, rv, flags, eps, momentum, chan)
+            finish_stats(s1, s2, c, k, count, w, b, rm, rv, flags, eps, momentum, chan)
 
 
 @cuda.jit
@@ -319,12 +197,12 @@ def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, c
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     s1, s2 = _ncl_sums(dy1, dys, x1, xs, nl, c, float64(mean[c]), 1, tid)
-    last = _merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
+    last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
-        s1, s2 = _gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
+        s1, s2 = gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
         if tid == 0:
             count = float64(nl[0] * nl[1])
-            _finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan)
+            finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan)
 
 
 @cuda.jit(device=True)
@@ -393,13 +271,13 @@ def _mc_sums(a2, b2, c, k, mode, ty):
         a2_, a3 = a2[_at(r + 2 * step), _at(c)], a2[_at(r + 3 * step), _at(c)]
         b0, b1 = b2[_at(r), _at(c)], b2[_at(r + step), _at(c)]
         b2_, b3 = b2[_at(r + 2 * step), _at(c)], b2[_at(r + 3 * step), _at(c)]
-        s1, s2 = _accumulate(s1, s2, a0, b0, k, mode)
-        s1, s2 = _accumulate(s1, s2, a1, b1, k, mode)
-        s1, s2 = _accumulate(s1, s2, a2_, b2_, k, mode)
-        s1, s2 = _accumulate(s1, s2, a3, b3, k, mode)
+        s1, s2 = accumulate(s1, s2, a0, b0, k, mode)
+        s1, s2 = accumulate(s1, s2, a1, b1, k, mode)
+        s1, s2 = accumulate(s1, s2, a2_, b2_, k, mode)
+        s1, s2 = accumulate(s1, s2, a3, b3, k, mode)
         r += U * step
     while r < m:
-        s1, s2 = _accumulate(s1, s2, a2[_at(r), _at(c)], b2[_at(r), _at(c)], k, mode)
+        s1, s2 = accumulate(s1, s2, a2[_at(r), _at(c)], b2[_at(r), _at(c)], k, mode)
         r += step
     return s1, s2
 
@@ -421,11 +299,11 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
     if active:
         s1, s2 = _mc_sums(x2, x2, c, k, 0, ty)
     write = ty == 0 and active
-    last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
+    last = merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last:
-        s1, s2 = _gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
+        s1, s2 = gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
         if write:
-            _finish_stats(s1, s2, c, k, float64(x2.shape[0]), w, b, rm, rv, flags, eps, momentum, chan)
+            finish_stats(s1, s2, c, k, float64(x2.shape[0]), w, b, rm, rv, flags, eps, momentum, chan)
 
 
 @cuda.jit
@@ -444,11 +322,11 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
     if active:
         s1, s2 = _mc_sums(dy2, x2, c, float64(mean[c]), 1, ty)
     write = ty == 0 and active
-    last = _merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
+    last = merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last:
-        s1, s2 = _gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
+        s1, s2 = gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
         if write:
-            _finish_grad(s1, s2, c, float64(x2.shape[0]), mean, invstd, w, flags, chan)
+            finish_grad(s1, s2, c, float64(x2.shape[0]), mean, invstd, w, flags, chan)
 
 
 @cuda.jit(device=True)

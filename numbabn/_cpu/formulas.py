@@ -1,9 +1,10 @@
 """The formulas of the CPU kernels, each written once.
 
-Elementwise: :func:`normalize` and :func:`grad_input` are plain Python, compiled into
-the njit traversals (``value``) and evaluated on LLVM vectors by the hand-written
-vector loops (``llvm.formula``), so every path does the same operations in the same
-order (``contract`` only: bitwise the same results streamed or not).
+Elementwise: ``normalize`` and ``grad_input`` (plain Python, in ``_channel``, shared
+with the CUDA kernels) are compiled into the njit traversals (``value``) and evaluated
+on LLVM vectors by the hand-written vector loops (``llvm.formula``), so every path does
+the same operations in the same order (``contract`` only: bitwise the same results
+streamed or not).
 
 A traversal takes the formula from its gradient argument ``g``: None gives normalize
 of ``x`` with 4 constants (hi, lo, a, b), an array gives grad_input of (``g``, ``x``)
@@ -22,7 +23,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .._channel import finite_scale, mean_lo
+from .._channel import finite_scale, grad_input, mean_lo, normalize
 from .._half import load, store
 
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
@@ -36,18 +37,7 @@ EXACT = {"cache": True, "fastmath": False}
 PAR = {"parallel": True, **EXACT}
 
 
-# --- the elementwise formulas ---------------------------------------------------------
-
-
-def normalize(x, hi, lo, a, b):
-    """y = ((x - hi) - lo) * a + b: the mean as hi + lo, subtracted in two steps."""
-    return ((x - hi) - lo) * a + b
-
-
-def grad_input(g, x, hi, lo, k2, mdy, k1):
-    """dx = (dy - mean(dy) - (x - mean) * k2) * k1."""
-    return (g - mdy - ((x - hi) - lo) * k2) * k1
-
+# --- the elementwise formulas (``_channel.normalize``, ``_channel.grad_input``) ---------
 
 _normalize = njit(inline="always")(normalize)
 _grad_input = njit(inline="always")(grad_input)

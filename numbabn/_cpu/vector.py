@@ -84,6 +84,8 @@ def span_nt(typingctx, g, x, y, start, stop, k):
 # row's end into the next row to be summed (``pnext`` elements on; 0: none).
 
 
+# (_fused_row is long: numba's intrinsics build their IR in nested closures over the
+# typing results, and the loop's pieces share the builder and the vectors' state.)
 def _fused_row(sums, nt):
     """A fused-row intrinsic: normalize ``nstore`` blocks of ``x`` into ``y`` from ``s``
     (constants ``k``), and add into ``acc`` float64 ``sums`` over ``nsum`` blocks of
