@@ -5,6 +5,7 @@ of your choice; NumPy arrays run on parallel CPU kernels, CUDA arrays (anything 
 ``__cuda_array_interface__``) on GPU kernels without leaving the device.
 """
 
+from ._fold import fold
 from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from ._module import BatchNorm
 from ._precompile import precompile
@@ -18,5 +19,6 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_stats",
+    "fold",
     "precompile",
 ]

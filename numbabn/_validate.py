@@ -441,6 +441,20 @@ def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_co
     return Checked(side, layout, 0.0, 0.0)
 
 
+def fold_args(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
+    """Check ``numbabn.fold``'s arguments; returns (side, channel axis, eps)."""
+    info = describe(layer_weight, "layer_weight")
+    _check_float(info, "layer_weight")
+    if not info.shape:
+        raise ValueError("layer_weight must have at least 1 dimension")
+    axis = normalize_axis(axis, len(info.shape))
+    c = info.shape[axis]
+    names = ("layer_weight", "layer_bias", "running_mean", "running_var", "weight", "bias")
+    vectors = (layer_bias, _given(running_mean, "running_mean"), _given(running_var, "running_var"))
+    sides = [info.side] + [_vector_side(v, n, c) for v, n in zip(vectors + (weight, bias), names[1:])]
+    return _one_side(names, tuple(sides)), axis, check_eps(eps, False)
+
+
 def stream_kwargs(side: str, stream: Any) -> dict:
     """``{"stream": stream}`` for the GPU backend; TypeError for a stream with host arrays."""
     if stream is None:

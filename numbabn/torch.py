@@ -20,7 +20,9 @@ from torch import Tensor
 
 from . import _cpu, _functional, distributed
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "fold",
+]
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -328,4 +330,55 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None) -> 
         return _converted(module, sync, process_group)
     for name, child in module.named_children():
         setattr(module, name, convert(child, sync, process_group))
+    return module
+
+
+_FOLDABLE = {  # layer type: the output-channel axis of its weight
+    torch.nn.Linear: 0, torch.nn.Conv1d: 0, torch.nn.Conv2d: 0, torch.nn.Conv3d: 0,
+    torch.nn.ConvTranspose1d: 1, torch.nn.ConvTranspose2d: 1, torch.nn.ConvTranspose3d: 1,
+}
+
+
+def _fold_pair(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
+    """Fold ``bn`` into ``layer`` in place (``numbabn.fold``); False if they do not fold
+    (grouped transposed convolutions, a batch norm without running statistics)."""
+    axis = _FOLDABLE.get(type(layer))
+    if (
+        axis is None
+        or not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
+        or bn.running_mean is None
+        or (axis == 1 and layer.groups != 1)  # (in, out / groups, ...): not one axis
+        or layer.weight.shape[axis] != bn.num_features
+    ):
+        return False
+    from numbabn import fold as fold_arrays
+
+    with torch.no_grad():
+        w, b = fold_arrays(
+            layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+            bn.running_mean, bn.running_var, None if bn.weight is None else bn.weight.detach(),
+            None if bn.bias is None else bn.bias.detach(), bn.eps, axis=axis,
+        )
+        layer.weight.copy_(w)
+        if layer.bias is None:
+            layer.bias = torch.nn.Parameter(b.to(layer.weight.dtype))
+        else:
+            layer.bias.copy_(b)
+    return True
+
+
+def fold(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold each batch norm that directly follows a Conv/ConvTranspose/Linear layer in
+    an ``nn.Sequential`` of the eval-mode ``module`` into that layer (its weight and
+    bias updated, the batch norm replaced by ``nn.Identity``); returns the module.
+    ValueError for a module in training mode, whose batch norms use batch statistics."""
+    if module.training:
+        raise ValueError("fold needs a model in eval mode (call module.eval() first)")
+    for child in module.children():
+        fold(child)
+    if isinstance(module, torch.nn.Sequential):
+        names = [name for name, _ in module.named_children()]
+        for first, second in zip(names, names[1:]):
+            if _fold_pair(module._modules[first], module._modules[second]):
+                module._modules[second] = torch.nn.Identity()
     return module

@@ -44,6 +44,7 @@ def _signatures(data, vec):
         "grad_input_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2)),
         "eval_params": (v, v, v, v, i, f, chan),
         "copy_4d": (_arr(data, 4), _arr(data, 4)),
+        "fold_scale": (_arr(data, 1), _arr(types.float64, 1), i, i, _arr(data, 1)),  # _gpu_fold
     }
 
 
@@ -83,6 +84,9 @@ def test_kernel_compiles_to_ptx(name, data, vec, cc, monkeypatch):
             monkeypatch.setattr(fn, "overloads", {})
 
     sig = _signatures(DATA[data], vec)[name]
-    ptx, _ = cuda.compile_ptx(getattr(_gpu_kernels, name).py_func, sig, cc=cc)
+    from numbabn import _gpu_fold
+
+    kernel = _gpu_fold._scale if name == "fold_scale" else getattr(_gpu_kernels, name)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ".entry" in ptx

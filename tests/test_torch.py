@@ -267,3 +267,42 @@ def test_float16_layer_matches_torch():
     assert ours.weight.grad.dtype == torch.float16
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+
+
+def _randomize_statistics(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+
+
+def test_fold_a_sequential_model():
+    """``nbt.fold``: each BatchNorm after a Conv, ConvTranspose or Linear in an
+    ``nn.Sequential`` folded into it (with and without a layer bias), the eval-mode
+    outputs equal within 1e-10 (float64); a training-mode model is refused."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, bias=False), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(6, 5, 3), nbt.BatchNorm2d(5), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(5, 4, 1), torch.nn.BatchNorm2d(4)),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 7), torch.nn.BatchNorm1d(7),
+    ).to(torch.float64)
+    _randomize_statistics(model, 4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="eval mode"):
+        nbt.fold(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert nbt.fold(model) is model
+        got = model(x)
+    kinds = [type(m) for m in model.modules()]
+    assert torch.nn.Identity in kinds and not any(
+        issubclass(k, torch.nn.modules.batchnorm._BatchNorm) for k in kinds
+    )
+    assert model[0].bias is not None  # a bias was added where the layer had none
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
