@@ -105,3 +105,18 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, training=True,
     count = xd.size // max(c, 1)  # (no channels: nothing to count)
     dx = (dyd - (dbias / count).reshape(shape) - xhat * (dweight / count).reshape(shape)) * k
     return dx, dweight, dbias
+
+
+def with_constants(params, x, dy=None, axis=1):
+    """The kernels' elementwise step from packed per-channel constants (rows of C), in
+    float64: y = ((x - hi) - lo) * a + b from rows (hi, lo, a, b); with ``dy``, the
+    gradient dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 from rows (hi, lo, k2, mdy, k1).
+    A reference for tests that drive the kernels with constants of their own."""
+    p = np.asarray(params, np.float64)
+    shape = [1] * np.ndim(x)
+    shape[axis % np.ndim(x)] = p.shape[1]
+    rows = [r.reshape(shape) for r in p]
+    xmu = (np.asarray(x, np.float64) - rows[0]) - rows[1]
+    if dy is None:
+        return xmu * rows[2] + rows[3]
+    return (np.asarray(dy, np.float64) - rows[3] - xmu * rows[2]) * rows[4]

@@ -5,17 +5,41 @@
 #      since NUMBA_ENABLE_CUDASIM must be set before numba is imported;
 #   3. numbabn.distributed under MPI with 2 ranks and with 3 (one of them empty),
 #      on host arrays and under the simulator.
-set -euo pipefail
+# The suites spend most of their time compiling, one core each: 1 and 2 run side by
+# side, then the four MPI runs two at a time. Each suite's output is shown when it ends.
+set -uo pipefail
 PY=${1:-python3}
 cd "$(dirname "$0")/.."
 MPIEXEC=${MPIEXEC:-$(dirname "$PY")/mpiexec}
 [ -x "$MPIEXEC" ] || MPIEXEC=mpiexec
 SIM=(env NUMBA_ENABLE_CUDASIM=1 NUMBABN_TEST_SIDE=device)
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
 status=0
-"$PY" -m pytest -q tests || status=1
-"${SIM[@]}" "$PY" -m pytest -q tests || status=1
+
+# run NAME COMMAND...: in the background, output to $LOGS/NAME
+run() {
+  local name=$1
+  shift
+  ( "$@" > "$LOGS/$name" 2>&1; echo $? > "$LOGS/$name.rc" ) &
+}
+
+# finish NAME...: wait for the named runs, show their output, note failures
+finish() {
+  wait
+  for name in "$@"; do
+    echo "=== $name"
+    cat "$LOGS/$name"
+    [ "$(cat "$LOGS/$name.rc")" = 0 ] || { echo "=== $name FAILED"; status=1; }
+  done
+}
+
+run host "$PY" -m pytest -q -p no:cacheprovider tests
+run simulator "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests
+finish host simulator
 for n in 2 3; do
-  "$MPIEXEC" -n "$n" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py || status=1
-  "$MPIEXEC" -n "$n" "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py || status=1
+  run "mpi-$n-host" "$MPIEXEC" -n "$n" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
+  run "mpi-$n-simulator" "$MPIEXEC" -n "$n" "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
+  finish "mpi-$n-host" "mpi-$n-simulator"
 done
 exit $status

@@ -107,11 +107,8 @@ def test_kernels_stream_when_asked(layout, c, items, dtype):
     for p, s in zip(*results):
         np.testing.assert_array_equal(s, p)
     # and the plain results are the formula (checked in float64 against the inputs)
-    x64, dy64, p64 = x.astype(np.float64), dy.astype(np.float64), params.astype(np.float64)
-    shape = (1, c, 1) if layout == "ncl" else (1, c)
-    hi, lo, a, b, k1 = (p64[i].reshape(shape) for i in range(5))
-    assert_close(results[0][0], (x64 - hi - lo) * a + b, dtype, factor=4)
-    assert_close(results[0][1], (dy64 - b - (x64 - hi - lo) * a) * k1, dtype, factor=8)
+    assert_close(results[0][0], ref.with_constants(params, x), dtype, factor=4)
+    assert_close(results[0][1], ref.with_constants(params, x, dy), dtype, factor=8)
 
 
 def test_fresh_outputs_are_aligned(monkeypatch):
