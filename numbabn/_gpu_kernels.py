@@ -27,7 +27,7 @@ import math
 
 from numba import cuda, float64, int32, uint64
 
-from ._channel import finite_scale, grad_input, mean_lo, normalize
+from ._channel import grad_input, normalize
 from ._gpu_reduce import (  # noqa: F401 (launch constants, read by _gpu as K.*)
     BLOCK,
     HAS_BIAS,
@@ -50,6 +50,7 @@ from ._gpu_reduce import (  # noqa: F401 (launch constants, read by _gpu as K.*)
     gather,
     is_last,
     merge_block,
+    norm_constants,
     tree_sum2,
 )
 
@@ -381,13 +382,7 @@ def eval_params(rm, rv, w, b, flags, eps, chan):
     invstd = 1.0 / math.sqrt(float64(rv[c]) + eps)
     chan[0, c] = mean
     chan[1, c] = invstd
-    scale = invstd
-    if flags & HAS_WEIGHT:
-        scale *= float64(w[c])
-    chan[HI, c] = mean
-    chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
-    chan[A, c] = finite_scale(scale, chan)
-    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+    norm_constants(chan, c, mean, invstd, w, b, flags)
 
 
 # --- copies ---------------------------------------------------------------------------

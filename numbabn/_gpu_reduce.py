@@ -115,6 +115,19 @@ def gather(part, c, sh1, sh2, tid, width, rows, row, active):
 
 
 @cuda.jit(device=True)
+def norm_constants(chan, c, mean, invstd, w, b, flags):
+    """Channel c's normalize constants (rows HI, LO, A, B of ``chan``) from its mean
+    and invstd (float64), weight and bias (when ``flags`` has them)."""
+    scale = invstd
+    if flags & HAS_WEIGHT:
+        scale *= float64(w[c])
+    chan[HI, c] = mean
+    chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
+    chan[A, c] = finite_scale(scale, chan)
+    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+
+
+@cuda.jit(device=True)
 def finish_stats(s1, s2, c, shift, count, w, b, rm, rv, flags, eps, momentum, chan):
     """Channel c's mean, variance, invstd, running statistics and normalize constants
     from its shifted sums (s1, s2)."""
@@ -127,13 +140,7 @@ def finish_stats(s1, s2, c, shift, count, w, b, rm, rv, flags, eps, momentum, ch
     chan[0, c] = mean
     chan[1, c] = var
     chan[2, c] = invstd
-    scale = invstd
-    if flags & HAS_WEIGHT:
-        scale *= float64(w[c])
-    chan[HI, c] = mean
-    chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
-    chan[A, c] = finite_scale(scale, chan)
-    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+    norm_constants(chan, c, mean, invstd, w, b, flags)
     if flags & UPDATE_RUNNING:
         rm[c] = (1.0 - momentum) * float64(rm[c]) + momentum * mean
         rv[c] = (1.0 - momentum) * float64(rv[c]) + momentum * var * (count / (count - 1.0))

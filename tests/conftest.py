@@ -21,10 +21,14 @@ def _kernel_sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-if "NUMBA_CACHE_DIR" not in os.environ:  # set before numba is imported
+if "NUMBA_CACHE_DIR" not in os.environ:
     os.environ["NUMBA_CACHE_DIR"] = str(
         pathlib.Path.home() / ".cache" / "numbabn-tests" / _kernel_sources_digest()
     )
+    # pytest has imported numba's config already (for the warning filters): read again
+    from numba.core import config
+
+    config.reload_config()
 
 import pytest  # noqa: E402
 

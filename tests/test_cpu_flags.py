@@ -80,3 +80,21 @@ def test_moments_rounds_the_same_after_a_contracting_caller(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "0", f"{res.stdout.strip()} of 200 variances rounded differently"
+
+
+def test_the_suite_keys_numbas_cache_on_the_kernel_sources():
+    """The kernels inline code from other modules, and numba's cache keys a kernel on
+    its own file only: the suite keeps its cache in a directory named after all the
+    kernel sources (``conftest``), and numba must really be using it (pytest imports
+    numba's config before any conftest runs)."""
+    import numba
+
+    from numbabn._cpu import reduce
+
+    from conftest import _kernel_sources_digest
+
+    where = os.environ["NUMBA_CACHE_DIR"]
+    if os.path.basename(where) != _kernel_sources_digest():
+        pytest.skip("NUMBA_CACHE_DIR was set by the caller")
+    assert numba.config.CACHE_DIR == where
+    assert reduce.sums_ncl._cache._cache_path.startswith(where)

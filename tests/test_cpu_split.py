@@ -1,5 +1,5 @@
 """How the kernels split their work. The NCL reductions take runs of samples, each
-plane cut into segments (``_cpu.reduce.stats_ncl``, ``grad_sums_ncl``): each partial
+plane cut into segments (``_cpu.reduce.sums_ncl``): each partial
 row must hold exactly its own run's and segment's sums, where the functional tests
 check only totals. The MC reductions fold flat columns into channels. The
 elementwise passes walk plane segments in runs that may start mid-plane."""
@@ -60,10 +60,10 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype, sweep):
     k = (lambda a: a.view(np.uint16)) if dtype == np.float16 else (lambda a: a)
     part = np.full((nrun * nseg, 2, shape[1]), np.nan)
     out = np.full((2, shape[1]), np.nan)
-    reduce.stats_ncl(k(x), nrun, nseg, sweep, part, out)
+    reduce.sums_ncl(None, k(x), None, nrun, nseg, sweep, part, out)
     if sweep:
         part_t, out_t = np.full_like(part, np.nan), np.full_like(out, np.nan)
-        reduce.stats_ncl(k(x), nrun, nseg, False, part_t, out_t)
+        reduce.sums_ncl(None, k(x), None, nrun, nseg, False, part_t, out_t)
         assert np.array_equal(part, part_t) and np.array_equal(out, out_t)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     shift = x64[0, :, 0]
@@ -72,10 +72,10 @@ def test_reduction_rows_are_runs_and_segments(shape, nrun, nseg, dtype, sweep):
     np.testing.assert_allclose(out[1], x64.var(axis=(0, 2)), rtol=1e-10)
     part[...] = np.nan
     out[...] = np.nan
-    reduce.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, sweep, part, out)
+    reduce.sums_ncl(k(dy), k(x), mean, nrun, nseg, sweep, part, out)
     if sweep:
         part_t, out_t = np.full_like(part, np.nan), np.full_like(out, np.nan)
-        reduce.grad_sums_ncl(k(dy), k(x), mean, nrun, nseg, False, part_t, out_t)
+        reduce.sums_ncl(k(dy), k(x), mean, nrun, nseg, False, part_t, out_t)
         assert np.array_equal(part, part_t) and np.array_equal(out, out_t)
     expected = _expected((dy, x), mean, nrun, nseg, _grad)
     np.testing.assert_allclose(part, expected, rtol=1e-12, atol=1e-9)
@@ -110,7 +110,7 @@ def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     per_channel = x64.reshape(m, c, l).transpose(1, 0, 2).reshape(c, m * l)
     part, out = np.full((nchunk, 2, c * l), np.nan), np.full((2, c), np.nan)
-    reduce.stats_mc(k(x), l, nchunk, part, out)
+    reduce.sums_mc(None, k(x), None, l, nchunk, part, out)
     shift = np.repeat(x64[0, ::l], l)
     for t in range(nchunk):
         d = x64[t * m // nchunk : (t + 1) * m // nchunk] - shift
@@ -119,7 +119,7 @@ def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
     np.testing.assert_allclose(out[0], per_channel.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(out[1], per_channel.var(axis=1), rtol=1e-10)
     out[...] = np.nan
-    reduce.grad_sums_mc(k(dy), k(x), mean, l, nchunk, part, out)
+    reduce.sums_mc(k(dy), k(x), mean, l, nchunk, part, out)
     d = (x64 - np.repeat(mean, l)).reshape(m, c, l)
     g = dy64.reshape(m, c, l)
     expected = [g.sum(axis=(0, 2)), (g * d).sum(axis=(0, 2))]

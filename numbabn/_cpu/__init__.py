@@ -36,8 +36,7 @@ _TINY_EPS = 1e-76
 class Kernels(NamedTuple):
     """The kernels of one view kind."""
 
-    stats: object
-    grad_sums: object
+    sums: object
     small_stats: object
     small_forward: object
     small_backward: object
@@ -46,12 +45,12 @@ class Kernels(NamedTuple):
 
 KERNELS = {
     "ncl": Kernels(
-        reduce.stats_ncl, reduce.grad_sums_ncl, small.stats_ncl, small.forward_ncl,
-        small.backward_ncl, small.elementwise_ncl,
+        reduce.sums_ncl, small.stats_ncl, small.forward_ncl, small.backward_ncl,
+        small.elementwise_ncl,
     ),
     "mc": Kernels(
-        reduce.stats_mc, reduce.grad_sums_mc, small.stats_mc, small.forward_mc,
-        small.backward_mc, small.elementwise_mc,
+        reduce.sums_mc, small.stats_mc, small.forward_mc, small.backward_mc,
+        small.elementwise_mc,
     ),
 }
 _RUNNABLE: dict = _pool.on_fork_clear({})
@@ -66,15 +65,17 @@ def _run(kernel):
     return runnable
 
 
-def _reduce(kernel, views, extra: tuple, layout: Layout, p: plan.Plan) -> np.ndarray:
-    """Run a reduction kernel (``extra``: its per-channel inputs); its (2, C) float64
-    result."""
-    view = p.sums
+def _reduce(g, x, centre, layout: Layout, p: plan.Plan) -> np.ndarray:
+    """The (2, C) float64 per-channel sums of canonical view ``x``: ``g`` None, its mean
+    and biased variance; else (sum g, sum g * (x - centre))."""
+    view, k = p.sums, arrays.kernel_array
     if view is not layout:  # flat rows: one column per value of a sample
-        views = [a.reshape(view.n, view.c) for a in views]
+        x = x.reshape(view.n, view.c)
+        g = None if g is None else g.reshape(view.n, view.c)
     part = np.empty((p.sums_tasks, 2, view.c))
     out = np.empty((2, layout.c))
-    _run(kernel)(*map(arrays.kernel_array, views), *extra, *p.sums_work, part, out)
+    kernel = _run(KERNELS[view.kind].sums)
+    kernel(None if g is None else k(g), k(x), centre, *p.sums_work, part, out)
     return out
 
 
@@ -95,7 +96,7 @@ def _moments(v: np.ndarray, layout: Layout, p: plan.Plan) -> tuple[np.ndarray, n
         stats = np.empty((2, layout.c))
         _run(KERNELS[layout.kind].small_stats)(arrays.kernel_array(v), stats)
         return stats[0], stats[1]
-    moments = _reduce(KERNELS[p.sums.kind].stats, (v,), (), layout, p)
+    moments = _reduce(None, v, None, layout, p)
     return moments[0], moments[1]
 
 
@@ -249,7 +250,7 @@ def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None) -> np
         return np.zeros((2, layout.c))
     views = (arrays.view(dy, layout), arrays.view(x, layout))
     p = p or _plan(layout, _threads(), x.itemsize)
-    return _reduce(KERNELS[p.sums.kind].grad_sums, views, (mean,), layout, p)
+    return _reduce(*views, mean, layout, p)
 
 
 def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None):

@@ -22,69 +22,66 @@ from numba import njit, prange
 
 from .._half import load
 from . import pieces
-from .formulas import PAR, SUM, moments
+from .formulas import PAR, SUM, moments, plane
 
 
 @njit(**SUM)
-def _sums_row(xr, k):
+def _row_sums(gr, xr, k):
+    """A contiguous row's (sum d, sum d^2), d = x - k (``gr`` None: the moments'), or
+    (sum g, sum g * (x - k)) with gradient row ``gr``."""
     s1 = 0.0
     s2 = 0.0
-    for i in range(xr.size):
-        d = np.float64(load(xr[i])) - k
-        s1 += d
-        s2 += d * d
+    if gr is None:
+        for i in range(xr.size):
+            d = np.float64(load(xr[i])) - k
+            s1 += d
+            s2 += d * d
+    else:
+        for i in range(xr.size):
+            g = np.float64(load(gr[i]))
+            s1 += g
+            s2 += g * (np.float64(load(xr[i])) - k)
     return s1, s2
 
 
 @njit(**SUM)
-def _grad_sums_row(gr, xr, mu):
-    s1 = 0.0
-    s2 = 0.0
-    for i in range(xr.size):
-        g = np.float64(load(gr[i]))
-        s1 += g
-        s2 += g * (np.float64(load(xr[i])) - mu)
-    return s1, s2
-
-
-@njit(**SUM)
-def sums_rows_mc(x2, lo, hi, shift, s1, s2):
+def rows_sums_mc(g2, x2, lo, hi, shift, s1, s2):
+    """Rows [lo, hi) of (M, C) ``x2`` added into per-column sums ``s1``, ``s2`` as
+    :func:`_row_sums` (columns shifted by ``shift``), two rows at a time: the sums and
+    the shift are then loaded and stored once for two values."""
     r = lo
+    if g2 is None:
+        while r + 2 <= hi:
+            xa, xb = x2[r], x2[r + 1]
+            for c in range(xa.size):
+                da = np.float64(load(xa[c])) - shift[c]
+                db = np.float64(load(xb[c])) - shift[c]
+                s1[c] += da + db
+                s2[c] += da * da + db * db
+            r += 2
+        if r < hi:
+            xr = x2[r]
+            for c in range(xr.size):
+                d = np.float64(load(xr[c])) - shift[c]
+                s1[c] += d
+                s2[c] += d * d
+        return
     while r + 2 <= hi:
-        xa, xb = x2[r], x2[r + 1]
-        for c in range(xa.size):
-            da = np.float64(load(xa[c])) - shift[c]
-            db = np.float64(load(xb[c])) - shift[c]
-            s1[c] += da + db
-            s2[c] += da * da + db * db
-        r += 2
-    if r < hi:
-        xr = x2[r]
-        for c in range(xr.size):
-            d = np.float64(load(xr[c])) - shift[c]
-            s1[c] += d
-            s2[c] += d * d
-
-
-@njit(**SUM)
-def grad_sums_rows_mc(dy2, x2, lo, hi, mean, s1, s2):
-    r = lo
-    while r + 2 <= hi:
-        ga, gb, xa, xb = dy2[r], dy2[r + 1], x2[r], x2[r + 1]
+        ga, gb, xa, xb = g2[r], g2[r + 1], x2[r], x2[r + 1]
         for c in range(xa.size):
             g1 = np.float64(load(ga[c]))
-            g2 = np.float64(load(gb[c]))
-            s1[c] += g1 + g2
-            d1 = np.float64(load(xa[c])) - mean[c]
-            d2 = np.float64(load(xb[c])) - mean[c]
-            s2[c] += g1 * d1 + g2 * d2
+            g2_ = np.float64(load(gb[c]))
+            s1[c] += g1 + g2_
+            d1 = np.float64(load(xa[c])) - shift[c]
+            d2 = np.float64(load(xb[c])) - shift[c]
+            s2[c] += g1 * d1 + g2_ * d2
         r += 2
     if r < hi:
-        gr, xr = dy2[r], x2[r]
+        gr, xr = g2[r], x2[r]
         for c in range(xr.size):
             g = np.float64(load(gr[c]))
             s1[c] += g
-            s2[c] += g * (np.float64(load(xr[c])) - mean[c])
+            s2[c] += g * (np.float64(load(xr[c])) - shift[c])
 
 
 @njit(inline="always")
@@ -131,107 +128,75 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
 
 
 @njit(inline="always")
-def _sweep_run(dy3, x3, per_channel, run, nrun, grads, part):
+def _sweep_run(g3, x3, shift, run, nrun, part):
     """Run ``run`` of ``nrun`` runs of samples, read in memory order (every channel's
-    plane of a sample in turn): its partial row ``part[run]``, the moments of x3
-    shifted by ``per_channel`` or (``grads``) the gradient sums about it (dy3)."""
+    plane of a sample in turn): its partial row ``part[run]``."""
     p = part[run]
     for k in range(2):
         for c in range(p.shape[1]):
             p[k, c] = 0.0
     n0, n1 = pieces.rows(run, nrun, x3.shape[0])
+    l_ = x3.shape[2]
     for n in range(n0, n1):
         for c in range(x3.shape[1]):
-            if grads:
-                a, b = _grad_sums_row(dy3[n, c], x3[n, c], per_channel[c])
-            else:
-                a, b = _sums_row(x3[n, c], per_channel[c])
+            a, b = _row_sums(plane(g3, n, c, 0, l_), x3[n, c], shift[c])
             p[0, c] += a
             p[1, c] += b
 
 
 @njit(**PAR)
-def stats_ncl(x3, nrun, nseg, sweep, part, out):
-    """Mean and biased variance of each channel into ``out`` (2, C), from sums shifted by
-    the channel's first value, d = x - shift[c]: task partials
-    part[r * nseg + s, :, c] = (sum d, sum d^2) over segment s of the planes of channel
-    c in run r of the ``nrun`` runs of samples, then added in task order. ``sweep``
-    (whole planes, nseg 1): one task per run, which reads its samples in memory order,
-    all channels of a sample before the next; else a task per run, channel and
-    segment. The additions are the same either way."""
+def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
+    """Per-channel sums of (N, C, L) ``x3`` into ``out`` (2, C): ``g3`` None, the mean
+    and biased variance, from sums shifted by each channel's first value; else
+    (sum dy, sum dy * (x - centre[c])) with dy = ``g3``. Task partials
+    part[r * nseg + s, :, c] over segment s of the planes of channel c in run r of the
+    ``nrun`` runs of samples, then added in task order. ``sweep`` (whole planes, nseg
+    1): one task per run, which reads its samples in memory order, all channels of a
+    sample before the next; else a task per run, channel and segment. The additions are
+    the same either way."""
     n_, c_, l_ = x3.shape
-    shift = pieces.firsts(x3[0, :, 0], 1)
+    if g3 is None:
+        shift = pieces.firsts(x3[0, :, 0], 1)
+    else:
+        shift = centre
     if sweep:
         for run in prange(np.int64(nrun)):
-            _sweep_run(x3, x3, shift, np.int64(run), nrun, False, part)
-        _add_partials(part, 1, out)
+            _sweep_run(g3, x3, shift, np.int64(run), nrun, part)
+    else:
+        for task in prange(np.int64(nrun * c_ * nseg)):
+            n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(n0, n1):
+                a, b = _row_sums(plane(g3, n, c, lo, hi), x3[n, c, lo:hi], shift[c])
+                s1 += a
+                s2 += b
+            part[row, 0, c], part[row, 1, c] = s1, s2
+    _add_partials(part, 1, out)
+    if g3 is None:
         _finish_moments(out, shift, n_ * l_)
-        return
-    for task in prange(np.int64(nrun * c_ * nseg)):
-        n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(n0, n1):
-            a, b = _sums_row(x3[n, c, lo:hi], shift[c])
-            s1 += a
-            s2 += b
-        part[row, 0, c], part[row, 1, c] = s1, s2
-    _add_partials(part, 1, out)
-    _finish_moments(out, shift, n_ * l_)
 
 
 @njit(**PAR)
-def grad_sums_ncl(dy3, x3, mean, nrun, nseg, sweep, part, out):
-    """(sum dy, sum dy * (x - mean[c])) of each channel into ``out`` (2, C): task
-    partials in ``part`` as in ``stats_ncl``, then added in task order."""
-    n_, c_, l_ = x3.shape
-    if sweep:
-        for run in prange(np.int64(nrun)):
-            _sweep_run(dy3, x3, mean, np.int64(run), nrun, True, part)
-        _add_partials(part, 1, out)
-        return
-    for task in prange(np.int64(nrun * c_ * nseg)):
-        n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(n0, n1):
-            a, b = _grad_sums_row(dy3[n, c, lo:hi], x3[n, c, lo:hi], mean[c])
-            s1 += a
-            s2 += b
-        part[row, 0, c], part[row, 1, c] = s1, s2
-    _add_partials(part, 1, out)
-
-
-@njit(**PAR)
-def stats_mc(x2, l, nchunk, part, out):
-    """Mean and biased variance of each channel into ``out`` (2, C), from sums shifted by
-    the channel's first value: part[t, :, j] = (sum d, sum d^2) over row chunk t of
-    column j, then added in chunk order and over the ``l`` columns of each channel
-    (flat rows of NCL samples; ``l == 1`` for true channels). Each chunk adds into its
-    own fresh arrays: adding into ``part`` itself, two chunks' sums can share a cache
-    line (``part`` is 16-byte aligned), which two threads then pass back and forth on
-    every row (1.9x slower with 2 chunks on 2 threads)."""
+def sums_mc(g2, x2, centre, l, nchunk, part, out):
+    """Per-channel sums of (M, C) ``x2`` into ``out`` (2, C), as :func:`sums_ncl`:
+    part[t, :, j] over row chunk t of column j, then added in chunk order and over the
+    ``l`` columns of each channel (flat rows of NCL samples; ``l == 1`` for true
+    channels). Each chunk adds into its own fresh arrays: adding into ``part`` itself,
+    two chunks' sums can share a cache line (``part`` is 16-byte aligned), which two
+    threads then pass back and forth on every row (1.9x slower with 2 chunks on 2
+    threads)."""
     m, cols = x2.shape
-    first = pieces.firsts(x2[0], l)
+    if g2 is None:
+        first = pieces.firsts(x2[0], l)
+    else:
+        first = centre
     shift = pieces.columns(first, l)
     for t in prange(np.int64(nchunk)):
         lo, hi = pieces.rows(np.int64(t), nchunk, m)
         s1, s2 = np.zeros(cols), np.zeros(cols)
-        sums_rows_mc(x2, lo, hi, shift, s1, s2)
+        rows_sums_mc(g2, x2, lo, hi, shift, s1, s2)
         _keep(part[t], s1, s2)
     _add_partials(part, l, out)
-    _finish_moments(out, first, m * l)
-
-
-@njit(**PAR)
-def grad_sums_mc(dy2, x2, mean, l, nchunk, part, out):
-    """(sum dy, sum dy * (x - mean[c])) of each channel into ``out`` (2, C): chunk
-    partials of each column as in ``stats_mc``, then added over chunks and columns."""
-    m, cols = x2.shape
-    centre = pieces.columns(mean, l)
-    for t in prange(np.int64(nchunk)):
-        lo, hi = pieces.rows(np.int64(t), nchunk, m)
-        s1, s2 = np.zeros(cols), np.zeros(cols)
-        grad_sums_rows_mc(dy2, x2, lo, hi, centre, s1, s2)
-        _keep(part[t], s1, s2)
-    _add_partials(part, l, out)
+    if g2 is None:
+        _finish_moments(out, first, m * l)

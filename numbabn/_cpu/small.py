@@ -13,7 +13,7 @@ from . import fused
 from .elementwise import columns
 from .formulas import ELEM, EXACT, channel_grad_params, channel_params, consts, moments, plain
 from .fused import channel_moments
-from .reduce import grad_sums_rows_mc, sums_rows_mc
+from .reduce import rows_sums_mc
 
 
 @njit(**EXACT)
@@ -58,7 +58,7 @@ def stats_mc(x2, stats):
         shift[c] = load(x2[0, c])
     s1 = np.zeros(c_)
     s2 = np.zeros(c_)
-    sums_rows_mc(x2, 0, m, shift, s1, s2)
+    rows_sums_mc(None, x2, 0, m, shift, s1, s2)
     for c in range(c_):
         stats[0, c], stats[1, c] = moments(s1[c], s2[c], shift[c], m)
 
@@ -87,7 +87,7 @@ def backward_mc(dy2, x2, mean, invstd, weight, training, params, grads, dx2):
     m, c_ = x2.shape
     s1 = np.zeros(c_)
     s2 = np.zeros(c_)
-    grad_sums_rows_mc(dy2, x2, 0, m, mean, s1, s2)
+    rows_sums_mc(dy2, x2, 0, m, mean, s1, s2)
     for c in range(c_):
         channel_grad_params(c, s1[c], s2[c], m, mean, invstd, weight, training, params, grads)
     if training:
