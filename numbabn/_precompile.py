@@ -27,6 +27,10 @@ _CASES = (
     ((64, 20, 20, 33), -1),
     ((4, 6, 6, 33), -1),
     ((1000, 300), 1),
+    ((4, 8, 64, 64), 1),  # fused passes into streamed outputs (rows of 8 KB or more)
+    ((40, 8200), 1),  # rows past block_max_c: bands
+    ((16, 100, 7, 7), 1),  # flat planes past block_max_c: per-channel constants
+    ((96, 16, 16, 32), -1),  # channels-last rows of whole cache lines
 )
 # A worker run with this cache share streams even these small outputs.
 _STREAM_LLC_BYTES = 1 << 16

@@ -42,7 +42,7 @@ def test_expand_follows_its_definition(c, l, columns):
 
 def test_block_span_is_whole_rows():
     def span(c):  # the blocked span of the plain-store spans, None if banded
-        kernel, work = plan._mc_route(SimpleNamespace(n=8, c=c), (1, 1024, 1), 4, False)
+        kernel, work = plan._mc_route(SimpleNamespace(n=8, c=c), (1, 1024, 1), 4, False, False)
         return work[2] if kernel is elementwise.mc_spans[False] else None
 
     assert span(3) == 1023 and span(24) == 1008 and span(1024) == 1024
@@ -153,7 +153,8 @@ def test_mc_passes_take_short_planes_per_channel(nchunk, streamed, dtype):
     for m, c, l in [(3, 85, 49), (4, 7, 25)]:
         x, dy, params, k = _plane_case(m, c, l, dtype)
         item = np.dtype(dtype).itemsize
-        route = plan._mc_route(SimpleNamespace(n=m, c=c * l), (l, 1024, nchunk), item, streamed)
+        rows = SimpleNamespace(n=m, c=c * l)
+        route = plan._mc_route(rows, (l, 1024, nchunk), item, streamed, False)
         assert (route[0] is elementwise.mc_planes[streamed]) == (
             streamed or (c * l > tuning.TUNING.block_max_c and item >= 4)
         )
@@ -163,6 +164,17 @@ def test_mc_passes_take_short_planes_per_channel(nchunk, streamed, dtype):
         mc_pass(k(dy), k(x), params, l, 1024, nchunk, streamed, k(dx))
         np.testing.assert_array_equal(k(y), k(y_ref))
         np.testing.assert_array_equal(k(dx), k(dx_ref))
+
+
+def test_route_order():
+    """Per-channel planes, then bands, then lines, then spans: flat planes of 16 values
+    whose rows are whole cache lines take the planes when streamed (lines otherwise)."""
+    rows = SimpleNamespace(n=300, c=16 * 16)  # 300x16x4x4, float32 rows of 1 KB
+    assert plan._mc_route(rows, (16, 1024, 8), 4, True, True)[0] is elementwise.mc_planes[True]
+    assert plan._mc_route(rows, (1, 1024, 8), 4, True, True)[0] is elementwise.mc_lines[True]
+    assert plan._mc_route(rows, (1, 1024, 8), 4, True, False)[0] is elementwise.mc_spans[True]
+    wide = SimpleNamespace(n=40, c=8192)
+    assert plan._mc_route(wide, (1, 1024, 8), 4, False, True)[0] is elementwise.mc_bands
 
 
 def test_plane_at():

@@ -116,9 +116,8 @@ class Plan(NamedTuple):
     sums: Layout  # the view of the reductions
     sums_work: tuple  # ncl: (runs, segments, sweep); mc: (l, chunks)
     sums_tasks: int  # partial rows the reduction writes
-    mc_plain: tuple  # (kernel, work) of the mc elementwise pass with plain stores
-    mc_streamed: tuple  # ... and streamed
-    lines: tuple  # (plain, streamed): rows short enough, whole cache lines
+    mc: tuple  # (kernel, work) of the mc elementwise pass, plain and streamed stores
+    mc_lines: tuple  # the same where the output allows lines (None: no other route)
 
 
 def _ncl_work(layout: Layout, threads: int, nseg: int) -> tuple:
@@ -136,9 +135,10 @@ def _wide_grid(nchunk: int, m: int, c: int) -> tuple[int, int]:
     return nb, nrc
 
 
-def _mc_route(elem: Layout, work: tuple, itemsize: int, streamed: bool) -> tuple:
-    """(kernel, work) of the mc elementwise pass, lines aside (which need the output's
-    address, :func:`elementwise`)."""
+def _mc_route(elem, work: tuple, itemsize: int, streamed: bool, whole_lines: bool) -> tuple:
+    """(kernel, work) of the mc elementwise pass: per-channel constants for flat planes
+    long enough, bands for long rows with plain stores, lines for rows of whole cache
+    lines (``whole_lines``: the output allows them, :func:`_whole_lines`), else spans."""
     t = _t()
     l, w, nchunk = work
     c = elem.c
@@ -146,6 +146,8 @@ def _mc_route(elem: Layout, work: tuple, itemsize: int, streamed: bool) -> tuple
         return elementwise.mc_planes[streamed], (l, nchunk)  # per-channel constants
     if c > t.block_max_c and not streamed:
         return elementwise.mc_bands, (l, *_wide_grid(nchunk, elem.n, c))
+    if whole_lines and _lines_fit(c, itemsize, streamed):
+        return elementwise.mc_lines[streamed], _lines_work(work, streamed)
     blocked = 0 if streamed or c > t.block_max_c else c * max(1, w // c)
     return elementwise.mc_spans[streamed], (l, w, blocked, nchunk)
 
@@ -175,16 +177,16 @@ def make(layout: Layout, threads: int, itemsize: int) -> Plan:
     else:
         sums_work, sums_tasks = (layout.l, nsplit), nsplit  # l == 1 unless flat
     mc = elem.kind == "mc"
-    lines = tuple(mc and _lines_fit(elem.c, itemsize, s) for s in (False, True))
+    routes = [_mc_route(elem, elem_work, itemsize, s, False) if mc else () for s in (False, True)]
+    lines = [_mc_route(elem, elem_work, itemsize, s, True) if mc else () for s in (False, True)]
     return Plan(
         small(layout),
         fuse(layout, itemsize, "forward"),
         fuse(layout, itemsize, "backward"),
         max(1, min(threads, layout.c)),
         elem, elem_work, plane_work, sums, sums_work, sums_tasks,
-        _mc_route(elem, elem_work, itemsize, False) if mc else (),
-        _mc_route(elem, elem_work, itemsize, True) if mc else (),
-        lines,
+        tuple(routes),
+        tuple(b if b != a else None for a, b in zip(routes, lines)),
     )
 
 
@@ -250,15 +252,12 @@ def route(plan: Plan, layout: Layout, result: np.ndarray) -> tuple:
         view, is_streamed = result, streamed(result, elem)
     if elem.kind == "ncl":
         return elementwise.ncl_segments[is_streamed], elem, plan.elem_work
-    if plan.lines[is_streamed] and _whole_lines(view):
-        return elementwise.mc_lines[is_streamed], elem, _lines_work(plan.elem_work, is_streamed)
-    kernel, work = plan.mc_streamed if is_streamed else plan.mc_plain
+    lines = plan.mc_lines[is_streamed]
+    kernel, work = lines if lines and _whole_lines(view) else plan.mc[is_streamed]
     return kernel, elem, work
 
 
 def mc_kernel(elem, work: tuple, itemsize: int, streamed: bool, result: np.ndarray) -> tuple:
     """(kernel, work) of the mc elementwise pass into ``result`` ((M, C) view ``elem``,
     plan work (l, span, chunks)), as :func:`route` picks it, without a cached plan."""
-    if _lines_fit(elem.c, itemsize, streamed) and _whole_lines(result):
-        return elementwise.mc_lines[streamed], _lines_work(work, streamed)
-    return _mc_route(elem, work, itemsize, streamed)
+    return _mc_route(elem, work, itemsize, streamed, _whole_lines(result))
