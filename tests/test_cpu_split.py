@@ -132,7 +132,7 @@ def test_row_reductions_fold_flat_columns(m, c, l, nchunk, dtype):
      ((4, 1, 333), 5, 7), ((5, 4, 48), 1, 1)],
 )
 def test_elementwise_tasks_walk_every_segment(shape, nseg, nchunk):
-    """normalize_ncl and grad_input_ncl deal ``N * C * nseg`` plane segments out in
+    """``ncl_segments`` (both formulas) deals ``N * C * nseg`` plane segments out in
     ``nchunk`` runs, which start at any segment of any plane: every element is
     written once, with its own channel's constants."""
     rng = np.random.default_rng(sum(shape) * nseg + nchunk)
