@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from . import _interop, _validate
+from ._channel import as64
+from ._dispatch import backend
 
 Array = Any
 
@@ -57,34 +59,34 @@ def fold(
             fold, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps,
             axis=axis,
         )
-    side, axis, eps = _validate.fold_args(
+    side, axis, eps, dtype = _validate.fold_args(
         layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis
     )
+    be = backend(side)
+    scale, shift = _per_channel(
+        layer_bias, running_mean, running_var, weight, bias, eps, be.to_host
+    )
+    folded_bias = be.from_host(shift.astype(dtype), layer_weight)
     if side == _validate.HOST:
-        scale, shift = _per_channel(
-            layer_bias, running_mean, running_var, weight, bias, eps, np.asarray
-        )
         w = np.asarray(layer_weight)
         shape = [1] * w.ndim
         shape[axis] = w.shape[axis]
-        folded = (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype)
-        return folded, shift.astype(w.dtype)
+        return (w.astype(np.float64) * scale.reshape(shape)).astype(dtype), folded_bias
     from . import _gpu_fold
 
-    return _gpu_fold.fold(layer_weight, axis, *_per_channel(
-        layer_bias, running_mean, running_var, weight, bias, eps, _gpu_fold.to_host
-    ))
+    return _gpu_fold.scaled(layer_weight, axis, scale), folded_bias
 
 
-def _per_channel(layer_bias, running_mean, running_var, weight, bias, eps, host):
-    """float64 (s, b') from the per-channel arrays (``host`` makes one a NumPy array)."""
+def _per_channel(layer_bias, running_mean, running_var, weight, bias, eps, to_host):
+    """float64 (s, b') from the per-channel arrays (``to_host``: the backend's float64
+    host copy of a per-channel vector)."""
+    mean = to_host(running_mean)
+    c = mean.shape[0]
 
     def f64(a, default):
-        if a is None:
-            return np.full(np.shape(host(running_mean))[0], default)
-        return np.asarray(host(a), dtype=np.float64)
+        return as64(None if a is None else to_host(a), c, default)
 
     with np.errstate(divide="ignore"):
         scale = f64(weight, 1.0) / np.sqrt(f64(running_var, 0.0) + eps)
-    shift = (f64(layer_bias, 0.0) - f64(running_mean, 0.0)) * scale + f64(bias, 0.0)
+    shift = (f64(layer_bias, 0.0) - mean) * scale + f64(bias, 0.0)
     return scale, shift

@@ -13,13 +13,6 @@ from . import _gpu_arrays
 _BLOCK = 16 if config.ENABLE_CUDASIM else 256
 
 
-def to_host(a):
-    """A per-channel vector as NumPy (None stays None; C values, copied)."""
-    if a is None or isinstance(a, np.ndarray):
-        return a
-    return _gpu_arrays.numba_array(a).copy_to_host()
-
-
 @cuda.jit
 def _scale(w, s, inner, c, out):
     """out[i] = w[i] * s[channel of i], flat C-ordered arrays whose channel axis has
@@ -29,8 +22,9 @@ def _scale(w, s, inner, c, out):
         out[i] = float64(w[i]) * s[(i // inner) % c]
 
 
-def fold(layer_weight, axis: int, scale: np.ndarray, shift: np.ndarray):
-    """(folded weight, folded bias) as ``layer_weight``'s kind of device array."""
+def scaled(layer_weight, axis: int, scale: np.ndarray):
+    """A new device array: ``layer_weight`` times float64 ``scale`` along ``axis``, as
+    ``layer_weight``'s kind of array."""
     w = _gpu_arrays.numba_array(layer_weight)
     if not w.is_c_contiguous():
         dense = cuda.device_array(w.shape, w.dtype)
@@ -43,5 +37,4 @@ def fold(layer_weight, axis: int, scale: np.ndarray, shift: np.ndarray):
         _scale[blocks, _BLOCK](
             w.reshape(w.size), cuda.to_device(scale), inner, w.shape[axis], out.reshape(out.size)
         )
-    bias = cuda.to_device(shift.astype(w.dtype))
-    return _gpu_arrays.as_kind_of(layer_weight, out), _gpu_arrays.as_kind_of(layer_weight, bias)
+    return _gpu_arrays.as_kind_of(layer_weight, out)

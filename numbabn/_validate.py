@@ -442,7 +442,8 @@ def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_co
 
 
 def fold_args(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
-    """Check ``numbabn.fold``'s arguments; returns (side, channel axis, eps)."""
+    """Check ``numbabn.fold``'s arguments; returns (side, channel axis, eps, the layer
+    weight's dtype)."""
     info = describe(layer_weight, "layer_weight")
     _check_float(info, "layer_weight")
     if not info.shape:
@@ -452,7 +453,7 @@ def fold_args(layer_weight, layer_bias, running_mean, running_var, weight, bias,
     names = ("layer_weight", "layer_bias", "running_mean", "running_var", "weight", "bias")
     vectors = (layer_bias, _given(running_mean, "running_mean"), _given(running_var, "running_var"))
     sides = [info.side] + [_vector_side(v, n, c) for v, n in zip(vectors + (weight, bias), names[1:])]
-    return _one_side(names, tuple(sides)), axis, check_eps(eps, False)
+    return _one_side(names, tuple(sides)), axis, check_eps(eps, False), info.dtype
 
 
 def stream_kwargs(side: str, stream: Any) -> dict:

@@ -18,7 +18,7 @@ import numba
 import torch
 from torch import Tensor
 
-from . import _cpu, _functional, distributed
+from . import _cpu, _fold, _functional, distributed
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "fold",
@@ -351,10 +351,8 @@ def _fold_pair(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
         or layer.weight.shape[axis] != bn.num_features
     ):
         return False
-    from numbabn import fold as fold_arrays
-
     with torch.no_grad():
-        w, b = fold_arrays(
+        w, b = _fold.fold(
             layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
             bn.running_mean, bn.running_var, None if bn.weight is None else bn.weight.detach(),
             None if bn.bias is None else bn.bias.detach(), bn.eps, axis=axis,

@@ -91,5 +91,6 @@ def mc_pass(g, x, params, l, w, nchunk, streamed, y):
     from numbabn._cpu import plan
 
     elem = SimpleNamespace(n=x.shape[0], c=x.shape[1])
-    kernel, work = plan.mc_kernel(elem, (l, w, nchunk), y.itemsize, streamed, y.reshape(-1))
+    lines = plan._whole_lines(y.reshape(-1))
+    kernel, work = plan._mc_route(elem, (l, w, nchunk), y.itemsize, streamed, lines)
     kernel(g, x, params, *work, y)

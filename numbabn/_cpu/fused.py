@@ -96,33 +96,24 @@ def _pnext(x3, n):
 
 
 @njit(**ELEM)
-def _channel_sums(x3, c, shift, acc):
-    """Channel c's shifted sums, in the order of the fused rows, nothing written."""
+def _channel_sums(g3, x3, c, shift, acc):
+    """Channel c's sums in the order of the fused rows, nothing written: ``g3`` None,
+    the moments' (d and d^2, d = x - shift); else the gradient sums (g and g * d)."""
     acc.fill(0.0)
     t1 = 0.0
     t2 = 0.0
     z, block = zero(x3), _block(x3)
+    k = (z, z, z, z)  # (no output row: the loops only sum)
     for n in range(x3.shape[0]):
-        row, none = x3[n, c], x3[n, c, :0]  # no output row: the loop only sums
+        row, none, pn = x3[n, c], x3[n, c, :0], _pnext(x3, n)
         nsum = row.size // block
-        vector.fused_moments_plain(none, none, 0, 0, (z, z, z, z), row, shift, nsum, acc, _pnext(x3, n))
-        t1, t2 = _moments_tail(row, shift, nsum * block, t1, t2)
-    return _acc_total(acc, block, t1, t2)
-
-
-@njit(**ELEM)
-def _channel_grad_sums(dy3, x3, c, mu, acc):
-    """Channel c's gradient sums, in the order of the fused rows, nothing written."""
-    acc.fill(0.0)
-    t1 = 0.0
-    t2 = 0.0
-    z, block = zero(x3), _block(x3)
-    for n in range(x3.shape[0]):
-        g, row, none = dy3[n, c], x3[n, c], x3[n, c, :0]
-        nsum = row.size // block
-        k = (z, z, z, z)
-        vector.fused_grads_plain(none, none, 0, 0, k, g, row, mu, nsum, acc, _pnext(x3, n))
-        t1, t2 = _grads_tail(g, row, mu, nsum * block, t1, t2)
+        if g3 is None:
+            vector.fused_moments_plain(none, none, 0, 0, k, row, shift, nsum, acc, pn)
+            t1, t2 = _moments_tail(row, shift, nsum * block, t1, t2)
+        else:
+            g = g3[n, c]
+            vector.fused_grads_plain(none, none, 0, 0, k, g, row, shift, nsum, acc, pn)
+            t1, t2 = _grads_tail(g, row, shift, nsum * block, t1, t2)
     return _acc_total(acc, block, t1, t2)
 
 
@@ -131,7 +122,7 @@ def channel_moments(x3, c):
     """float64 mean and biased variance of channel c, shifted by its first value."""
     n_, _, l_ = x3.shape
     shift = np.float64(load(x3[0, c, 0]))
-    s1, s2 = _channel_sums(x3, c, shift, np.empty(vector.ACC_SIZE))
+    s1, s2 = _channel_sums(None, x3, c, shift, np.empty(vector.ACC_SIZE))
     return moments(s1, s2, shift, n_ * l_)
 
 
@@ -155,7 +146,7 @@ def _forward_run(streamed):
             return
         acc = np.empty(vector.ACC_SIZE)
         shift = np.float64(load(x3[0, c, 0]))
-        s1, s2 = _channel_sums(x3, c, shift, acc)
+        s1, s2 = _channel_sums(None, x3, c, shift, acc)
         while c >= 0:
             mean, var = moments(s1, s2, shift, n_ * l_)
             norm_params(c, mean, var, weight, bias, eps, params, stats)
@@ -188,7 +179,7 @@ def _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, ac
     """Channel c's gradient sums, turned into its dweight and dbias (``grads``) and its
     dx constants (``params``)."""
     n_, _, l_ = x3.shape
-    s1, s2 = _channel_grad_sums(dy3, x3, c, mean[c], acc)
+    s1, s2 = _channel_sums(dy3, x3, c, mean[c], acc)
     grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
 
 

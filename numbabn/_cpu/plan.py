@@ -255,9 +255,3 @@ def route(plan: Plan, layout: Layout, result: np.ndarray) -> tuple:
     lines = plan.mc_lines[is_streamed]
     kernel, work = lines if lines and _whole_lines(view) else plan.mc[is_streamed]
     return kernel, elem, work
-
-
-def mc_kernel(elem, work: tuple, itemsize: int, streamed: bool, result: np.ndarray) -> tuple:
-    """(kernel, work) of the mc elementwise pass into ``result`` ((M, C) view ``elem``,
-    plan work (l, span, chunks)), as :func:`route` picks it, without a cached plan."""
-    return _mc_route(elem, work, itemsize, streamed, _whole_lines(result))

@@ -11,7 +11,16 @@ from numba import njit
 from .._half import load
 from . import fused
 from .elementwise import columns
-from .formulas import ELEM, EXACT, channel_grad_params, channel_params, consts, moments, plain
+from .formulas import (
+    ELEM,
+    EXACT,
+    channel_grad_params,
+    channel_params,
+    consts,
+    moments,
+    plain,
+    plane,
+)
 from .fused import channel_moments
 from .reduce import rows_sums_mc
 
@@ -44,10 +53,7 @@ def elementwise_ncl(g3, x3, params, y3):
     l_ = x3.shape[2]
     for n in range(x3.shape[0]):
         for c in range(x3.shape[1]):
-            if g3 is None:
-                plain(None, x3[n, c], consts(None, params, c), y3[n, c], 0, l_)
-            else:
-                plain(g3[n, c], x3[n, c], consts(g3, params, c), y3[n, c], 0, l_)
+            plain(plane(g3, n, c, 0, l_), x3[n, c], consts(g3, params, c), y3[n, c], 0, l_)
 
 
 @njit(**EXACT)

@@ -138,12 +138,11 @@ def from_environment() -> Tunables:
     """The defaults, the machine's cache share, then the environment's overrides."""
     base = Tunables()
     llc = _setting("llc_bytes", cache_share(_llc_bytes(), usable_cpus(), LLC_PER_CPU))
-    values = {
-        f.name: _setting(f.name, getattr(base, f.name)) for f in dataclasses.fields(Tunables)
-    }
-    values["llc_bytes"] = llc
-    values["stream_min_bytes"] = _setting("stream_min_bytes", llc // 4)
-    return Tunables(**values)
+    machine = {"llc_bytes": llc, "stream_min_bytes": llc // 4}
+    return Tunables(**{
+        f.name: _setting(f.name, machine.get(f.name, getattr(base, f.name)))
+        for f in dataclasses.fields(Tunables)
+    })
 
 
 TUNING = from_environment()
