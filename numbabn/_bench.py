@@ -148,12 +148,23 @@ def _torch_cases(x, dy, w, b, axis, threads):
     F = torch.nn.functional
     _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(xt, wt, bt, rm, rv, True, 0.1, 1e-5)
     mask = [True, True, True]
+    zt = dyt.flip(0)  # a residual: another tensor of x's shape and memory order
+    yt = torch.relu(F.batch_norm(xt, rm, rv, wt, bt, True, 0.1, 1e-5) + zt)
+
+    def relu_backward():
+        g = torch.ops.aten.threshold_backward(dyt, yt, 0)
+        return torch.ops.aten.native_batch_norm_backward(
+            g, xt, wt, rm, rv, save_mean, save_invstd, True, 1e-5, mask
+        )
+
     return {
         "train fwd": lambda: F.batch_norm(xt, rm, rv, wt, bt, True, 0.1, 1e-5),
         "eval fwd": lambda: F.batch_norm(xt, rm, rv, wt, bt, False, 0.1, 1e-5),
         "backward": lambda: torch.ops.aten.native_batch_norm_backward(
             dyt, xt, wt, rm, rv, save_mean, save_invstd, True, 1e-5, mask
         ),
+        "+z, relu": lambda: torch.relu(F.batch_norm(xt, rm, rv, wt, bt, True, 0.1, 1e-5) + zt),
+        "bwd relu": relu_backward,
     }
 
 
@@ -244,6 +255,18 @@ def _cases(x, dy, w, b, axis, threads, torch):
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     _, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis)
     y_out = np.empty_like(x)
+    z = np.flip(dy, 0)  # a residual of x's shape and memory order (as the torch case's)
+    epi = {"axis": axis, "residual": z, "activation": "relu"}
+    y_relu = numbabn.batch_norm(x, rm.copy(), rv.copy(), w, b, True, **epi)
+
+    def numpy_relu_forward():
+        y = ref.batch_norm(x, rm, rv, w, b, True, 0.1, axis=axis, dtype=None)[0]
+        return np.maximum(y + z, 0, out=y)
+
+    def numpy_relu_backward():
+        g = np.where(y_relu > 0, dy, 0)
+        return g, ref.batch_norm_backward(g, x, mean, invstd, w, axis=axis, dtype=None)
+
     cases = {
         "train fwd": {
             "numbabn": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, 0.1, axis=axis),
@@ -258,6 +281,17 @@ def _cases(x, dy, w, b, axis, threads, torch):
         "backward": {
             "numbabn": lambda: numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
             "numpy": lambda: ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, dtype=None),
+        },
+        "+z, relu": {  # train forward with the fused epilogue relu(bn(x) + z)
+            "numbabn": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, **epi),
+            "out=": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, out=y_out, **epi),
+            "numpy": numpy_relu_forward,
+        },
+        "bwd relu": {  # its backward, dresidual too
+            "numbabn": lambda: numbabn.batch_norm_backward(
+                dy, x, mean, invstd, w, axis=axis, activation="relu", y=y_relu, residual_grad=True
+            ),
+            "numpy": numpy_relu_backward,
         },
     }
     if torch:
@@ -291,7 +325,8 @@ def _print_table(cases, floors, med, mb) -> None:
         print(row)
     print("out=: numbabn writing into a preallocated output; x numpy / x torch: speed-up of "
           "numbabn (fresh output) over that peer; of floor: floor time / best numbabn time")
-    print("floors: train fwd = read + copy, eval fwd = copy, backward = 3 reads + copy")
+    print("floors: train fwd = read + copy, eval fwd = copy, backward = 3 reads + copy, "
+          "+z, relu = 2 reads + copy, bwd relu = 3 reads + 2 copies")
 
 
 def main(argv=None) -> int:
@@ -320,7 +355,10 @@ def main(argv=None) -> int:
     dst = np.empty_like(flat)
     cases = _cases(x, dy, w, b, axis, threads, not args.no_torch)
     passes = {"read": lambda: _read_pass(flat), "copy": lambda: _copy_pass(flat, dst)}
-    floors = {"train fwd": (1, 1), "eval fwd": (0, 1), "backward": (3, 1)}  # (reads, copies)
+    # (reads, copies); "+z, relu": x and z read, y written; "bwd relu": dy, y and x read
+    # for the sums, dresidual and x for dx, dresidual and dx written
+    floors = {"train fwd": (1, 1), "eval fwd": (0, 1), "backward": (3, 1), "+z, relu": (2, 1),
+              "bwd relu": (3, 2)}
 
     fast, slow = dict(passes), {}
     for op, peers in cases.items():

@@ -40,6 +40,20 @@ def grad_input(g, x, hi, lo, k2, mdy, k1):
     return (g - mdy - ((x - hi) - lo) * k2) * k1
 
 
+# The epilogues y = relu(bn(x) + residual): the residual is a plain addition after the
+# affine step; ``zero`` is 0 in the compute type.
+
+
+def relu(v, zero):
+    """max(v, 0), NaN kept (as torch.relu)."""
+    return zero if v < zero else v
+
+
+def relu_grad(g, y, zero):
+    """The gradient through a ReLU from its output y: g where y > 0, else 0."""
+    return g if y > zero else zero
+
+
 # --- scalar formulas, one source for host code, CPU kernels and CUDA kernels ----------
 # (``register_jitable`` and ``overload`` compile them into njit and cuda.jit code; the
 # CUDA simulator runs the Python bodies.)

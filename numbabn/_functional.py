@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _interop, _validate
+from . import _epilogue, _interop, _validate
 from ._dispatch import backend
 
 Array = Any  # a NumPy array or a CUDA array (see the README)
@@ -25,6 +25,8 @@ def batch_norm(
     *,
     axis: int = 1,
     out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
     stream: Any = None,
 ) -> Array:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
@@ -49,7 +51,12 @@ def batch_norm(
     axis : int
         The channel axis (1 for NCHW, -1 for channels-last).
     out : array, optional
-        Receives the result; same shape and dtype as ``x``; may be ``x`` itself.
+        Receives the result; same shape and dtype as ``x``; may be ``x`` itself (or
+        ``residual``).
+    residual : array, optional
+        Added after the affine step (x's shape and dtype, any strides).
+    activation : None or "relu"
+        Applied last: ``y = relu(bn(x) + residual)``, in the same pass.
     stream : CUDA stream, optional
         For CUDA arrays: the stream the kernels run on (default: the default stream):
         a numba stream, a PyTorch or CuPy stream, or any object with ``__cuda_stream__``.
@@ -70,12 +77,14 @@ def batch_norm(
     if type(x) is not np.ndarray and _interop.is_foreign_host(x):
         return _interop.on_host(
             batch_norm, x, running_mean, running_var, weight, bias, training, momentum, eps,
-            axis=axis, out=out, stream=stream,
+            axis=axis, out=out, residual=residual, activation=activation, stream=stream,
         )
     chk = _validate.batch_norm_args(
         x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
     )
     be, kw = backend(chk.side), _validate.stream_kwargs(chk.side, stream)
+    if residual is not None or activation is not None:
+        kw["residual"], kw["relu"] = _epilogue.forward(chk.side, x, residual, activation)
     if training:
         y, _, _ = be.forward_train(x, chk, weight, bias, running_mean, running_var, out, **kw)
         return y
@@ -113,6 +122,8 @@ def batch_norm_forward(
     running_mean: Array | None = None,
     running_var: Array | None = None,
     momentum: float = 0.1,
+    residual: Array | None = None,
+    activation: str | None = None,
     stream: Any = None,
 ) -> tuple[Array, Array, Array]:
     """Training-mode forward that also returns what the backward pass needs (and, given
@@ -132,11 +143,13 @@ def batch_norm_forward(
         Updated in place as by :func:`batch_norm` in training (both or neither).
     momentum : float in [0, 1]
         Weight of this batch in that update.
+    residual, activation
+        The epilogue, as for :func:`batch_norm`.
 
     Returns
     -------
     y : array
-        The normalized ``x``.
+        The normalized ``x`` (then the epilogue).
     mean, invstd : arrays of shape (C,)
         Batch mean and ``1 / sqrt(var + eps)`` (biased variance); float32 for
         float16/float32 input, float64 for float64 input.
@@ -144,7 +157,8 @@ def batch_norm_forward(
     if type(x) is not np.ndarray and _interop.is_foreign_host(x):
         return _interop.on_host(
             batch_norm_forward, x, weight, bias, eps, axis=axis, running_mean=running_mean,
-            running_var=running_var, momentum=momentum, stream=stream,
+            running_var=running_var, momentum=momentum, residual=residual,
+            activation=activation, stream=stream,
         )
     if running_mean is None and running_var is None:
         chk = _validate.batch_norm_forward_args(x, weight, bias, eps, axis)
@@ -153,6 +167,8 @@ def batch_norm_forward(
             x, running_mean, running_var, weight, bias, True, momentum, eps, axis, None
         )
     kw = _validate.stream_kwargs(chk.side, stream)
+    if residual is not None or activation is not None:
+        kw["residual"], kw["relu"] = _epilogue.forward(chk.side, x, residual, activation)
     return backend(chk.side).forward_train(
         x, chk, weight, bias, running_mean, running_var, None, **kw
     )
@@ -167,9 +183,12 @@ def batch_norm_backward(
     *,
     axis: int = 1,
     training: bool = True,
+    activation: str | None = None,
+    y: Array | None = None,
+    residual_grad: bool = False,
     stream: Any = None,
-) -> tuple[Array, Array, Array]:
-    """Gradients of batch normalization.
+) -> tuple[Array, ...]:
+    """Gradients of batch normalization (and of its epilogue).
 
     Parameters
     ----------
@@ -188,6 +207,14 @@ def batch_norm_backward(
     training : bool
         True: the statistics depend on ``x`` (batch statistics). False: they are
         constants, and ``dx = dy * invstd * weight``.
+    activation : None or "relu"
+        The forward's activation: the gradient goes through it first (dy where
+        y > 0, else 0).
+    y : array
+        The forward's output; required with ``activation="relu"``.
+    residual_grad : bool
+        Also return dresidual, the gradient of the forward's residual (the masked dy;
+        a new array).
 
     Returns
     -------
@@ -196,15 +223,20 @@ def batch_norm_backward(
     dweight, dbias : arrays of shape (C,)
         ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` per channel, always
         returned; float32 for float16/float32 input, float64 for float64.
+    dresidual : array
+        With ``residual_grad=True`` only.
 
     All functions also take ``stream=`` (a numba, PyTorch or CuPy stream) for CUDA arrays.
     """
     if type(x) is not np.ndarray and _interop.is_foreign_host(x):
         return _interop.on_host(
             batch_norm_backward, dy, x, mean, invstd, weight, axis=axis, training=training,
-            stream=stream,
+            activation=activation, y=y, residual_grad=residual_grad, stream=stream,
         )
     training = bool(training)
     chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training)
     kw = _validate.stream_kwargs(chk.side, stream)
+    if activation is not None or residual_grad:
+        kw["y"] = _epilogue.backward(chk.side, x, activation, y)
+        kw["residual_grad"] = bool(residual_grad)
     return backend(chk.side).backward(dy, x, chk, mean, invstd, weight, training, **kw)

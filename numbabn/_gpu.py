@@ -18,6 +18,7 @@ from numba import cuda
 
 from . import _channel
 from . import _gpu_kernels as K
+from ._alias import overlaps, same_view
 from ._channel import grad_constants
 from ._gpu_arrays import (
     allocate,
@@ -165,8 +166,9 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     return fresh, xv
 
 
-def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
-    """Launch an elementwise kernel into ``out`` (or a fresh array, ``like``'s kind)."""
+def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream, *mode):
+    """Launch an elementwise kernel into ``out`` (or a fresh array, ``like``'s kind);
+    ``mode``: the epilogue kernel's mode bits."""
     dtype = inputs[0].dtype
     if out is not None:
         target, tmp = output_view(out, layout, dtype, stream)
@@ -179,7 +181,7 @@ def _elementwise(kernel_name, inputs, layout: Layout, chan, out, like, stream):
     grid, block = _elementwise_grid(layout)
     kernel = getattr(K, f"{kernel_name}_{layout.kind}")
     launcher(kernel, grid, block, stream)(
-        *kernel_args(inputs, layout), chan, chan.dtype.type(0), *operands(target, layout)
+        *kernel_args(inputs, layout), chan, chan.dtype.type(0), *operands(target, layout), *mode
     )
     if tmp is not None:
         copy_strided(tmp, numba_array(out), stream)
@@ -200,26 +202,43 @@ def batch_stats(x, chk: Checked, stream=None):
     return as_result(fresh, x, 0), as_result(fresh, x, 1)
 
 
-def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out, stream=None):
-    """Normalize with batch statistics; update running statistics if given."""
+def _normalize(xv, layout, chan, out, like, stream, residual, relu):
+    """The normalize pass, with the epilogue when there is one: the residual read from
+    a copy when ``out`` overlaps it other than as itself."""
+    if residual is None and not relu:
+        return _elementwise("normalize", (xv,), layout, chan, out, like, stream)
+    mode = K.RELU if relu else 0
+    ev = xv
+    if residual is not None:
+        mode |= K.RESIDUAL
+        alias = out is not None and overlaps(out, residual) and not same_view(out, residual)
+        ev = input_view(residual, "residual", layout, stream, alias)
+    return _elementwise("epilogue", (xv, ev), layout, chan, out, like, stream, mode)
+
+
+def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out, stream=None,
+                  residual=None, relu=False):
+    """Normalize with batch statistics, then the epilogue; update running statistics
+    if given."""
     stream = numba_stream(stream)
     if chk.layout.c == 0:  # (training needs 2 values in each channel there is)
         fresh = _chan(0, describe(x, "x").dtype, stream, x)
         return _nothing(x, chk.layout, out, stream), as_result(fresh, x, 0), as_result(fresh, x, 2)
     fresh, xv = _stats(x, chk, weight, bias, running_mean, running_var, stream, x)
-    y = _elementwise("normalize", (xv,), chk.layout, fresh[1], out, x, stream)
+    y = _normalize(xv, chk.layout, fresh[1], out, x, stream, residual, relu)
     return y, as_result(fresh, x, 0), as_result(fresh, x, 2)
 
 
-def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, stream=None):
-    """Normalize with the running statistics."""
+def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out, stream=None,
+                 residual=None, relu=False):
+    """Normalize with the running statistics, then the epilogue."""
     layout = chk.layout
     stream = numba_stream(stream)
     if layout.count * layout.c == 0:
         return _nothing(x, layout, out, stream)
     xv = input_view(x, "x", layout, stream, chk.alias)
     chan = _eval_constants(running_mean, running_var, weight, bias, chk.eps, xv.dtype, stream, x)[1]
-    return _elementwise("normalize", (xv,), layout, chan, out, x, stream)
+    return _normalize(xv, layout, chan, out, x, stream, residual, relu)
 
 
 def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream, like):
@@ -268,8 +287,33 @@ def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream):
     return _elementwise("normalize", (dyv,), layout, chan, None, like, stream)
 
 
-def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None):
-    """Gradients (dx, dweight, dbias)."""
+def _identity(layout: Layout, dy, y, stream):
+    """A new array of dy (``y`` None) or of dy where y > 0, else 0: normalize with the
+    identity's constants (0, 0, 1, 0), of the masked operand."""
+    sd = stats_dtype(describe(dy, "dy").dtype)
+    chan = np.zeros((K.ROWS, layout.c), sd)
+    chan[K.A] = 1.0
+    chan = cuda.to_device(chan, stream=stream)
+    dyv = input_view(dy, "dy", layout, stream)
+    if y is None:
+        return _elementwise("normalize", (dyv,), layout, chan, None, dy, stream)
+    yv = input_view(y, "y", layout, stream)
+    return _elementwise("epilogue", (dyv, yv), layout, chan, None, dy, stream, K.MASKED)
+
+
+def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None,
+             y=None, residual_grad=False):
+    """Gradients (dx, dweight, dbias), through the ReLU whose output is ``y`` if given;
+    ``residual_grad``: and dresidual. The ReLU's gradient (dresidual) is written first,
+    then read as the dy of the plain backward."""
+    if y is not None or residual_grad:
+        dr = dy
+        if chk.layout.count * chk.layout.c:
+            dr = _identity(chk.layout, dy, y, numba_stream(stream))
+        elif residual_grad:
+            dr = _nothing(dy, chk.layout, None, numba_stream(stream))
+        grads = backward(dr, x, chk, mean, invstd, weight, training, stream)
+        return (*grads, dr) if residual_grad else grads
     stream = numba_stream(stream)
     layout = chk.layout
     if layout.count * layout.c == 0:  # eval with N = 0, or no channels

@@ -27,7 +27,7 @@ import math
 
 from numba import cuda, float64, int32, uint64
 
-from ._channel import grad_input, normalize
+from ._channel import grad_input, normalize, relu, relu_grad
 from ._gpu_reduce import (  # noqa: F401 (launch constants, read by _gpu as K.*)
     BLOCK,
     HAS_BIAS,
@@ -100,17 +100,34 @@ def _constants(chan, c, mode):
 
 _normalize = cuda.jit(device=True)(normalize)
 _grad_input = cuda.jit(device=True)(grad_input)
+_relu = cuda.jit(device=True)(relu)
+_relu_grad = cuda.jit(device=True)(relu_grad)
+
+# Bits of an elementwise mode above the formula's (0 normalize, 1 grad_input): the
+# epilogue of normalize, ``+ e`` then the ReLU; or its operand masked by e > 0 (the
+# gradient through a ReLU whose output is e).
+RESIDUAL = 2
+RELU = 4
+MASKED = 8
 
 
 @cuda.jit(device=True)
-def _value(mode, g, v, ct, k):
-    """One output value (``_channel``'s formulas; ``ct`` widens float16 to the compute
-    type): mode 0, normalize of v (g unused); mode 1, grad_input of g and v. k:
-    ``_constants``."""
+def _value(mode, g, v, e, ct, k):
+    """One output value (``_channel``'s formulas; ``ct``, a zero of the compute type,
+    widens float16): grad_input of g and v (mode bit 1), else normalize of v (g unused),
+    with the bits above. k: ``_constants``."""
     hi, lo, p, q, k1 = k
-    if mode == 0:
-        return _normalize(v + ct, hi, lo, p, q)
-    return _grad_input(g + ct, v + ct, hi, lo, p, q, k1)
+    if mode & 1:
+        r = _grad_input(g + ct, v + ct, hi, lo, p, q, k1)
+    elif mode & MASKED:
+        r = _normalize(_relu_grad(v + ct, e + ct, ct), hi, lo, p, q)
+    else:
+        r = _normalize(v + ct, hi, lo, p, q)
+    if mode & RESIDUAL:
+        r = r + (e + ct)
+    if mode & RELU:
+        r = _relu(r, ct)
+    return r
 
 
 @cuda.jit(device=True)
@@ -207,52 +224,67 @@ def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, c
 
 
 @cuda.jit(device=True)
-def _elementwise_ncl(g1, sg, x1, sx, o1, so, nl, chan, ct, mode):
+def _elementwise_ncl(g1, sg, x1, sx, e1, se, o1, so, nl, chan, ct, mode):
     """The elementwise pass (``_value``) over this block's share of channel blockIdx.x.
-    All U values are loaded before any is stored, so the output may be an input. In
-    mode 0 g is not read (pass x for it)."""
+    All U values are loaded before any is stored, so the output may be an input. An
+    operand the mode does not read (g without bit 1, e without RESIDUAL or MASKED) is
+    any array of the shape: its loads are dead code where the mode is a constant."""
     n_, l_ = nl
     c = cuda.blockIdx.x
-    k = _constants(chan, c, mode)
+    k = _constants(chan, c, mode & 1)
     j0, j1 = _span(n_ * l_)
     j = j0 + cuda.threadIdx.x
     n, l, dn, dl = _start(j, l_)
     og, dg, wg = _offsets(sg, c, n, l, dn, dl, l_)
     ox, dx, wx = _offsets(sx, c, n, l, dn, dl, l_)
+    oe, de, we = _offsets(se, c, n, l, dn, dl, l_)
     oz, dz, wz = _offsets(so, c, n, l, dn, dl, l_)
     while j + (U - 1) * BLOCK < j1:
         l, w = _wraps(l, dl, l_)
         og1, ox1, oz1 = _next(og, dg, wg, w), _next(ox, dx, wx, w), _next(oz, dz, wz, w)
+        oe1 = _next(oe, de, we, w)
         l, w = _wraps(l, dl, l_)
         og2, ox2, oz2 = _next(og1, dg, wg, w), _next(ox1, dx, wx, w), _next(oz1, dz, wz, w)
+        oe2 = _next(oe1, de, we, w)
         l, w = _wraps(l, dl, l_)
         og3, ox3, oz3 = _next(og2, dg, wg, w), _next(ox2, dx, wx, w), _next(oz2, dz, wz, w)
+        oe3 = _next(oe2, de, we, w)
         g0, g1_, g2, g3 = g1[_at(og)], g1[_at(og1)], g1[_at(og2)], g1[_at(og3)]
         v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
-        o1[_at(oz)] = _value(mode, g0, v0, ct, k)
-        o1[_at(oz1)] = _value(mode, g1_, v1, ct, k)
-        o1[_at(oz2)] = _value(mode, g2, v2, ct, k)
-        o1[_at(oz3)] = _value(mode, g3, v3, ct, k)
+        e0, e1_, e2, e3 = e1[_at(oe)], e1[_at(oe1)], e1[_at(oe2)], e1[_at(oe3)]
+        o1[_at(oz)] = _value(mode, g0, v0, e0, ct, k)
+        o1[_at(oz1)] = _value(mode, g1_, v1, e1_, ct, k)
+        o1[_at(oz2)] = _value(mode, g2, v2, e2, ct, k)
+        o1[_at(oz3)] = _value(mode, g3, v3, e3, ct, k)
         l, w = _wraps(l, dl, l_)
         og, ox, oz = _next(og3, dg, wg, w), _next(ox3, dx, wx, w), _next(oz3, dz, wz, w)
+        oe = _next(oe3, de, we, w)
         j += U * BLOCK
     while j < j1:
-        o1[_at(oz)] = _value(mode, g1[_at(og)], x1[_at(ox)], ct, k)
+        o1[_at(oz)] = _value(mode, g1[_at(og)], x1[_at(ox)], e1[_at(oe)], ct, k)
         l, w = _wraps(l, dl, l_)
         og, ox, oz = _next(og, dg, wg, w), _next(ox, dx, wx, w), _next(oz, dz, wz, w)
+        oe = _next(oe, de, we, w)
         j += BLOCK
 
 
 @cuda.jit
 def normalize_ncl(x1, xs, nl, chan, ct, y1, ys):
     """y = ((x - hi) - lo) * scale + shift over this block's share of channel blockIdx.x."""
-    _elementwise_ncl(x1, xs, x1, xs, y1, ys, nl, chan, ct, 0)
+    _elementwise_ncl(x1, xs, x1, xs, x1, xs, y1, ys, nl, chan, ct, 0)
 
 
 @cuda.jit
 def grad_input_ncl(dy1, dys, x1, xs, nl, chan, ct, dx1, dxs):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 over this block's share of a channel."""
-    _elementwise_ncl(dy1, dys, x1, xs, dx1, dxs, nl, chan, ct, 1)
+    _elementwise_ncl(dy1, dys, x1, xs, x1, xs, dx1, dxs, nl, chan, ct, 1)
+
+
+@cuda.jit
+def epilogue_ncl(x1, xs, e1, es, nl, chan, ct, y1, ys, mode):
+    """Normalize with the bits of ``mode`` (RESIDUAL and RELU: y = relu(bn(x) + e);
+    MASKED: normalize of x where e > 0, else of 0)."""
+    _elementwise_ncl(x1, xs, x1, xs, e1, es, y1, ys, nl, chan, ct, mode)
 
 
 # --- MC -----------------------------------------------------------------------------
@@ -331,41 +363,50 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
 
 
 @cuda.jit(device=True)
-def _elementwise_mc(g2, x2, o2, chan, ct, mode):
+def _elementwise_mc(g2, x2, e2, o2, chan, ct, mode):
     """The elementwise pass (``_value``) for TX channels per block column; a block takes
-    chunks of TY * U rows, each thread U of them, all loaded before any store. In mode 0
-    g is not read (pass x for it)."""
+    chunks of TY * U rows, each thread U of them, all loaded before any store. Operands
+    the mode does not read: as for ``_elementwise_ncl``."""
     c = cuda.blockIdx.x * TX + cuda.threadIdx.x
     if c >= x2.shape[1]:
         return
     m = x2.shape[0]
-    k = _constants(chan, c, mode)
+    k = _constants(chan, c, mode & 1)
     r = cuda.blockIdx.y * TY * U + cuda.threadIdx.y
     while r + (U - 1) * TY < m:
         g0, g1 = g2[_at(r), _at(c)], g2[_at(r + TY), _at(c)]
         g2_, g3 = g2[_at(r + 2 * TY), _at(c)], g2[_at(r + 3 * TY), _at(c)]
         v0, v1 = x2[_at(r), _at(c)], x2[_at(r + TY), _at(c)]
         v2, v3 = x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
-        o2[_at(r), _at(c)] = _value(mode, g0, v0, ct, k)
-        o2[_at(r + TY), _at(c)] = _value(mode, g1, v1, ct, k)
-        o2[_at(r + 2 * TY), _at(c)] = _value(mode, g2_, v2, ct, k)
-        o2[_at(r + 3 * TY), _at(c)] = _value(mode, g3, v3, ct, k)
+        e0, e1 = e2[_at(r), _at(c)], e2[_at(r + TY), _at(c)]
+        e2_, e3 = e2[_at(r + 2 * TY), _at(c)], e2[_at(r + 3 * TY), _at(c)]
+        o2[_at(r), _at(c)] = _value(mode, g0, v0, e0, ct, k)
+        o2[_at(r + TY), _at(c)] = _value(mode, g1, v1, e1, ct, k)
+        o2[_at(r + 2 * TY), _at(c)] = _value(mode, g2_, v2, e2_, ct, k)
+        o2[_at(r + 3 * TY), _at(c)] = _value(mode, g3, v3, e3, ct, k)
         r += TY * U * cuda.gridDim.y
     while r < m:  # the last, partial chunk
-        o2[_at(r), _at(c)] = _value(mode, g2[_at(r), _at(c)], x2[_at(r), _at(c)], ct, k)
+        g, v, e = g2[_at(r), _at(c)], x2[_at(r), _at(c)], e2[_at(r), _at(c)]
+        o2[_at(r), _at(c)] = _value(mode, g, v, e, ct, k)
         r += TY
 
 
 @cuda.jit
 def normalize_mc(x2, chan, ct, y2):
     """y = ((x - hi) - lo) * scale + shift for TX channels per block column."""
-    _elementwise_mc(x2, x2, y2, chan, ct, 0)
+    _elementwise_mc(x2, x2, x2, y2, chan, ct, 0)
 
 
 @cuda.jit
 def grad_input_mc(dy2, x2, chan, ct, dx2):
     """dx = (dy - mdy - ((x - hi) - lo) * k2) * k1 for TX channels per block column."""
-    _elementwise_mc(dy2, x2, dx2, chan, ct, 1)
+    _elementwise_mc(dy2, x2, x2, dx2, chan, ct, 1)
+
+
+@cuda.jit
+def epilogue_mc(x2, e2, chan, ct, y2, mode):
+    """``epilogue_ncl`` for TX channels per block column."""
+    _elementwise_mc(x2, x2, e2, y2, chan, ct, mode)
 
 
 # --- eval constants -----------------------------------------------------------------

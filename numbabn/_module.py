@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _validate
+from . import _epilogue, _validate
 from ._dispatch import backend
 
 Array = Any
@@ -36,12 +36,16 @@ class BatchNorm:
         The channel axis of the inputs.
     dtype : float dtype
         dtype of the parameters and running statistics.
+    activation : None or "relu"
+        The fused epilogue: ``bn(x, residual)`` gives ``relu(bn(x) + residual)`` in
+        one pass.
 
     Notes
     -----
     Starts in training mode. ``bn(x)`` runs the forward pass and remembers what the
     backward pass needs; ``bn.backward(dy)`` returns ``dx`` and sets ``weight_grad``
-    and ``bias_grad``. In eval mode the backward pass treats the running statistics
+    and ``bias_grad`` (and ``residual_grad``, None when the forward had no residual).
+    In eval mode the backward pass treats the running statistics
     as constants (``dx = dy * weight / sqrt(running_var + eps)``).
     The arrays live where the inputs do: the first valid CUDA input moves them to the
     GPU (an input the call rejects moves nothing).
@@ -60,7 +64,9 @@ class BatchNorm:
         track_running_stats: bool = True,
         axis: int = 1,
         dtype: Any = np.float32,
+        activation: str | None = None,
     ) -> None:
+        _epilogue.relu(activation)
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer, got {num_features!r}")
         if num_features < 1:
@@ -81,6 +87,7 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
+        self.activation = activation
         self.weight: Array | None = np.ones(c, dtype) if affine else None
         self.bias: Array | None = np.zeros(c, dtype) if affine else None
         self.running_mean: Array | None = np.zeros(c, dtype) if track_running_stats else None
@@ -89,6 +96,7 @@ class BatchNorm:
         self.training = True
         self.weight_grad: Array | None = None
         self.bias_grad: Array | None = None
+        self.residual_grad: Array | None = None
         self._saved: tuple | None = None
         self._lock = threading.Lock()
 
@@ -130,13 +138,18 @@ class BatchNorm:
                 arrays[name] = backend(side).from_other_side(a)
         return arrays
 
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
+    def __call__(self, x: Array, residual: Array | None = None) -> Array:
+        return self.forward(x, residual)
 
-    def forward(self, x: Array) -> Array:
-        """Normalize ``x``; in training mode also update the running statistics."""
+    def forward(self, x: Array, residual: Array | None = None) -> Array:
+        """Normalize ``x`` (then ``residual`` added and the activation); in training
+        mode also update the running statistics."""
         with self._lock:
             p = self._placed(x)
+            epi = {}
+            if residual is not None or self.activation is not None:
+                side = _validate.describe(x, "x").side
+                epi["residual"], epi["relu"] = _epilogue.forward(side, x, residual, self.activation)
             rm, rv = p["running_mean"], p["running_var"]
             use_batch = self.training or rm is None
             update = self.training and rm is not None
@@ -148,50 +161,55 @@ class BatchNorm:
                         factor = 1.0 / (self.num_batches_tracked + 1)
                 else:
                     rm = rv = None
-                y, mean, invstd = self._batch_forward(x, p, rm, rv, factor)
+                y, mean, invstd = self._batch_forward(x, p, rm, rv, factor, **epi)
             else:
                 w, b = p["weight"], p["bias"]
                 chk = _validate.batch_norm_args(x, rm, rv, w, b, False, 0.0, self.eps, self.axis, None)
                 be = backend(chk.side)
-                y = be.forward_eval(x, chk, rm, rv, w, b, None)
+                y = be.forward_eval(x, chk, rm, rv, w, b, None, **epi)
                 mean, invstd = be.copy(rm), be.running_invstd(rv, self.eps)
             self.__dict__.update(p)  # the call succeeded: keep what moved to x's side
             if update:
                 self.num_batches_tracked += 1
-            self._saved = (x, mean, invstd, use_batch)
+            # the backward's epilogue arguments: the output a ReLU masks with, and
+            # whether there is a residual to differentiate
+            epi = {"y": y if self.activation else None, "residual_grad": residual is not None}
+            self._saved = (x, mean, invstd, use_batch, epi)
             return y
 
-    def _batch_forward(self, x, p, rm, rv, factor):
+    def _batch_forward(self, x, p, rm, rv, factor, **epilogue):
         """(y, mean, invstd) with batch statistics (``p``: ``_placed``'s arrays);
         updates rm/rv when given."""
         w, b = p["weight"], p["bias"]
         chk = _validate.batch_norm_args(x, rm, rv, w, b, True, factor, self.eps, self.axis, None)
-        return backend(chk.side).forward_train(x, chk, w, b, rm, rv, None)
+        return backend(chk.side).forward_train(x, chk, w, b, rm, rv, None, **epilogue)
 
-    def _batch_backward(self, dy, x, mean, invstd):
-        """(dx, dweight, dbias) through batch statistics."""
+    def _batch_backward(self, dy, x, mean, invstd, **epilogue):
+        """(dx, dweight, dbias[, dresidual]) through batch statistics."""
         chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, self.weight, self.axis, True)
-        return backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, True)
+        return backend(chk.side).backward(dy, x, chk, mean, invstd, self.weight, True, **epilogue)
 
     def backward(self, dy: Array) -> Array:
         """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``."""
         with self._lock:
             if self._saved is None:
                 raise RuntimeError("backward() needs a forward pass first")
-            x, mean, invstd, batch = self._saved
+            x, mean, invstd, batch, epi = self._saved
             if batch:
-                dx, dw, db = self._batch_backward(dy, x, mean, invstd)
+                grads = self._batch_backward(dy, x, mean, invstd, **epi)
             else:
                 w = self.weight
                 chk = _validate.batch_norm_backward_args(dy, x, mean, invstd, w, self.axis, False)
-                dx, dw, db = backend(chk.side).backward(dy, x, chk, mean, invstd, w, False)
+                grads = backend(chk.side).backward(dy, x, chk, mean, invstd, w, False, **epi)
             if self.affine:
-                self.weight_grad, self.bias_grad = dw, db
-            return dx
+                self.weight_grad, self.bias_grad = grads[1], grads[2]
+            self.residual_grad = grads[3] if epi["residual_grad"] else None
+            return grads[0]
 
     def __repr__(self) -> str:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"axis={self.axis}, dtype={self.dtype})"
+            f"axis={self.axis}, dtype={self.dtype}"
+            + (f", activation={self.activation!r})" if self.activation else ")")
         )

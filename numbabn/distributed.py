@@ -210,11 +210,15 @@ class BatchNorm(_LocalBatchNorm):
     """
 
     def __init__(self, num_features: int, *, comm, **kwargs) -> None:
+        if kwargs.get("activation") is not None:
+            raise ValueError("numbabn.distributed.BatchNorm has no fused epilogue (activation=None)")
         super().__init__(num_features, **kwargs)
         self.comm = comm
 
-    def _batch_forward(self, x, p, rm, rv, factor):
+    def _batch_forward(self, x, p, rm, rv, factor, residual=None, relu=False):
+        if residual is not None:
+            raise ValueError("numbabn.distributed.BatchNorm has no fused epilogue (residual=None)")
         return _train(self.comm, x, rm, rv, p["weight"], p["bias"], factor, self.eps, self.axis, None)
 
-    def _batch_backward(self, dy, x, mean, invstd):
+    def _batch_backward(self, dy, x, mean, invstd, y=None, residual_grad=False):
         return batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis, comm=self.comm)

@@ -46,11 +46,23 @@ def _train(xd, weight, bias, eps, axis, shape):
     return y, mean, var, invstd
 
 
-def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, axis=1, dtype=np.float64):
-    """Training forward: ``(y, mean, invstd)`` from the batch statistics."""
+def _epilogue(y, residual, activation):
+    """act(y + residual), in y's dtype (residual None: no addition)."""
+    if residual is not None:
+        y = y + np.asarray(residual, y.dtype)
+    if activation == "relu":
+        y = np.where(y < 0, 0.0, y).astype(y.dtype)  # NaN kept, as torch.relu
+    return y
+
+
+def batch_norm_forward(
+    x, weight=None, bias=None, eps=1e-5, axis=1, dtype=np.float64, residual=None, activation=None
+):
+    """Training forward: ``(y, mean, invstd)`` from the batch statistics, y through the
+    epilogue act(bn(x) + residual)."""
     xd, _, shape = _prep(x, axis, dtype)
     y, mean, _, invstd = _train(xd, weight, bias, eps, axis, shape)
-    return y, mean, invstd
+    return _epilogue(y, residual, activation), mean, invstd
 
 
 def batch_norm(
@@ -64,11 +76,19 @@ def batch_norm(
     eps=1e-5,
     axis=1,
     dtype=np.float64,
+    residual=None,
+    activation=None,
 ):
     """Returns ``(y, new_running_mean, new_running_var)``; the inputs are untouched.
 
-    The new running statistics are None when none were given (or in eval).
+    The new running statistics are None when none were given (or in eval); y goes
+    through the epilogue act(bn(x) + residual).
     """
+    y, rm, rv = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, dtype)
+    return _epilogue(y, residual, activation), rm, rv
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, dtype):
     xd, _, shape = _prep(x, axis, dtype)
     c = shape[axis % x.ndim]
     if training:
@@ -88,11 +108,23 @@ def batch_norm(
     return y, None, None
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, training=True, dtype=np.float64):
-    """``(dx, dweight, dbias)`` as in the API contract."""
+def batch_norm_backward(
+    dy, x, mean, invstd, weight=None, axis=1, training=True, dtype=np.float64,
+    activation=None, y=None, residual_grad=False,
+):
+    """``(dx, dweight, dbias)`` as in the API contract; with ``activation="relu"`` the
+    gradient goes through the ReLU of output ``y`` first; ``residual_grad``: also
+    dresidual, that gradient."""
     xd, red, shape = _prep(x, axis, dtype)
     dyd = np.asarray(dy, xd.dtype)
-    c = shape[axis % x.ndim]
+    if activation == "relu":
+        dyd = np.where(np.asarray(y, xd.dtype) > 0, dyd, 0.0)
+    grads = _backward(dyd, xd, red, shape, mean, invstd, weight, axis, training)
+    return (*grads, dyd) if residual_grad else grads
+
+
+def _backward(dyd, xd, red, shape, mean, invstd, weight, axis, training):
+    c = shape[axis % xd.ndim]
     mean = np.asarray(mean, xd.dtype).reshape(shape)
     invstd = np.asarray(invstd, xd.dtype)
     w = _vec(weight, c, 1.0, xd.dtype)

@@ -18,7 +18,7 @@ import numba
 import torch
 from torch import Tensor
 
-from . import _cpu, _fold, _functional, distributed
+from . import _cpu, _epilogue, _fold, _functional, distributed
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "fold",
@@ -75,36 +75,47 @@ def _forward(
     training: bool,
     momentum: float,
     eps: float,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, new running mean, new running variance): batch statistics in
-    training, else the running ones. The operator is functional (autograd needs it so):
-    it updates copies of the running statistics, which ``batch_norm`` copies back (empty
-    when there is nothing to update)."""
+    training, else the running ones; y through the epilogue act(bn(x) + residual). The
+    operator is functional (autograd needs it so): it updates copies of the running
+    statistics, which ``batch_norm`` copies back (empty when there is nothing to
+    update)."""
     sd = _stats_dtype(input.dtype)
     update = training and running_mean is not None
     rm = running_mean.clone() if update else input.new_empty(0, dtype=sd)
     rv = running_var.clone() if update else input.new_empty(0, dtype=sd)
-    if update:
-        y, mean, invstd = _compute(input, rm, rv, weight, bias, training, momentum, eps)
-    else:
-        y, mean, invstd = _compute(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    stats = (rm, rv) if update else (running_mean, running_var)
+    y, mean, invstd = _compute(
+        input, *stats, weight, bias, training, momentum, eps, residual, activation
+    )
     return y, mean, invstd, rm, rv
 
 
-def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps,
+             residual=None, activation=None):
     """(y, mean, invstd); in training updates the running statistics in place."""
+    epi = {}
+    if residual is not None or activation is not None:
+        epi = {"residual": residual, "activation": activation}
     if training:
         return _run(
             _functional.batch_norm_forward, input, weight, bias, eps,
-            running_mean=running_mean, running_var=running_var, momentum=momentum,
+            running_mean=running_mean, running_var=running_var, momentum=momentum, **epi,
         )
-    y = _run(_functional.batch_norm, input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    y = _run(
+        _functional.batch_norm, input, running_mean, running_var, weight, bias, False, 0.0, eps,
+        **epi,
+    )
     sd = _stats_dtype(input.dtype)
     return y, running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps)
 
 
 @_forward.register_fake
-def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
+      activation=None):
     c = input.shape[1]
     sd = _stats_dtype(input.dtype)
     update = training and running_mean is not None
@@ -115,36 +126,48 @@ def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
 
 def _grads(
     grad: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-    training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); ``training``: through batch statistics."""
-    return _run(_functional.batch_norm_backward, grad, input, mean, invstd, weight,
-                training=training)
+    training: bool, y: Optional[Tensor] = None, residual_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual); ``training``: through batch statistics; ``y``:
+    the output of a forward with a ReLU, which the gradient goes through first;
+    dresidual empty unless ``residual_grad``."""
+    activation = None if y is None else "relu"
+    grads = _run(_functional.batch_norm_backward, grad, input, mean, invstd, weight,
+                 training=training, activation=activation, y=y, residual_grad=residual_grad)
+    return grads if residual_grad else (*grads, grad.new_empty(0))
 
 
 _backward = torch.library.custom_op("numbabn::batch_norm_backward", _grads, mutates_args=())
 
 
 @_backward.register_fake
-def _(grad, input, mean, invstd, weight, training):
+def _(grad, input, mean, invstd, weight, training, y=None, residual_grad=False):
     c = input.shape[1]
     sd = _stats_dtype(input.dtype)
-    return torch.empty_like(input), input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd)
+    dr = torch.empty_like(grad) if residual_grad else grad.new_empty(0)
+    return torch.empty_like(input), input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd), dr
+
+
+def _save(ctx, input, weight, bias, training, mean, invstd, y, residual, activation):
+    """What the backward needs: the output too when a ReLU masks the gradient."""
+    ctx.save_for_backward(input, weight, mean, invstd, y if activation else None)
+    ctx.training, ctx.has_bias, ctx.has_residual = training, bias is not None, residual is not None
 
 
 def _setup_context(ctx, inputs, output):
-    input, _, _, weight, bias, training, _, _ = inputs
-    _, mean, invstd, _, _ = output
-    ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.training, ctx.has_bias = training, bias is not None
+    input, _, _, weight, bias, training, _, _, *epilogue = inputs
+    residual, activation = (epilogue + [None, None])[:2]
+    y, mean, invstd, _, _ = output
+    _save(ctx, input, weight, bias, training, mean, invstd, y, residual, activation)
 
 
 def _differentiate(ctx, grad, *_grads_of_statistics, backward=_backward):
-    input, weight, mean, invstd = ctx.saved_tensors
-    dx, dweight, dbias = backward(grad, input, mean, invstd, weight, ctx.training)
+    input, weight, mean, invstd, y = ctx.saved_tensors
+    dx, dweight, dbias, dr = backward(grad, input, mean, invstd, weight, ctx.training, y,
+                                      ctx.has_residual)
     dweight = dweight.to(weight.dtype) if weight is not None else None
     dbias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if ctx.has_bias else None
-    return dx, None, None, dweight, dbias, None, None, None
+    return dx, None, None, dweight, dbias, None, None, None, dr if ctx.has_residual else None, None
 
 
 torch.library.register_autograd(
@@ -160,11 +183,11 @@ class _Eager(torch.autograd.Function):
     transforms."""
 
     @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                residual, activation):
         y, mean, invstd = _compute(input, running_mean, running_var, weight, bias, training,
-                                   momentum, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training, ctx.has_bias = training, bias is not None
+                                   momentum, eps, residual, activation)
+        _save(ctx, input, weight, bias, training, mean, invstd, y, residual, activation)
         return y
 
     @staticmethod
@@ -181,14 +204,18 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` computed by numbabn (differentiable with
-    respect to input, weight and bias)."""
+    respect to input, weight and bias), with numbabn's fused epilogue
+    ``activation(bn(input) + residual)`` (differentiable with respect to the residual)."""
+    args = (input, running_mean, running_var, weight, bias, bool(training), float(momentum),
+            float(eps), residual, activation)
     if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
-        return _Eager.apply(input, running_mean, running_var, weight, bias, bool(training),
-                            float(momentum), float(eps))
-    y, _, _, rm, rv = _forward(input, running_mean, running_var, weight, bias, bool(training),
-                               float(momentum), float(eps))
+        return _Eager.apply(*args)
+    y, _, _, rm, rv = _forward(*args)
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(rm)
@@ -197,9 +224,21 @@ def batch_norm(
 
 
 class _Numbabn:
-    """The forward of torch's ``_BatchNorm``, with numbabn's kernels."""
+    """The forward of torch's ``_BatchNorm``, with numbabn's kernels, and its fused
+    epilogue: ``activation`` ("relu" or None), ``forward(input, residual=None)``."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    activation = None
+
+    def __init__(self, *args, activation: Optional[str] = None, **kwargs):
+        _epilogue.relu(activation)
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + act
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         if input.dim() > 1 and input.shape[1] != self.num_features:
             raise RuntimeError(
@@ -212,14 +251,14 @@ class _Numbabn:
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
         rm, rv = (self.running_mean, self.running_var) if keep else (None, None)
-        y = self._normalize(input, rm, rv, bn_training, factor)
+        y = self._normalize(input, rm, rv, bn_training, factor, residual)
         if tracked:  # after the call: a call that raises changes nothing
             self.num_batches_tracked.add_(1)
         return y
 
-    def _normalize(self, input, running_mean, running_var, training, factor):
+    def _normalize(self, input, running_mean, running_var, training, factor, residual=None):
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
-                          factor, self.eps)
+                          factor, self.eps, residual=residual, activation=self.activation)
 
 
 class BatchNorm1d(_Numbabn, torch.nn.BatchNorm1d):
@@ -288,11 +327,18 @@ class SyncBatchNorm(_Numbabn, torch.nn.SyncBatchNorm):
     are this rank's share, which DDP all-reduces as it does torch's. Outside training, or
     on a group of one rank, a plain batch norm."""
 
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("activation") is not None:
+            raise ValueError("numbabn.torch.SyncBatchNorm has no fused epilogue (activation=None)")
+        super().__init__(*args, **kwargs)
+
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _normalize(self, input, running_mean, running_var, training, factor):
+    def _normalize(self, input, running_mean, running_var, training, factor, residual=None):
+        if residual is not None:
+            raise ValueError("numbabn.torch.SyncBatchNorm has no fused epilogue (residual=None)")
         dist = torch.distributed
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
         if not (training and group is not None and dist.get_world_size(group) > 1):
@@ -321,15 +367,27 @@ def _converted(bn: torch.nn.Module, sync: bool, process_group) -> torch.nn.Modul
     return new
 
 
-def convert(module: torch.nn.Module, sync: bool = False, process_group=None) -> torch.nn.Module:
+def convert(
+    module: torch.nn.Module, sync: bool = False, process_group=None, fuse_relu: bool = False
+) -> torch.nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` of ``module`` (``module`` itself
     included) by numbabn's (``sync``: by numbabn's ``SyncBatchNorm`` over
-    ``process_group``, default the whole world), keeping its parameters, buffers, dtype, device and training
-    mode; returns the module (the new layer, if ``module`` itself was replaced)."""
+    ``process_group``, default the whole world), keeping its parameters, buffers, dtype,
+    device and training mode; returns the module (the new layer, if ``module`` itself
+    was replaced). ``fuse_relu`` (not with ``sync``): a batch norm directly followed by
+    an ``nn.ReLU`` in an ``nn.Sequential`` takes the ReLU as its epilogue, and the ReLU
+    becomes ``nn.Identity``."""
     if type(module) in _REPLACE or (sync and type(module) is torch.nn.SyncBatchNorm):
         return _converted(module, sync, process_group)
     for name, child in module.named_children():
-        setattr(module, name, convert(child, sync, process_group))
+        setattr(module, name, convert(child, sync, process_group, fuse_relu))
+    if fuse_relu and not sync and isinstance(module, torch.nn.Sequential):
+        names = [name for name, _ in module.named_children()]
+        for first, second in zip(names, names[1:]):
+            bn, relu = module._modules[first], module._modules[second]
+            if type(bn) in _REPLACE.values() and type(relu) is torch.nn.ReLU and not bn.activation:
+                bn.activation = "relu"
+                module._modules[second] = torch.nn.Identity()
     return module
 
 

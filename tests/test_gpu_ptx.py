@@ -42,6 +42,8 @@ def _signatures(data, vec):
         "normalize_mc": (_arr(data, 2), chan, stat, _arr(data, 2)),
         "grad_input_ncl": (flat, st, flat, st, nl, chan, stat, flat, st),
         "grad_input_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2)),
+        "epilogue_ncl": (flat, st, flat, st, nl, chan, stat, flat, st, i),
+        "epilogue_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2), i),
         "eval_params": (v, v, v, v, i, f, chan),
         "copy_4d": (_arr(data, 4), _arr(data, 4)),
         "fold_scale": (_arr(data, 1), _arr(types.float64, 1), i, i, _arr(data, 1)),  # _gpu_fold

@@ -77,6 +77,33 @@ def test_streamed_equals_plain(shape, axis, dtype, monkeypatch):
     assert_close(streamed[0], yref, dtype, factor=2)
 
 
+def _epilogue_run(x, axis, threshold, monkeypatch):
+    """The fused epilogue forward, and the backward through its ReLU (masked operands)."""
+    tune_cpu(monkeypatch, stream_min_bytes=threshold)
+    z = random_batch(x.shape, x.dtype, seed=6, loc=0.0)
+    dy = random_batch(x.shape, x.dtype, seed=7)
+    y, mean, invstd = numbabn.batch_norm_forward(x, axis=axis, residual=z, activation="relu")
+    grads = numbabn.batch_norm_backward(dy, x, mean, invstd, axis=axis, activation="relu", y=y)
+    return (y, *grads)
+
+
+# float16 (widened and narrowed in the loops) and float32: the epilogue adds an addition
+# and a select to loops that test_streamed_equals_plain checks for every dtype, and each
+# dtype here compiles every streamed walk again.
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_streamed_epilogue_equals_plain(shape, axis, dtype, monkeypatch):
+    """The vector loops' epilogue and masked operands (``llvm.formula``) give bitwise the
+    njit walks' results."""
+    x = random_batch(shape, dtype, seed=0, per_channel_axis=axis)
+    if axis == -1:
+        x = np.ascontiguousarray(x)
+    plain = _epilogue_run(x, axis, 1 << 62, monkeypatch)
+    streamed = _epilogue_run(x, axis, 0, monkeypatch)
+    for p, s in zip(plain, streamed):
+        np.testing.assert_array_equal(s, p)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("items", [0, 3])
 @pytest.mark.parametrize("layout,c", [("ncl", 6), ("mc", 6), ("mc", 32)])

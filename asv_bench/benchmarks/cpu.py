@@ -150,3 +150,46 @@ class Memory:
 
     def peakmem_train_forward(self, output):
         numbabn.batch_norm(self.x, training=True, out=self.out)
+
+
+class Epilogue:
+    """The fused epilogue relu(bn(x) + z) and its backward, float32, against plain batch
+    norm (one more read: of z) and against NumPy's composition of the three steps."""
+
+    params = [["fused", "plain", "numpy"], LAYOUTS]
+    param_names = ["impl", "layout"]
+    timeout = 300
+
+    def setup(self, impl, layout):
+        self.x, self.axis = batch("resnet", layout, "float32")
+        self.z, _ = batch("resnet", layout, "float32", seed=2)
+        self.dy, _ = batch("resnet", layout, "float32", seed=1)
+        self.y, self.mean, self.invstd = numbabn.batch_norm_forward(
+            self.x, axis=self.axis, residual=self.z, activation="relu"
+        )
+        self.time_train_forward(impl, layout)
+        self.time_backward(impl, layout)
+
+    def time_train_forward(self, impl, layout):
+        if impl == "fused":
+            numbabn.batch_norm(self.x, training=True, axis=self.axis, residual=self.z, activation="relu")
+        elif impl == "plain":
+            numbabn.batch_norm(self.x, training=True, axis=self.axis)
+        else:
+            y = reference.batch_norm(self.x, training=True, axis=self.axis, dtype=None)[0]
+            np.maximum(y + self.z, 0, out=y)
+
+    def time_backward(self, impl, layout):
+        if impl == "fused":
+            numbabn.batch_norm_backward(
+                self.dy, self.x, self.mean, self.invstd, axis=self.axis, activation="relu",
+                y=self.y, residual_grad=True,
+            )
+        elif impl == "plain":
+            numbabn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, axis=self.axis)
+        else:
+            g = np.where(self.y > 0, self.dy, 0)
+            reference.batch_norm_backward(g, self.x, self.mean, self.invstd, axis=self.axis, dtype=None)
+
+    def peakmem_train_forward(self, impl, layout):
+        self.time_train_forward(impl, layout)

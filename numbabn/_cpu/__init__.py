@@ -71,23 +71,28 @@ def _reduce(g, x, centre, layout: Layout, p: plan.Plan) -> np.ndarray:
     view, k = p.sums, arrays.kernel_array
     if view is not layout:  # flat rows: one column per value of a sample
         x = x.reshape(view.n, view.c)
-        g = None if g is None else g.reshape(view.n, view.c)
+        g = arrays.operand(lambda a: a.reshape(view.n, view.c), g)
     part = np.empty((p.sums_tasks, 2, view.c))
     out = np.empty((2, layout.c))
     kernel = _run(KERNELS[view.kind].sums)
-    kernel(None if g is None else k(g), k(x), centre, *p.sums_work, part, out)
+    kernel(arrays.operand(k, g), k(x), centre, *p.sums_work, part, out)
     return out
 
 
 def _elementwise(g, x, params: np.ndarray, result: np.ndarray, layout: Layout, p: plan.Plan):
-    """The formula (normalize when ``g`` is None, else grad_input of ``g`` and ``x``)
-    into ``result``, with per-channel constants ``params``, as the plan routes it."""
-    kernel, view, work = plan.route(p, layout, result)
+    """The formula (normalize when ``g`` is None, else grad_input of ``g`` and ``x``;
+    either may be an operand tuple, see ``formulas``) into ``result``, with per-channel
+    constants ``params``, as the plan routes it."""
     k = arrays.kernel_array
+    if p.small:
+        kernel = _run(KERNELS[layout.kind].small_elementwise)
+        kernel(arrays.operand(k, g), arrays.operand(k, x), params, k(result))
+        return
+    kernel, view, work = plan.route(p, layout, result)
     if view is not layout:  # flat rows of short planes
-        x, result = x.reshape(view.n, view.c), result.reshape(view.n, view.c)
-        g = None if g is None else g.reshape(view.n, view.c)
-    _run(kernel)(None if g is None else k(g), k(x), params, *work, k(result))
+        result = result.reshape(view.n, view.c)
+        g, x = (arrays.operand(lambda a: a.reshape(view.n, view.c), a) for a in (g, x))
+    _run(kernel)(arrays.operand(k, g), arrays.operand(k, x), params, *work, k(result))
 
 
 def _moments(v: np.ndarray, layout: Layout, p: plan.Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -100,22 +105,29 @@ def _moments(v: np.ndarray, layout: Layout, p: plan.Plan) -> tuple[np.ndarray, n
     return moments[0], moments[1]
 
 
-def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, p):
+def _epilogue(xv, layout, residual, relu):
+    """Normalize's x operand: ``xv``, or with an epilogue the triple (xv, the residual's
+    canonical view or None, the ReLU's zero or None) of ``formulas``."""
+    if residual is None and not relu:
+        return xv
+    z = None if residual is None else arrays.view(residual, layout)
+    return xv, z, stats_dtype(xv.dtype).type(0) if relu else None
+
+
+def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, p, residual=None, relu=False):
     """y from ``x`` (canonical view ``xv``) normalized with the given mean and biased
-    variance (float64, or running statistics as stored); any count, even 0. Returns
-    (y, float64 invstd)."""
-    y, yv = arrays.output(out, x, layout)
+    variance (float64, or running statistics as stored), then the epilogue (``residual``
+    added, ``relu``); any count, even 0. Returns (y, float64 invstd)."""
+    xop = _epilogue(xv, layout, residual, relu)
+    y, yv = arrays.output(out, x, layout, residual)
     c = layout.c
     params, stats = np.empty((4, c), stats_dtype(x.dtype)), np.empty((3, c))
     formulas.channel_params(
         arrays.kernel_array(mean), arrays.kernel_array(var), as64(weight, c, 1.0), as64(bias, c, 0.0),
         eps, params, stats,
     )
-    if p.small:
-        k = arrays.kernel_array
-        _run(KERNELS[layout.kind].small_elementwise)(None, k(xv), params, k(yv))
-    elif layout.count * c:
-        _elementwise(None, xv, params, yv, layout, p)
+    if layout.count * c:
+        _elementwise(None, xop, params, yv, layout, p)
     return arrays.finish_output(y, out), stats[2]
 
 
@@ -130,8 +142,11 @@ def batch_stats(x: np.ndarray, chk: Checked) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(sd, copy=False), var.astype(sd, copy=False)
 
 
-def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out):
-    """Normalize with batch statistics; update running statistics if given.
+def forward_train(
+    x, chk: Checked, weight, bias, running_mean, running_var, out, residual=None, relu=False
+):
+    """Normalize with batch statistics, then the epilogue (``residual`` added,
+    ``relu``); update running statistics if given.
 
     Returns ``(y, mean, invstd)`` with the statistics in :func:`stats_dtype`.
     """
@@ -142,11 +157,12 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
     x, xv = arrays.ordered(x, layout)
     p = _plan(layout, _threads(), x.itemsize)
     if p.small or p.fuse_forward:
-        y, yv = arrays.output(out, x, layout)
+        xop = arrays.operand(arrays.kernel_array, _epilogue(xv, layout, residual, relu))
+        y, yv = arrays.output(out, x, layout, residual)
         c = layout.c
         stats = np.empty((3, c))
         args = (
-            arrays.kernel_array(xv), as64(weight, c, 1.0), as64(bias, c, 0.0), chk.eps,
+            xop, as64(weight, c, 1.0), as64(bias, c, 0.0), chk.eps,
             np.empty((4, c), stats_dtype(x.dtype)), stats,
         )
         if p.small:
@@ -158,7 +174,9 @@ def forward_train(x, chk: Checked, weight, bias, running_mean, running_var, out)
         mean, var, invstd = stats
     else:
         mean, var = _moments(xv, layout, p)
-        y, invstd = _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, p)
+        y, invstd = _normalize(
+            x, xv, layout, mean, var, chk.eps, weight, bias, out, p, residual, relu
+        )
     if running_mean is not None:
         update_running(running_mean, running_var, mean, var, layout.count, chk.momentum)
     sd = stats_dtype(x.dtype)
@@ -182,18 +200,27 @@ def running_invstd(running_var: np.ndarray, eps: float) -> np.ndarray:
         return 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
 
 
-def forward_eval(x, chk: Checked, running_mean, running_var, weight, bias, out):
-    """Normalize with the running statistics."""
+def forward_eval(
+    x, chk: Checked, running_mean, running_var, weight, bias, out, residual=None, relu=False
+):
+    """Normalize with the running statistics, then the epilogue."""
     layout = chk.layout
     if layout.count * layout.c == 0:
         return arrays.nothing(x, layout, out)
     x, xv = arrays.ordered(x, layout)
     p = _plan(layout, _threads(), x.itemsize)
-    return _normalize(x, xv, layout, running_mean, running_var, chk.eps, weight, bias, out, p)[0]
+    stats = (running_mean, running_var, chk.eps, weight, bias)
+    return _normalize(x, xv, layout, *stats, out, p, residual, relu)[0]
 
 
-def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
-    """Gradients (dx, dweight, dbias); see the API contract for the formulas."""
+def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, residual_grad=False):
+    """Gradients (dx, dweight, dbias); see the API contract for the formulas. ``y``:
+    the output of a forward with a ReLU, which ``dy`` goes through first (a masked
+    operand of the passes); ``residual_grad``: also return dresidual, that gradient,
+    written once and then read as the ``dy`` of the plain backward."""
+    if residual_grad:
+        dr = np.copy(dy) if y is None else _through_relu(dy, y, chk.layout)
+        return (*backward(dr, x, chk, mean, invstd, weight, training), dr)
     layout = chk.layout
     if layout.count * layout.c == 0:  # eval with N = 0, or no channels
         zeros = np.zeros(layout.c, stats_dtype(x.dtype))
@@ -201,10 +228,10 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool):
     mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
     (dy, dyv), (x, xv) = arrays.ordered(dy, layout), arrays.ordered(x, layout)
     p = _plan(layout, _threads(), x.itemsize)
-    if not (p.small or p.fuse_backward):
-        sums = local_grad_sums(dy, x, chk, mean64, p)
+    if y is not None or not (p.small or p.fuse_backward):
+        sums = local_grad_sums(dy, x, chk, mean64, p, y)
         return grad_input(
-            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, p
+            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, p, y
         )
     c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
@@ -242,20 +269,39 @@ def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, p)[0]
 
 
-def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None) -> np.ndarray:
+def _gradient(dy, y, layout: Layout):
+    """The gradient operand: dy's canonical view, or through the ReLU whose output is
+    ``y``, the pair of views (``formulas.load_at``)."""
+    dyv = arrays.view(dy, layout)
+    return dyv if y is None else (dyv, arrays.view(y, layout))
+
+
+def _through_relu(dy, y, layout: Layout) -> np.ndarray:
+    """A new array of dy where y > 0, else 0: normalize of the masked operand with the
+    identity's constants (0, 0, 1, 0)."""
+    dr, drv = arrays.empty(layout, dy)
+    if layout.count * layout.c:
+        params = np.zeros((4, layout.c), stats_dtype(dy.dtype))
+        params[2] = 1.0
+        p = _plan(layout, _threads(), dy.itemsize)
+        _elementwise(None, _gradient(dy, y, layout), params, drv, layout, p)
+    return dr
+
+
+def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None, y=None) -> np.ndarray:
     """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C) (``plan``: the
-    caller's :func:`_plan`, made here if not given)."""
+    caller's :func:`_plan`, made here if not given; ``y``: as for :func:`backward`)."""
     layout = chk.layout
     if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
-    views = (arrays.view(dy, layout), arrays.view(x, layout))
     p = p or _plan(layout, _threads(), x.itemsize)
-    return _reduce(*views, mean, layout, p)
+    return _reduce(_gradient(dy, y, layout), arrays.view(x, layout), mean, layout, p)
 
 
-def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None):
+def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None, y=None):
     """(dx, dweight, dbias) from the sums over ``count`` values per channel
-    (``plan``: the caller's :func:`_plan`, made here if not given)."""
+    (``plan``: the caller's :func:`_plan`, made here if not given; ``y``: as for
+    :func:`backward`)."""
     layout = chk.layout
     c = layout.c
     ctype = stats_dtype(x.dtype)
@@ -263,12 +309,12 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
     params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
     formulas.grad_params(sums, count, mean, invstd, as64(weight, c, 1.0), training, params, grads)
     if layout.count * c:
-        dyv = arrays.view(dy, layout)
+        g = _gradient(dy, y, layout)
         p = p or _plan(layout, _threads(), x.itemsize)
         if training:
-            _elementwise(dyv, arrays.view(x, layout), params, dxv, layout, p)
+            _elementwise(g, arrays.view(x, layout), params, dxv, layout, p)
         else:
-            _elementwise(None, dyv, params, dxv, layout, p)
+            _elementwise(None, g, params, dxv, layout, p)
     return dx, grads[0], grads[1]
 
 

@@ -25,6 +25,14 @@ def kernel_array(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == _F16 else a
 
 
+def operand(fn, a):
+    """``fn`` of an array, or of each array in an operand tuple (``formulas``: masked
+    gradients, the epilogue); None and scalars as they are."""
+    if type(a) is tuple:
+        return tuple(operand(fn, m) for m in a)
+    return fn(a) if isinstance(a, np.ndarray) else a
+
+
 def channel_last(a: np.ndarray, axis: int) -> np.ndarray:
     """``np.moveaxis(a, axis, -1)`` (a view) at a fraction of its cost (8 us a call)."""
     if axis == a.ndim - 1:
@@ -103,16 +111,20 @@ def empty(layout: Layout, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return channel_back(moved, axis), moved.reshape(layout.n, layout.c)
 
 
-def output(out: np.ndarray | None, x: np.ndarray, layout: Layout):
-    """Return (result array, its canonical view) for an elementwise pass over ``x``.
+def output(out: np.ndarray | None, x: np.ndarray, layout: Layout, other=None):
+    """Return (result array, its canonical view) for an elementwise pass over ``x``
+    (and ``other``, an input of the same shape, or None).
 
-    Writes go straight into ``out`` when it has the kernel's order and either does
-    not overlap ``x`` or is ``x`` itself; otherwise into a fresh array that
-    :func:`_finish_output` copies into ``out``.
+    Writes go straight into ``out`` when it has the kernel's order and, for each
+    input, either does not overlap it or is that input itself; otherwise into a fresh
+    array that :func:`_finish_output` copies into ``out``.
     """
     if out is not None:
         v = canonical(out, layout)
-        if v is not None and (not np.may_share_memory(out, x) or same_view(out, x)):
+        apart = all(
+            a is None or not np.may_share_memory(out, a) or same_view(out, a) for a in (x, other)
+        )
+        if v is not None and apart:
             return out, v
     return empty(layout, x)
 

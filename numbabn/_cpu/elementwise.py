@@ -3,7 +3,9 @@
 Every kernel takes ``(g, x, params, <work>, y)``: ``g`` None computes normalize of ``x``
 (constant rows hi, lo, a, b), an array grad_input of ``g`` and ``x`` (rows hi, lo, k2,
 mdy, k1); see ``formulas``. The plan (``plan.route``) picks the kernel and its work;
-the kernels do not choose again. Each kernel but ``mc_bands`` (plain stores only) is a
+the kernels do not choose again. ``g`` and ``x`` may be operand tuples (masked
+gradients, the epilogue; see ``formulas``), which every walk cuts with ``piece``,
+``plane`` and ``flat``. Each kernel but ``mc_bands`` (plain stores only) is a
 dict by store kind (``_store_kinds``): ``[True]`` writes the aligned middle of each piece
 with non-temporal stores (``vector.span_nt`` and friends), the ends with plain ones, and
 ends each task with a fence; ``[False]`` stores plainly.
@@ -107,22 +109,22 @@ def span_streamed(g, x, k, y):
 def _segments_plain(g3, x3, params, first, end, nseg, y3):
     """Tasks [first, end) of :func:`ncl_segments` with plain stores (the row loops
     inlined: a call per segment cost more than the work of a short plane)."""
-    n_, c_, l_ = x3.shape
+    n_, c_, l_ = y3.shape
     n, c, s, i0, i1 = pieces.segment(first, nseg, c_, l_)
     for _ in range(first, end):
         k = consts(g3, params, c)
-        plain(plane(g3, n, c, i0, i1), x3[n, c, i0:i1], k, y3[n, c, i0:i1], 0, i1 - i0)
+        plain(plane(g3, n, c, i0, i1), plane(x3, n, c, i0, i1), k, y3[n, c, i0:i1], 0, i1 - i0)
         n, c, s, i0, i1 = pieces.next_segment(n, c, s, nseg, c_, l_)
 
 
 @njit(**ELEM)
 def _segments_streamed(g3, x3, params, first, end, nseg, y3):
     """Tasks [first, end) of :func:`ncl_segments` into a streamed output, then a fence."""
-    n_, c_, l_ = x3.shape
+    n_, c_, l_ = y3.shape
     n, c, s, i0, i1 = pieces.segment(first, nseg, c_, l_)
     for _ in range(first, end):
         k = consts(g3, params, c)
-        span_streamed(plane(g3, n, c, i0, i1), x3[n, c, i0:i1], k, y3[n, c, i0:i1])
+        span_streamed(plane(g3, n, c, i0, i1), plane(x3, n, c, i0, i1), k, y3[n, c, i0:i1])
         n, c, s, i0, i1 = pieces.next_segment(n, c, s, nseg, c_, l_)
     llvm.fence()
 
@@ -130,7 +132,7 @@ def _segments_streamed(g3, x3, params, first, end, nseg, y3):
 def _ncl_segments(streamed):
     @njit(**PAR)
     def ncl_segments(g3, x3, params, nseg, nchunk, y3):
-        n_, c_, l_ = x3.shape
+        n_, c_, l_ = y3.shape
         ntasks = np.int64(n_ * c_ * nseg)
         for t in prange(np.int64(nchunk)):
             first, end = pieces.rows(np.int64(t), nchunk, ntasks)
@@ -152,11 +154,11 @@ ncl_segments = _store_kinds(_ncl_segments)
 def _block(gf, xf, yf, k, p, w):
     """The formula over ``block_spans`` spans of ``w`` values from p, whose constants
     ``k`` (arrays of ``w``) are the same: each constant loaded serves them all."""
-    x0, x1 = xf[p : p + w], xf[p + w : p + 2 * w]
+    x0, x1 = piece(xf, p, p + w), piece(xf, p + w, p + 2 * w)
     y0, y1 = yf[p : p + w], yf[p + w : p + 2 * w]
     g0, g1 = piece(gf, p, p + w), piece(gf, p + w, p + 2 * w)
     if gf is None:
-        x2, x3 = xf[p + 2 * w : p + 3 * w], xf[p + 3 * w : p + 4 * w]
+        x2, x3 = piece(xf, p + 2 * w, p + 3 * w), piece(xf, p + 3 * w, p + 4 * w)
         y2, y3 = yf[p + 2 * w : p + 3 * w], yf[p + 3 * w : p + 4 * w]
         for i in range(w):
             c = at_column(k, i)
@@ -178,13 +180,13 @@ def _mc_spans(streamed):
         blocked, plain stores); streamed pieces start on vector boundaries of the output
         (the few values before the first are written first). ``l`` > 1: NCL planes as
         flat rows."""
-        c_ = x2.shape[1]
-        gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
-        total = x2.size
+        c_ = y2.shape[1]
+        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        total = y2.size
         w = max(w, wb)
         tiled = pieces.tile(params, l, w + c_ - 1)
         h = pieces.head(yf, streamed)
-        span_plain(piece(gf, 0, h), xf[:h], columns(gf, tiled, 0, h), yf[:h])
+        span_plain(piece(gf, 0, h), piece(xf, 0, h), columns(gf, tiled, 0, h), yf[:h])
         for t in prange(np.int64(nchunk)):
             end = h + pieces.cut(t + 1, nchunk, total - h)
             start = h + pieces.cut(t, nchunk, total - h)
@@ -199,9 +201,9 @@ def _mc_spans(streamed):
                 ph = p % c_
                 k = columns(gf, tiled, ph, ph + q - p)
                 if streamed:
-                    span_streamed(piece(gf, p, q), xf[p:q], k, yf[p:q])
+                    span_streamed(piece(gf, p, q), piece(xf, p, q), k, yf[p:q])
                 else:
-                    span_plain(piece(gf, p, q), xf[p:q], k, yf[p:q])
+                    span_plain(piece(gf, p, q), piece(xf, p, q), k, yf[p:q])
             if streamed:
                 llvm.fence()
 
@@ -224,14 +226,14 @@ def band_task(task, nb, nrc, m, c_):
 def mc_bands(g2, x2, params, l, nb, nrc, y2):
     """Rows cut into ``nb`` bands of columns and ``nrc`` runs of rows, a task per band
     and run, which builds its band's constants once (plain stores)."""
-    m, c_ = x2.shape
-    gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
+    m, c_ = y2.shape
+    gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
     for task in prange(np.int64(nb * nrc)):
         r0, r1, c0, c1 = band_task(np.int64(task), nb, nrc, m, c_)
         wp = c1 - c0
         k = columns(gf, pieces.band(params, l, c0, c1), 0, wp)
         for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
-            span_plain(piece(gf, p, p + wp), xf[p : p + wp], k, yf[p : p + wp])
+            span_plain(piece(gf, p, p + wp), piece(xf, p, p + wp), k, yf[p : p + wp])
 
 
 # --- lines of columns ----------------------------------------------------------------------
@@ -259,8 +261,8 @@ def _mc_lines(streamed):
         of rows. An output that does not start on a line is walked in rows shifted to
         start on one (wrapping into the next row, constants tiled a line past the row);
         the values outside the shifted rows get plain stores."""
-        m, c_ = x2.shape
-        gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
+        m, c_ = y2.shape
+        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
         item = llvm.item_bytes(yf)
         s = llvm.line_blocks(yf)[0]
         per = llvm.LINE_BYTES // item
@@ -272,9 +274,10 @@ def _mc_lines(streamed):
             r0, r1 = pieces.rows(np.int64(t), nchunk, full)
             _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
         e = full * c_ + s
-        span_plain(piece(gf, 0, s), xf[:s], columns(gf, tiled, 0, s), yf[:s])
-        h = s + xf.size - e
-        span_plain(piece(gf, e, xf.size), xf[e:], columns(gf, tiled, s, h), yf[e:])
+        span_plain(piece(gf, 0, s), piece(xf, 0, s), columns(gf, tiled, 0, s), yf[:s])
+        size = yf.size
+        h = s + size - e
+        span_plain(piece(gf, e, size), piece(xf, e, size), columns(gf, tiled, s, h), yf[e:])
 
     return mc_lines
 
@@ -325,9 +328,9 @@ def planes(gf, xf, yf, params, l, i0, i1, streamed):
 def _mc_planes(streamed):
     @njit(**PAR)
     def mc_planes(g2, x2, params, l, nchunk, y2):
-        gf, xf, yf = flat(g2), x2.reshape(-1), y2.reshape(-1)
+        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
         for t in prange(np.int64(nchunk)):
-            i0, i1 = pieces.cut(t, nchunk, x2.size), pieces.cut(t + 1, nchunk, x2.size)
+            i0, i1 = pieces.cut(t, nchunk, y2.size), pieces.cut(t + 1, nchunk, y2.size)
             planes(gf, xf, yf, params, l, i0, i1, streamed)
             if streamed:
                 llvm.fence()

@@ -11,6 +11,13 @@ of ``x`` with 4 constants (hi, lo, a, b), an array gives grad_input of (``g``, `
 with 5 (hi, lo, k2, mdy, k1). The choice is made when numba compiles the traversal,
 never in its loops. The eval-mode backward is normalize of dy (rows (0, 0, k1, 0)).
 
+Operands: ``x`` (and ``g``) may be a pair ``(dy, y)``, the gradient masked by a ReLU's
+output (``_channel.relu_grad``); ``x`` may be a triple ``(x, z, zero)``, normalize
+followed by the epilogue: ``+ z`` (a residual array, or None), then a ReLU (``zero``, 0
+in the compute type; None: no activation). Only the njit traversals take tuples (the
+plan routes them there); ``piece``, ``plane``, ``flat`` and ``row`` cut them member
+by member.
+
 Per channel: moments from shifted sums, the normalize and dx constants, the running
 update (see ``_channel`` for the packed-constant layout and the host versions).
 """
@@ -23,8 +30,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .._channel import finite_scale, grad_input, mean_lo, normalize
-from .._half import load, store
+from .._channel import finite_scale, grad_input, mean_lo, normalize, relu, relu_grad
+from .._half import load, store, zero
 
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
 # (x - hi) - lo into x - (hi + lo); each row helper is compiled with its own flags.
@@ -41,6 +48,10 @@ PAR = {"parallel": True, **EXACT}
 
 _normalize = njit(inline="always")(normalize)
 _grad_input = njit(inline="always")(grad_input)
+# (called, not inlined in numba's IR: inlined, their conditional expressions broke
+# numba's variable scopes in float16 kernels; LLVM inlines them)
+_relu = njit(cache=True)(relu)
+_relu_grad = njit(cache=True)(relu_grad)
 
 
 def at(p, i):
@@ -54,6 +65,39 @@ def _at(p, i):
     return lambda p, i: p
 
 
+def _epilogue(x) -> bool:
+    """Whether operand type ``x`` is normalize's triple (x, residual, zero)."""
+    return isinstance(x, types.BaseTuple) and len(x) == 3
+
+
+def load_at(a, i):
+    """Element ``i`` of an operand in the compute type: of an array, or of a pair
+    (dy, y), the gradient through the ReLU whose output is y."""
+
+
+@overload(load_at, inline="always")
+def _load_at(a, i):
+    if isinstance(a, types.BaseTuple):
+        return lambda a, i: _relu_grad(load(a[0][i]), load(a[1][i]), zero(a[0]))
+    return lambda a, i: load(a[i])
+
+
+def finish(v, z, floor, i):
+    """The epilogue of value ``v`` at element ``i``: ``+ z[i]`` (z None: none), then the
+    ReLU (``floor`` its zero; None: none)."""
+
+
+@overload(finish, inline="always")
+def _finish(v, z, floor, i):
+    if isinstance(z, types.NoneType):
+        if isinstance(floor, types.NoneType):
+            return lambda v, z, floor, i: v
+        return lambda v, z, floor, i: _relu(v, floor)
+    if isinstance(floor, types.NoneType):
+        return lambda v, z, floor, i: v + load(z[i])
+    return lambda v, z, floor, i: _relu(v + load(z[i]), floor)
+
+
 def value(g, x, k, i, j):
     """The formula (see the module) at element ``i`` of the data, constants ``k`` (a
     tuple of scalars or of arrays) read at ``j``, in the compute type."""
@@ -61,12 +105,15 @@ def value(g, x, k, i, j):
 
 @overload(value, inline="always")
 def _value(g, x, k, i, j):
+    if _epilogue(x):
+        return lambda g, x, k, i, j: finish(value(g, x[0], k, i, j), x[1], x[2], i)
     if isinstance(g, types.NoneType):
         return lambda g, x, k, i, j: _normalize(
-            load(x[i]), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j)
+            load_at(x, i), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j)
         )
     return lambda g, x, k, i, j: _grad_input(
-        load(g[i]), load(x[i]), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j), at(k[4], j)
+        load_at(g, i), load_at(x, i), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j),
+        at(k[4], j),
     )
 
 
@@ -84,37 +131,61 @@ def _consts(g, params, j):
     )
 
 
+def cut(a, s):
+    """A part of operand ``a`` (None and scalars as they are, tuples member by member):
+    by the length of index tuple ``s``, ``a.reshape(-1)``, ``a[r]``, ``a[i0:i1]`` or
+    ``a[n, c, i0:i1]``."""
+
+
+@overload(cut, inline="always")
+def _cut(a, s):
+    if isinstance(a, (types.NoneType, types.Number)):
+        return lambda a, s: a
+    if isinstance(a, types.BaseTuple) and len(a) == 2:
+        return lambda a, s: (cut(a[0], s), cut(a[1], s))
+    if isinstance(a, types.BaseTuple):
+        return lambda a, s: (cut(a[0], s), cut(a[1], s), cut(a[2], s))
+    return {
+        0: lambda a, s: a.reshape(-1),
+        1: lambda a, s: a[s[0]],
+        2: lambda a, s: a[s[0] : s[1]],
+        4: lambda a, s: a[s[0], s[1], s[2] : s[3]],
+    }[len(s)]
+
+
+def data(a):
+    """An operand's data array: x of (x, z, zero), dy of (dy, y), an array itself."""
+
+
+@overload(data, inline="always")
+def _data(a):
+    if isinstance(a, types.BaseTuple):
+        return lambda a: a[0]
+    return lambda a: a
+
+
+@njit(inline="always")
 def piece(a, i0, i1):
-    """``a[i0:i1]``; None stays None (normalize's missing gradient)."""
+    """``a[i0:i1]`` of an operand."""
+    return cut(a, (i0, i1))
 
 
-@overload(piece, inline="always")
-def _piece(a, i0, i1):
-    if isinstance(a, types.NoneType):
-        return lambda a, i0, i1: None
-    return lambda a, i0, i1: a[i0:i1]
-
-
+@njit(inline="always")
 def plane(a, n, c, i0, i1):
-    """``a[n, c, i0:i1]``; None stays None."""
+    """``a[n, c, i0:i1]`` of an operand."""
+    return cut(a, (n, c, i0, i1))
 
 
-@overload(plane, inline="always")
-def _plane(a, n, c, i0, i1):
-    if isinstance(a, types.NoneType):
-        return lambda a, n, c, i0, i1: None
-    return lambda a, n, c, i0, i1: a[n, c, i0:i1]
+@njit(inline="always")
+def row(a, r):
+    """``a[r]`` of an operand."""
+    return cut(a, (r,))
 
 
+@njit(inline="always")
 def flat(a):
-    """``a.reshape(-1)``; None stays None."""
-
-
-@overload(flat, inline="always")
-def _flat(a):
-    if isinstance(a, types.NoneType):
-        return lambda a: None
-    return lambda a: a.reshape(-1)
+    """``a.reshape(-1)`` of an operand."""
+    return cut(a, ())
 
 
 @njit(inline="always")

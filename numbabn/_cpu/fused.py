@@ -26,7 +26,7 @@ from .. import _atomic
 from .._half import load, zero
 from . import llvm, vector
 from .elementwise import span_streamed
-from .formulas import ELEM, EXACT, PAR, consts, moments, norm_params, plain
+from .formulas import ELEM, EXACT, PAR, consts, data, moments, norm_params, plain, plane
 from .formulas import channel_grad_params as grad_params
 
 
@@ -139,14 +139,15 @@ def _forward_run(streamed):
     def forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, y3):
         """Train forward of the channels this task takes from ``claims`` (counter
         ``slot``, up to ``limit``): each channel is normalized while the next one taken
-        is summed."""
-        n_, c_, l_ = x3.shape
+        is summed. ``x3`` may be normalize's epilogue triple (``formulas``)."""
+        xd = data(x3)
+        n_, c_, l_ = xd.shape
         c = _take(claims, slot, limit)
         if c < 0:
             return
         acc = np.empty(vector.ACC_SIZE)
-        shift = np.float64(load(x3[0, c, 0]))
-        s1, s2 = _channel_sums(None, x3, c, shift, acc)
+        shift = np.float64(load(xd[0, c, 0]))
+        s1, s2 = _channel_sums(None, xd, c, shift, acc)
         while c >= 0:
             mean, var = moments(s1, s2, shift, n_ * l_)
             norm_params(c, mean, var, weight, bias, eps, params, stats)
@@ -154,16 +155,16 @@ def _forward_run(streamed):
             nxt = _take(claims, slot, limit)
             # the channel summed while c is written: the next one taken, or none
             src, width = (nxt, l_) if nxt >= 0 else (c, 0)
-            shift = np.float64(load(x3[0, src, 0]))
+            shift = np.float64(load(xd[0, src, 0]))
             acc.fill(0.0)
             t1 = 0.0
             t2 = 0.0
             for n in range(n_):
                 t1, t2 = _row_moments(
-                    x3[n, c], y3[n, c], k, streamed, x3[n, src, :width], shift, acc, t1, t2,
-                    _pnext(x3, n),
+                    plane(x3, n, c, 0, l_), y3[n, c], k, streamed, xd[n, src, :width], shift,
+                    acc, t1, t2, _pnext(xd, n),
                 )
-            s1, s2 = _acc_total(acc, _block(x3), t1, t2)
+            s1, s2 = _acc_total(acc, _block(xd), t1, t2)
             c = nxt
         if streamed:
             llvm.fence()
@@ -249,7 +250,7 @@ def _forward_channels(streamed):
         """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64
         mean, biased variance and invstd out in ``stats``; ``params`` gets the
         constants."""
-        c_ = x3.shape[1]
+        c_ = y3.shape[1]
         claims = _claims(ntask, c_, streamed)
         for t in prange(ntask):
             slot, limit = _source(t, ntask, c_, streamed)

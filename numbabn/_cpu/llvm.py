@@ -268,15 +268,46 @@ class _Value:
         return _Value(self.vec, self.vec.mul(self.v, other.v))
 
 
+def _members(vec, ty, val):
+    """The (type, value) pairs of a tuple operand's members."""
+    return [(t, vec.builder.extract_value(val, r)) for r, t in enumerate(ty.types)]
+
+
+def _relu(vec, v):
+    """``_channel.relu`` (zero if v < zero else v: NaN kept) on a vector."""
+    zero = ir.Constant(vec.vct, None)
+    return vec.builder.select(vec.builder.fcmp_ordered("<", v, zero), zero, v)
+
+
+def _load(vec, ty, val, i):
+    """The vector at ``i`` of an operand: an array's, or of a pair (dy, y) the gradient
+    through the ReLU whose output is y (``_channel.relu_grad``: g if y > zero else zero,
+    which a NaN y masks)."""
+    if not isinstance(ty, types.BaseTuple):
+        return vec.load(ty, val, i)
+    (gt, gv), (yt, yv) = _members(vec, ty, val)
+    zero = ir.Constant(vec.vct, None)
+    positive = vec.builder.fcmp_ordered(">", vec.load(yt, yv, i), zero)
+    return vec.builder.select(positive, vec.load(gt, gv, i), zero)
+
+
 def formula(vec, g, x, consts, i):
     """The elementwise formula of the vector at ``i``: normalize of ``x`` when ``g`` is
-    None, else grad_input of (``g``, ``x``) ((type, value) pairs); ``consts``: (type,
-    value) pairs as :meth:`Vectors.param` takes them."""
+    None, else grad_input of (``g``, ``x``) ((type, value) pairs; operands as in
+    ``formulas``: masked pairs, normalize's epilogue triple); ``consts``: (type, value)
+    pairs as :meth:`Vectors.param` takes them."""
+    xty, xval = x
+    if isinstance(xty, types.BaseTuple) and len(xty) == 3:  # (x, residual, zero)
+        (xt, xv), (zt, zv), (rt, _) = _members(vec, xty, xval)
+        v = formula(vec, g, (xt, xv), consts, i)
+        if not isinstance(zt, types.NoneType):
+            v = vec.add(v, vec.load(zt, zv, i))
+        return v if isinstance(rt, types.NoneType) else _relu(vec, v)
     k = [_Value(vec, vec.param(t, v, i)) for t, v in consts]
-    xv = _Value(vec, vec.load(*x, i))
+    xv = _Value(vec, _load(vec, xty, xval, i))
     if g is None:
         return formulas.normalize(xv, *k).v
-    return formulas.grad_input(_Value(vec, vec.load(*g, i)), xv, *k).v
+    return formulas.grad_input(_Value(vec, _load(vec, *g, i)), xv, *k).v
 
 
 def unpack(builder, tty, tval):

@@ -22,13 +22,14 @@ from numba import njit, prange
 
 from .._half import load
 from . import pieces
-from .formulas import PAR, SUM, moments, plane
+from .formulas import PAR, SUM, load_at, moments, plane, row
 
 
 @njit(**SUM)
 def _row_sums(gr, xr, k):
     """A contiguous row's (sum d, sum d^2), d = x - k (``gr`` None: the moments'), or
-    (sum g, sum g * (x - k)) with gradient row ``gr``."""
+    (sum g, sum g * (x - k)) with gradient row ``gr`` (an array, or a ReLU-masked pair,
+``formulas.load_at``)."""
     s1 = 0.0
     s2 = 0.0
     if gr is None:
@@ -38,7 +39,7 @@ def _row_sums(gr, xr, k):
             s2 += d * d
     else:
         for i in range(xr.size):
-            g = np.float64(load(gr[i]))
+            g = np.float64(load_at(gr, i))
             s1 += g
             s2 += g * (np.float64(load(xr[i])) - k)
     return s1, s2
@@ -67,19 +68,19 @@ def rows_sums_mc(g2, x2, lo, hi, shift, s1, s2):
                 s2[c] += d * d
         return
     while r + 2 <= hi:
-        ga, gb, xa, xb = g2[r], g2[r + 1], x2[r], x2[r + 1]
+        ga, gb, xa, xb = row(g2, r), row(g2, r + 1), x2[r], x2[r + 1]
         for c in range(xa.size):
-            g1 = np.float64(load(ga[c]))
-            g2_ = np.float64(load(gb[c]))
+            g1 = np.float64(load_at(ga, c))
+            g2_ = np.float64(load_at(gb, c))
             s1[c] += g1 + g2_
             d1 = np.float64(load(xa[c])) - shift[c]
             d2 = np.float64(load(xb[c])) - shift[c]
             s2[c] += g1 * d1 + g2_ * d2
         r += 2
     if r < hi:
-        gr, xr = g2[r], x2[r]
+        gr, xr = row(g2, r), x2[r]
         for c in range(xr.size):
-            g = np.float64(load(gr[c]))
+            g = np.float64(load_at(gr, c))
             s1[c] += g
             s2[c] += g * (np.float64(load(xr[c])) - shift[c])
 

@@ -17,9 +17,11 @@ from .formulas import (
     channel_grad_params,
     channel_params,
     consts,
+    data,
     moments,
     plain,
     plane,
+    row,
 )
 from .fused import channel_moments
 from .reduce import rows_sums_mc
@@ -28,7 +30,7 @@ from .reduce import rows_sums_mc
 @njit(**EXACT)
 def forward_ncl(x3, weight, bias, eps, params, stats, y3):
     claims = np.zeros(1, np.int64)  # one task: it takes the channels in order
-    fused.forward_plain(x3, claims, 0, x3.shape[1], weight, bias, eps, params, stats, y3)
+    fused.forward_plain(x3, claims, 0, y3.shape[1], weight, bias, eps, params, stats, y3)
 
 
 @njit(**EXACT)
@@ -50,10 +52,11 @@ def stats_ncl(x3, stats):
 @njit(**ELEM)
 def elementwise_ncl(g3, x3, params, y3):
     """The formula of ``formulas`` (normalize when ``g3`` is None) over every plane."""
-    l_ = x3.shape[2]
-    for n in range(x3.shape[0]):
-        for c in range(x3.shape[1]):
-            plain(plane(g3, n, c, 0, l_), x3[n, c], consts(g3, params, c), y3[n, c], 0, l_)
+    n_, c_, l_ = y3.shape
+    for n in range(n_):
+        for c in range(c_):
+            k = consts(g3, params, c)
+            plain(plane(g3, n, c, 0, l_), plane(x3, n, c, 0, l_), k, y3[n, c], 0, l_)
 
 
 @njit(**EXACT)
@@ -72,18 +75,15 @@ def stats_mc(x2, stats):
 @njit(**ELEM)
 def elementwise_mc(g2, x2, params, y2):
     """The formula over every row (constants: the rows of ``params``)."""
-    c_ = x2.shape[1]
+    c_ = y2.shape[1]
     k = columns(g2, params, 0, c_)
-    for r in range(x2.shape[0]):
-        if g2 is None:
-            plain(None, x2[r], k, y2[r], 0, c_)
-        else:
-            plain(g2[r], x2[r], k, y2[r], 0, c_)
+    for r in range(y2.shape[0]):
+        plain(row(g2, r), row(x2, r), k, y2[r], 0, c_)
 
 
 @njit(**ELEM)
 def forward_mc(x2, weight, bias, eps, params, stats, y2):
-    stats_mc(x2, stats)
+    stats_mc(data(x2), stats)
     channel_params(stats[0], stats[1], weight, bias, eps, params, stats)
     elementwise_mc(None, x2, params, y2)
 
