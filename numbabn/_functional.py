@@ -34,7 +34,7 @@ def batch_norm(
     Parameters
     ----------
     x : array, ndim >= 2
-        float16, float32 or float64; the channel axis is ``axis``, every other axis
+        float16, bfloat16, float32 or float64; the channel axis is ``axis``, every other axis
         is reduced.
     running_mean, running_var : array of shape (C,), optional
         Running statistics. Read in eval mode (required there); updated in place in
@@ -97,14 +97,14 @@ def batch_stats(x: Array, *, axis: int = 1, stream: Any = None) -> tuple[Array, 
     Parameters
     ----------
     x : array, ndim >= 2
-        float16, float32 or float64.
+        float16, bfloat16, float32 or float64.
     axis : int
         The channel axis.
 
     Returns
     -------
     mean, var : arrays of shape (C,)
-        float32 for float16/float32 input, float64 for float64 input.
+        float32 for float16, bfloat16 and float32 input, float64 for float64 input.
     """
     if type(x) is not np.ndarray and _interop.is_foreign_host(x):
         return _interop.on_host(batch_stats, x, axis=axis, stream=stream)
@@ -132,7 +132,7 @@ def batch_norm_forward(
     Parameters
     ----------
     x : array, ndim >= 2
-        float16, float32 or float64, at least 2 values per channel.
+        float16, bfloat16, float32 or float64, at least 2 values per channel.
     weight, bias : array of shape (C,), optional
         Affine scale and shift.
     eps : float

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._validate import BF16
+
 _DLPACK_CPU = 1  # kDLCPU
 
 
@@ -32,12 +34,31 @@ def is_foreign_host(a: Any) -> bool:
     return hasattr(a, "__array_interface__")
 
 
+def tensor_numpy(t: Any) -> np.ndarray:
+    """The zero-copy NumPy view of a CPU tensor: bfloat16 as ml_dtypes' bfloat16 (a view
+    of its bits), other dtypes NumPy lacks refused (TypeError)."""
+    import torch
+
+    if t.dtype == torch.bfloat16 and BF16 is not None:
+        return t.detach().view(torch.int16).numpy().view(BF16)
+    return t.detach().numpy()
+
+
+def numpy_tensor(a: np.ndarray) -> Any:
+    """The tensor sharing a NumPy array's memory (bfloat16 too)."""
+    import torch
+
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def host_view(a: Any) -> Any:
     """The NumPy view of a foreign CPU array (``a`` itself for anything else)."""
     if not is_foreign_host(a):
         return a
     if type(a).__module__.startswith("torch"):
-        return a.detach().numpy()  # zero copy; refuses dtypes NumPy lacks (TypeError)
+        return tensor_numpy(a)
     if hasattr(a, "__dlpack__"):
         return np.from_dlpack(a)
     return np.asarray(a)
@@ -53,9 +74,7 @@ def _back(result: Any, like: Any, originals: dict) -> Any:
     if original is not None:
         return original
     if type(like).__module__.startswith("torch"):
-        import torch
-
-        return torch.from_numpy(result)
+        return numpy_tensor(result)
     return result  # other libraries' arrays: NumPy results
 
 

@@ -76,7 +76,7 @@ class BatchNorm:
         _validate.check_eps(eps, training=False)
         dtype = np.dtype(dtype)
         if dtype not in _validate.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")
         c = int(num_features)

@@ -27,7 +27,15 @@ import numpy as np
 
 from . import _alias
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+try:  # NumPy's bfloat16 (JAX's), an optional dependency
+    import ml_dtypes
+
+    BF16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:
+    BF16 = None
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
+    (BF16,) if BF16 is not None else ()
+)
 # The same, for membership tests on the hot path (a set lookup by hash is twice as fast
 # as comparing with each dtype; a non-native byte order hashes differently and misses).
 _FLOAT_SET = frozenset(FLOAT_DTYPES)
@@ -70,8 +78,8 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 def stats_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype of statistics and per-channel gradients: float32 for float16/float32
-    data, float64 for float64 data."""
+    """The dtype of statistics and per-channel gradients: float32 for float16, bfloat16
+    and float32 data, float64 for float64 data."""
     return _F64 if dtype == _F64 else _F32
 
 
@@ -176,14 +184,17 @@ def describe(a: Any, name: str) -> ArrayInfo:
 
 def _check_float(info: ArrayInfo, name: str) -> None:
     if info.dtype in _FLOAT_SET:
+        if info.dtype == BF16 and info.side == DEVICE:
+            raise TypeError(f"{name} is a bfloat16 CUDA array: the GPU kernels take float16, "
+                            "float32 and float64")
         return
     if info.dtype not in FLOAT_DTYPES or not info.dtype.isnative:
         hint = ""
         if info.dtype.kind == "f":
             hint = f"; convert with .astype('={info.dtype.kind}{info.dtype.itemsize}')"
         raise TypeError(
-            f"{name} has dtype {info.dtype}; numbabn supports native float16, float32 "
-            f"and float64{hint}"
+            f"{name} has dtype {info.dtype}; numbabn supports native float16, bfloat16 "
+            f"(ml_dtypes), float32 and float64{hint}"
         )
 
 

@@ -19,8 +19,8 @@ def _prep(x, axis, dtype):
     reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
-    if dtype is None:  # the input's dtype, with float16 computed in float32
-        dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    if dtype is None:  # the input's dtype, with float16 and bfloat16 computed in float32
+        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float32
     return np.asarray(x, dtype=dtype), reduce_axes, tuple(shape)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _cpu, _epilogue, _fold, _functional, distributed
+from ._interop import numpy_tensor, tensor_numpy
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "fold",
@@ -47,7 +48,7 @@ class _Threads:
 
 def _host(a):
     """The NumPy view of a CPU tensor; anything else (CUDA tensors too) as it is."""
-    return a.detach().numpy() if isinstance(a, Tensor) and not a.is_cuda else a
+    return tensor_numpy(a) if isinstance(a, Tensor) and not a.is_cuda else a
 
 
 def _run(f, *args, **kwargs):
@@ -61,8 +62,8 @@ def _run(f, *args, **kwargs):
     with _Threads():
         result = f(*args, **kwargs)
     if isinstance(result, tuple):
-        return tuple([torch.from_numpy(r) for r in result])
-    return torch.from_numpy(result)
+        return tuple([numpy_tensor(r) for r in result])
+    return numpy_tensor(result)
 
 
 @torch.library.custom_op("numbabn::batch_norm", mutates_args=())
@@ -287,7 +288,7 @@ class _TorchComm:
 
 
 def _tensor(a, like):
-    return a if like.is_cuda else torch.from_numpy(a)
+    return a if like.is_cuda else numpy_tensor(a)
 
 
 class _Synced(torch.autograd.Function):

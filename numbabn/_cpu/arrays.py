@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .._alias import same_view
-from .._validate import Layout
+from .._validate import BF16, Layout
 from . import tuning
 from .plan import address
 
@@ -21,8 +21,11 @@ _F16 = np.dtype(np.float16)
 
 
 def kernel_array(a: np.ndarray) -> np.ndarray:
-    """The array as the kernels take it: float16 as its uint16 bits."""
-    return a.view(np.uint16) if a.dtype == _F16 else a
+    """The array as the kernels take it: float16 as its uint16 bits, bfloat16 as its
+    int16 bits (``_half``)."""
+    if a.dtype == _F16:
+        return a.view(np.uint16)
+    return a.view(np.int16) if a.dtype == BF16 else a
 
 
 def operand(fn, a):

@@ -2,7 +2,7 @@
 
 LLVM's loop vectorizer does not emit non-temporal stores, nor the fused loops that
 write one channel while they sum the next, so those loops are built here as IR: vector
-loads that widen float16 (which arrives as uint16 bits, as in ``_half``), 32-byte
+loads that widen float16 and bfloat16 (which arrive as bits, as in ``_half``), 32-byte
 ``!nontemporal`` stores, loops with phi values, fused multiply-adds, prefetches. The
 arithmetic of the elementwise formulas comes from ``formulas`` itself (:func:`formula`
 evaluates it on IR values), with the ``contract`` flag of the njit paths, so both give
@@ -24,6 +24,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .._half import bf16_narrow_ir, bf16_widen_ir
 from . import formulas
 
 VECTOR_BYTES = 32
@@ -107,6 +108,10 @@ def _is_half(dtype) -> bool:
     return dtype == types.uint16
 
 
+def _is_bf16(dtype) -> bool:
+    return dtype == types.int16  # bfloat16 bits (``_half``)
+
+
 class Vectors:
     """Vector loads, conversions and stores of ``lanes`` elements at index ``i``."""
 
@@ -126,9 +131,17 @@ class Vectors:
         ptr, vec = self._pointer(aty, arr, i)
         align = self.context.get_abi_sizeof(self.context.get_value_type(aty.dtype))
         v = self.builder.load(ptr, align=align)
-        if vec.element != self.ct:
+        if _is_bf16(aty.dtype):
+            v = bf16_widen_ir(self.builder, v)
+        if v.type.element != self.ct:
             v = self.builder.fpext(v, self.vct)
         return v
+
+    def narrow(self, aty, v, vec):
+        """Compute values ``v`` as the elements (vector type ``vec``) of ``aty``."""
+        if _is_bf16(aty.dtype):
+            return bf16_narrow_ir(self.builder, v)
+        return v if vec.element == self.ct else self.builder.fptrunc(v, vec)
 
     def param(self, pty, value, i):
         """A per-channel parameter: a splatted scalar, a vector load of an array, or
@@ -145,8 +158,7 @@ class Vectors:
 
     def store_nt(self, aty, arr, i, v):
         ptr, vec = self._pointer(aty, arr, i)
-        if vec.element != self.ct:
-            v = self.builder.fptrunc(v, vec)
+        v = self.narrow(aty, v, vec)
         st = self.builder.store(v, ptr, align=VECTOR_BYTES)
         st.set_metadata("nontemporal", self.builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
 
@@ -213,8 +225,7 @@ def lanes_of(context, out):
 
 def store_plain(vec, aty, arr, i, v):
     ptr, vtype = vec._pointer(aty, arr, i)
-    if vtype.element != vec.ct:
-        v = vec.builder.fptrunc(v, vtype)
+    v = vec.narrow(aty, v, vtype)
     align = vec.context.get_abi_sizeof(vec.context.get_value_type(aty.dtype))
     vec.builder.store(v, ptr, align=align)
 

@@ -1,0 +1,133 @@
+"""bfloat16 (``ml_dtypes.bfloat16`` NumPy arrays, torch bfloat16 CPU tensors) against the
+float64 reference of the same values: outputs within bfloat16's rounding, statistics
+float32, every CPU route (single-thread, plane segments, fused per channel, flat rows,
+channels-last spans and lines, streamed stores)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numbabn
+import numbabn.reference as ref
+
+from helpers import ON_DEVICE, assert_close, channel_vector, random_batch, tune_cpu
+
+pytestmark = pytest.mark.skipif(ON_DEVICE, reason="bfloat16 runs on the CPU")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# bfloat16 keeps 8 significant bits: a rounded result is within 2**-9 of its value
+RTOL = 2.0**-8
+
+CASES = [
+    ((3, 5, 7, 9), 1, False),  # single-thread
+    ((6, 7), 1, False),
+    ((2, 3, 9001), 1, False),  # plane segments
+    ((3, 4, 3001), 1, False),  # fused per channel
+    ((701, 7, 3, 3), 1, False),  # flat rows of short planes
+    ((20011, 3), 1, False),  # channels-last spans
+    ((5, 41, 67), -1, False),
+    ((67, 3, 32), -1, True),  # lines of whole cache lines, streamed
+    ((3, 4, 1504), 1, True),  # planes of whole vectors, streamed
+]
+
+
+def _bf16(a):
+    return np.asarray(a, np.float32).astype(BF16)
+
+
+def _close(actual, expected, scale=1.0):
+    assert actual.dtype == BF16
+    a, e = actual.astype(np.float64), np.asarray(expected, np.float64)
+    err, tol = np.abs(a - e), RTOL * (np.abs(e) + 1e-3 * scale)
+    assert (err <= tol).all(), f"worst {err.max()} at {np.unravel_index(np.argmax(err - tol), err.shape)}"
+
+
+@pytest.mark.parametrize("shape,axis,streamed", CASES)
+def test_operations(shape, axis, streamed, monkeypatch):
+    tune_cpu(monkeypatch, **({"stream_min_bytes": 0, "small_values_ncl": 0, "small_values_mc": 0}
+                             if streamed else {}))
+    c = shape[axis]
+    x = _bf16(random_batch(shape, np.float32, seed=1, per_channel_axis=axis))
+    dy = _bf16(random_batch(shape, np.float32, seed=2, loc=0.0, scale=1.0))
+    z = _bf16(random_batch(shape, np.float32, seed=3, loc=0.0, scale=1.0))
+    w, b = channel_vector(c, np.float32, 4), channel_vector(c, np.float32, 5, -0.5, 0.5)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+
+    y, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis, running_mean=rm, running_var=rv)
+    yr, rmr, rvr = ref.batch_norm(x, np.zeros(c), np.ones(c), w, b, True, axis=axis)
+    _close(y, yr, scale=np.abs(yr).max())
+    assert mean.dtype == invstd.dtype == np.float32
+    assert_close(rm, rmr, np.float32, factor=2)
+    assert_close(rv, rvr, np.float32, factor=2)
+
+    _close(numbabn.batch_norm(x, rm, rv, w, b, axis=axis), ref.batch_norm(x, rm, rv, w, b, axis=axis)[0])
+
+    dx, dw, db = numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dxr, dwr, dbr = ref.batch_norm_backward(dy, x, mean, invstd, w, axis)
+    _close(dx, dxr, scale=np.abs(dxr).max())
+    count = x.size // c
+    assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)
+    assert_close(db, dbr, np.float32, scale=np.sqrt(count), factor=2)
+
+    y2, mean, invstd = numbabn.batch_norm_forward(x, axis=axis, residual=z, activation="relu")
+    _close(y2, ref.batch_norm_forward(x, axis=axis, residual=z, activation="relu")[0], scale=4)
+    dx2, *_, dr = numbabn.batch_norm_backward(
+        dy, x, mean, invstd, axis=axis, activation="relu", y=y2, residual_grad=True
+    )
+    want = ref.batch_norm_backward(dy, x, mean, invstd, None, axis, activation="relu", y=y2,
+                                   residual_grad=True)
+    _close(dx2, want[0], scale=np.abs(want[0]).max())
+    np.testing.assert_array_equal(dr, want[3].astype(BF16))
+
+
+def test_numerics():
+    """A constant channel normalizes to exactly 0; a large offset (values 1000 + 8k, all
+    exact in bfloat16) costs no accuracy; a NaN and an infinity come through."""
+    rng = np.random.default_rng(7)
+    x = (1000 + 8 * rng.integers(-4, 5, (6, 3, 40))).astype(BF16)
+    x[:, 1] = 5.0
+    y, _, _ = numbabn.batch_norm_forward(x)
+    assert (y[:, 1].astype(np.float32) == 0).all()
+    _close(y, ref.batch_norm_forward(x)[0], scale=2)
+    x[0, 0, 0], x[1, 0, 0] = np.nan, -np.inf
+    y = numbabn.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32)).astype(np.float32)
+    assert np.isnan(y[0, 0, 0]) and y[1, 0, 0] == -np.inf
+    assert np.isfinite(y).sum() == y.size - 2
+
+
+def test_bfloat16_parameters_and_layer():
+    """Running statistics, weight and bias may be bfloat16 too (as a torch model
+    converted with .to(torch.bfloat16) has them); ``BatchNorm(dtype=bfloat16)``."""
+    x = _bf16(random_batch((8, 4, 5, 5), np.float32, seed=9, per_channel_axis=1))
+    bn = numbabn.BatchNorm(4, dtype=BF16)
+    y = bn(x)
+    assert y.dtype == bn.running_mean.dtype == BF16
+    rm = ref.batch_norm(x, np.zeros(4), np.ones(4), training=True)[1]
+    np.testing.assert_allclose(bn.running_mean.astype(np.float64), rm, rtol=RTOL, atol=1e-3)
+    dx = bn.backward(_bf16(np.ones(x.shape)))
+    assert dx.dtype == BF16 and bn.weight_grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_bfloat16_layer(channels_last):
+    torch = pytest.importorskip("torch")
+    import numbabn.torch as nbt
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 12, 12).to(torch.bfloat16).to(memory_format=fmt)
+    ours = nbt.BatchNorm2d(16).to(torch.bfloat16)
+    theirs = torch.nn.BatchNorm2d(16).to(torch.float64)
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    ys = [ours(xs[0]), theirs(xs[1])]
+    g = torch.randn(ys[0].shape)
+    ys[0].backward(g.to(torch.bfloat16))
+    ys[1].backward(g.double())
+    assert ys[0].dtype == torch.bfloat16 and xs[0].grad.dtype == torch.bfloat16
+    for mine, want in [(ys[0], ys[1]), (xs[0].grad, xs[1].grad)]:
+        atol = RTOL * want.abs().max().item()
+        torch.testing.assert_close(mine.double(), want, rtol=RTOL, atol=atol)
+    torch.testing.assert_close(ours.running_var.double(), theirs.running_var, rtol=RTOL, atol=0)
+    y = numbabn.batch_norm(x, training=True)  # numbabn's own functions: tensor in, tensor out
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16
