@@ -131,3 +131,13 @@ def test_torch_bfloat16_layer(channels_last):
     torch.testing.assert_close(ours.running_var.double(), theirs.running_var, rtol=RTOL, atol=0)
     y = numbabn.batch_norm(x, training=True)  # numbabn's own functions: tensor in, tensor out
     assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16
+
+
+def test_float16_and_bfloat16_share_plans():
+    """The two dtypes of one size share the CPU plans of a shape (cached by geometry and
+    item size), each call with its own layout object."""
+    x = random_batch((4, 6, 30, 30), np.float32, seed=11, per_channel_axis=1)
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    for dtype in (np.float16, BF16, np.float16):
+        y = numbabn.batch_norm(x.astype(dtype), rm, rv)
+        _close(y.astype(np.float32).astype(BF16), ref.batch_norm(x.astype(dtype), rm, rv)[0])

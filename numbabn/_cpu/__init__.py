@@ -69,7 +69,7 @@ def _reduce(g, x, centre, layout: Layout, p: plan.Plan) -> np.ndarray:
     """The (2, C) float64 per-channel sums of canonical view ``x``: ``g`` None, its mean
     and biased variance; else (sum g, sum g * (x - centre))."""
     view, k = p.sums, arrays.kernel_array
-    if view is not layout:  # flat rows: one column per value of a sample
+    if view != layout:  # flat rows: one column per value of a sample
         x = x.reshape(view.n, view.c)
         g = arrays.operand(lambda a: a.reshape(view.n, view.c), g)
     part = np.empty((p.sums_tasks, 2, view.c))
@@ -89,7 +89,7 @@ def _elementwise(g, x, params: np.ndarray, result: np.ndarray, layout: Layout, p
         kernel(arrays.operand(k, g), arrays.operand(k, x), params, k(result))
         return
     kernel, view, work = plan.route(p, layout, result)
-    if view is not layout:  # flat rows of short planes
+    if view != layout:  # flat rows of short planes
         result = result.reshape(view.n, view.c)
         g, x = (arrays.operand(lambda a: a.reshape(view.n, view.c), a) for a in (g, x))
     _run(kernel)(arrays.operand(k, g), arrays.operand(k, x), params, *work, k(result))

@@ -243,7 +243,7 @@ def route(plan: Plan, layout: Layout, result: np.ndarray) -> tuple:
     """(kernel, view of the data, work arguments) of an elementwise pass into ``result``
     (canonical view). The kernel takes (g, x, params, *work, y) in the view."""
     elem = plan.elem
-    if elem is not layout:
+    if elem != layout:  # (equal layouts of two dtypes of one size are two objects)
         view = result.reshape(elem.n, elem.c)
         is_streamed = streamed(view, elem)
         if plan.plane_work and not is_streamed:  # short planes loop per plane again
