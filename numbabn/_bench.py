@@ -148,7 +148,7 @@ def _torch_cases(x, dy, w, b, axis, threads):
     F = torch.nn.functional
     _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(xt, wt, bt, rm, rv, True, 0.1, 1e-5)
     mask = [True, True, True]
-    zt = dyt.flip(0)  # a residual: another tensor of x's shape and memory order
+    zt = dyt.flip(0)  # a residual: another tensor of x's shape and memory order (a copy)
     yt = torch.relu(F.batch_norm(xt, rm, rv, wt, bt, True, 0.1, 1e-5) + zt)
 
     def relu_backward():
@@ -255,7 +255,7 @@ def _cases(x, dy, w, b, axis, threads, torch):
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     _, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis)
     y_out = np.empty_like(x)
-    z = np.flip(dy, 0)  # a residual of x's shape and memory order (as the torch case's)
+    z = np.ascontiguousarray(np.flip(dy, 0))  # a residual in x's memory order, as torch's
     epi = {"axis": axis, "residual": z, "activation": "relu"}
     y_relu = numbabn.batch_norm(x, rm.copy(), rv.copy(), w, b, True, **epi)
 
