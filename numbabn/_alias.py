@@ -41,9 +41,13 @@ def _extent(a: Any) -> tuple[int, int] | None:
         shape, strides, item = info.shape, info.strides, info.dtype.itemsize
     if 0 in shape:
         return None
-    first = _pointer(a)
-    reach = [(e - 1) * s for e, s in zip(shape, strides)]
-    return first + sum(min(0, r) for r in reach), first + sum(max(0, r) for r in reach) + item
+    low = high = _pointer(a)
+    for e, s in zip(shape, strides):  # (loops: the GPU host path counts its Python calls)
+        if s < 0:
+            low += (e - 1) * s
+        else:
+            high += (e - 1) * s
+    return low, high + item
 
 
 def overlaps(a: Any, b: Any) -> bool:
@@ -77,7 +81,6 @@ def check(x, out, vectors: dict, training: bool, on_device: bool) -> bool:
                 raise ValueError(f"out overlaps {name}; give out its own memory (or x itself)")
         alias = overlaps(out, x) and not same_view(out, x)
     if on_device and training and not alias:
-        alias = any(
-            vectors[k] is not None and overlaps(vectors[k], x) for k in ("running_mean", "running_var")
-        )
+        for k in ("running_mean", "running_var"):
+            alias = alias or (vectors[k] is not None and overlaps(vectors[k], x))
     return alias

@@ -158,10 +158,9 @@ def _stats(x, chk: Checked, weight, bias, running_mean, running_var, stream, lik
     kernel = K.stats_ncl if layout.kind == "ncl" else K.stats_mc
     # batch_stats has no eps (0); any positive value keeps its unused invstd finite.
     eps = chk.eps if chk.eps > 0 else 1.0
+    vectors = (_vector(weight), _vector(bias), _vector(running_mean), _vector(running_var))
     launcher(kernel, grid, block, stream)(
-        *kernel_args((xv,), layout), *[_vector(a) for a in (weight, bias, running_mean, running_var)],
-        flags, eps,
-        chk.momentum, partials, counters, chan,
+        *kernel_args((xv,), layout), *vectors, flags, eps, chk.momentum, partials, counters, chan,
     )
     return fresh, xv
 

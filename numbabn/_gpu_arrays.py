@@ -161,8 +161,10 @@ def _view_geometry(info, layout: Layout):
         if pre is None or post is None:
             return None
         strides = (pre[1], c_stride, post[1])
-        if any([s < 0 or s % info.dtype.itemsize for s in strides]):  # no flat walk
-            return None
+        item = info.dtype.itemsize
+        for s in strides:
+            if s < 0 or s % item:  # no flat walk
+                return None
         return (layout.n, layout.c, layout.l), strides
     rest = _merge(info.shape[:ax] + info.shape[ax + 1 :], info.strides[:ax] + info.strides[ax + 1 :])
     if rest is None:
@@ -181,15 +183,18 @@ def operands(view, layout: Layout) -> tuple:
     if layout.kind == "mc":
         return (view,)
     item = view.dtype.itemsize
-    strides = tuple([s // item for s in view.strides])
-    extent = 1 + sum([(e - 1) * s for e, s in zip(view.shape, strides)]) if view.size else 0
-    return strided(view, (extent,), (item,)), strides
+    (n, c, l), (sn, sc, sl) = view.shape, view.strides
+    strides = (sn // item, sc // item, sl // item)
+    extent = 1 + (n - 1) * strides[0] + (c - 1) * strides[1] + (l - 1) * strides[2]
+    return strided(view, (extent if view.size else 0,), (item,)), strides
 
 
 def kernel_args(views, layout: Layout) -> tuple:
     """The leading arguments of a kernel that reads ``views``: each view's operands,
     then, for NCL kernels, (N, L)."""
-    args = tuple([x for v in views for x in operands(v, layout)])
+    args = ()
+    for v in views:
+        args += operands(v, layout)
     return args + ((layout.n, layout.l),) if layout.kind == "ncl" else args
 
 
@@ -217,12 +222,16 @@ def output_view(out, layout: Layout, dtype, stream):
 
 def _compress(shape, *strides):
     """Drop axes of extent 1 and merge neighbours that every stride set walks as one."""
-    axes = [(e, *st) for e, *st in zip(shape, *strides) if e != 1]
     merged = []
-    for e, *st in axes:
-        if merged and all([p == q * e for p, q in zip(merged[-1][1:], st)]):
-            last = merged.pop()
-            merged.append((last[0] * e, *st))
+    for e, *st in zip(shape, *strides):
+        if e == 1:
+            continue
+        joins = bool(merged)
+        if joins:
+            for p, q in zip(merged[-1][1:], st):
+                joins = joins and p == q * e
+        if joins:
+            merged[-1] = (merged[-1][0] * e, *st)
         else:
             merged.append((e, *st))
     return merged
@@ -294,6 +303,8 @@ def allocate(shape, strides, dtype, like, stream):
 
 
 def _numba_allocate(shape, strides, dtype, stream):
+    if list(strides) == sorted(strides, reverse=True):  # C order (the common case)
+        return cuda.device_array(tuple(shape), dtype, stream=stream)
     order = sorted(range(len(shape)), key=lambda i: -strides[i])
     base = cuda.device_array(tuple(shape[i] for i in order), dtype, stream=stream)
     if order == list(range(len(shape))):
