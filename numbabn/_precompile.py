@@ -1,11 +1,12 @@
 """Fill numba's on-disk cache ahead of first use (``python -m numbabn --precompile``).
 
 A first call in a process with an empty cache compiles the kernels its plan takes, which
-costs seconds per operation. ``precompile`` runs every operation over shapes that take
-every CPU plan (single-thread kernels, fused per-channel passes, reductions cut into
-segments or runs, flat short planes, channels-last rows), with plain and with streaming
-stores, for each dtype, in parallel worker processes (numba writes its cache files
-atomically, so they may share it), and returns the seconds it took.
+costs seconds per operation. ``precompile`` runs every operation (the fused epilogue and
+its backward included) over shapes that take every CPU plan (single-thread kernels,
+fused per-channel passes, reductions cut into segments or runs, flat short planes,
+channels-last rows), with plain and with streaming stores, for each dtype, in parallel
+worker processes (numba writes its cache files atomically, so they may share it), and
+returns the seconds it took.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def run_cases(dtype: str) -> None:
         numbabn.batch_norm(x, rm, rv, w, w, axis=axis, out=np.empty_like(x))
         numbabn.batch_norm_backward(x, x, mean, invstd, w, axis=axis)
         numbabn.batch_norm_backward(x, x, mean, invstd, w, axis=axis, training=False)
+        # the fused epilogue and the backward through its ReLU
+        y, mean, invstd = numbabn.batch_norm_forward(x, axis=axis, residual=x, activation="relu")
+        numbabn.batch_norm(x, rm, rv, axis=axis, residual=x, activation="relu")
+        for training in (True, False):
+            numbabn.batch_norm_backward(x, x, mean, invstd, axis=axis, training=training,
+                                        activation="relu", y=y)
+        numbabn.batch_norm_backward(x, x, mean, invstd, axis=axis, activation="relu", y=y,
+                                    residual_grad=True)
 
 
 def _jobs(dtypes) -> list[tuple[str, bool]]:
