@@ -51,48 +51,34 @@ def bf16_narrow_ir(builder, value):
     return builder.trunc(builder.select(nan, quiet, rounded), _retype(value, ir.IntType(16)))
 
 
-@intrinsic
-def _bf16_bits_to_float32(typingctx, bits):
-    if bits != types.int16:
-        return None
+def _conversion(source, target, build):
+    """An intrinsic converting one ``source`` value to ``target``, its IR made by
+    ``build(builder, value)``."""
 
-    def codegen(context, builder, signature, args):
-        return bf16_widen_ir(builder, args[0])
+    def convert(typingctx, value):
+        if value != source:
+            return None
 
-    return types.float32(types.int16), codegen
+        def codegen(context, builder, signature, args):
+            return build(builder, args[0])
 
+        return target(source), codegen
 
-@intrinsic
-def _float32_to_bf16_bits(typingctx, value):
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return bf16_narrow_ir(builder, args[0])
-
-    return types.int16(types.float32), codegen
+    return intrinsic(convert)
 
 
-@intrinsic
-def _half_bits_to_float32(typingctx, bits):
-    if bits != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+def _half_widen_ir(builder, bits):
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
 
-@intrinsic
-def _float32_to_half_bits(typingctx, value):
-    if value != types.float32:
-        return None
+def _half_narrow_ir(builder, value):
+    return builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
-    return types.uint16(types.float32), codegen
+_half_bits_to_float32 = _conversion(types.uint16, types.float32, _half_widen_ir)
+_float32_to_half_bits = _conversion(types.float32, types.uint16, _half_narrow_ir)
+_bf16_bits_to_float32 = _conversion(types.int16, types.float32, bf16_widen_ir)
+_float32_to_bf16_bits = _conversion(types.float32, types.int16, bf16_narrow_ir)
 
 
 def load(value):
