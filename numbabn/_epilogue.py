@@ -7,8 +7,6 @@ from typing import Any
 
 from . import _validate
 
-ACTIVATIONS = (None, "relu")
-
 
 def relu(activation: Any) -> bool:
     """Whether ``activation`` asks for the ReLU; ValueError for one not supported."""
@@ -28,17 +26,17 @@ def like_x(a: Any, name: str, x: Any, side: str) -> None:
         raise TypeError(f"{name} has dtype {info.dtype} but x has dtype {xi.dtype}")
     if info.shape != xi.shape:
         raise ValueError(f"{name} has shape {info.shape} but x has shape {xi.shape}")
-    if info.side != side:
-        raise TypeError(
-            f"all arrays of one call must live on the same side: x on {side}, {name} on {info.side}"
-        )
+    _validate._one_side(("x", name), (side, info.side))
 
 
-def forward(side: str, x: Any, residual: Any, activation: Any) -> tuple[Any, bool]:
-    """(residual, relu) of a forward call, checked."""
+def forward(side: str, x: Any, residual: Any, activation: Any) -> dict:
+    """The backend's epilogue arguments of a forward call, checked: {} without an
+    epilogue, else {"residual": ..., "relu": ...}."""
+    if residual is None and activation is None:
+        return {}
     if residual is not None:
         like_x(residual, "residual", x, side)
-    return residual, relu(activation)
+    return {"residual": residual, "relu": relu(activation)}
 
 
 def backward(side: str, x: Any, activation: Any, y: Any) -> Any:

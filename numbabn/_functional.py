@@ -83,8 +83,7 @@ def batch_norm(
         x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out
     )
     be, kw = backend(chk.side), _validate.stream_kwargs(chk.side, stream)
-    if residual is not None or activation is not None:
-        kw["residual"], kw["relu"] = _epilogue.forward(chk.side, x, residual, activation)
+    kw.update(_epilogue.forward(chk.side, x, residual, activation))
     if training:
         y, _, _ = be.forward_train(x, chk, weight, bias, running_mean, running_var, out, **kw)
         return y
@@ -167,8 +166,7 @@ def batch_norm_forward(
             x, running_mean, running_var, weight, bias, True, momentum, eps, axis, None
         )
     kw = _validate.stream_kwargs(chk.side, stream)
-    if residual is not None or activation is not None:
-        kw["residual"], kw["relu"] = _epilogue.forward(chk.side, x, residual, activation)
+    kw.update(_epilogue.forward(chk.side, x, residual, activation))
     return backend(chk.side).forward_train(
         x, chk, weight, bias, running_mean, running_var, None, **kw
     )

@@ -149,7 +149,7 @@ class BatchNorm:
             epi = {}
             if residual is not None or self.activation is not None:
                 side = _validate.describe(x, "x").side
-                epi["residual"], epi["relu"] = _epilogue.forward(side, x, residual, self.activation)
+                epi = _epilogue.forward(side, x, residual, self.activation)
             rm, rv = p["running_mean"], p["running_var"]
             use_batch = self.training or rm is None
             update = self.training and rm is not None

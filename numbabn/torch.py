@@ -98,9 +98,7 @@ def _forward(
 def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual=None, activation=None):
     """(y, mean, invstd); in training updates the running statistics in place."""
-    epi = {}
-    if residual is not None or activation is not None:
-        epi = {"residual": residual, "activation": activation}
+    epi = {"residual": residual, "activation": activation}
     if training:
         return _run(
             _functional.batch_norm_forward, input, weight, bias, eps,

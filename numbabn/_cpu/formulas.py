@@ -14,8 +14,8 @@ never in its loops. The eval-mode backward is normalize of dy (rows (0, 0, k1, 0
 Operands: ``x`` (and ``g``) may be a pair ``(dy, y)``, the gradient masked by a ReLU's
 output (``_channel.relu_grad``); ``x`` may be a triple ``(x, z, zero)``, normalize
 followed by the epilogue: ``+ z`` (a residual array, or None), then a ReLU (``zero``, 0
-in the compute type; None: no activation). Only the njit traversals take tuples (the
-plan routes them there); ``piece``, ``plane``, ``flat`` and ``row`` cut them member
+in the compute type; None: no activation). Every traversal takes them (the vector loops
+through ``llvm.formula``); ``piece``, ``plane``, ``flat`` and ``row`` cut them member
 by member.
 
 Per channel: moments from shifted sums, the normalize and dx constants, the running
@@ -82,20 +82,27 @@ def _load_at(a, i):
     return lambda a, i: load(a[i])
 
 
+def plus(v, z, i):
+    """``v + z[i]``; ``v`` itself when there is no residual (z None)."""
+
+
+@overload(plus, inline="always")
+def _plus(v, z, i):
+    if isinstance(z, types.NoneType):
+        return lambda v, z, i: v
+    return lambda v, z, i: v + load(z[i])
+
+
 def finish(v, z, floor, i):
-    """The epilogue of value ``v`` at element ``i``: ``+ z[i]`` (z None: none), then the
-    ReLU (``floor`` its zero; None: none)."""
+    """The epilogue of value ``v`` at element ``i``: :func:`plus`, then the ReLU
+    (``floor`` its zero; None: none)."""
 
 
 @overload(finish, inline="always")
 def _finish(v, z, floor, i):
-    if isinstance(z, types.NoneType):
-        if isinstance(floor, types.NoneType):
-            return lambda v, z, floor, i: v
-        return lambda v, z, floor, i: _relu(v, floor)
     if isinstance(floor, types.NoneType):
-        return lambda v, z, floor, i: v + load(z[i])
-    return lambda v, z, floor, i: _relu(v + load(z[i]), floor)
+        return lambda v, z, floor, i: plus(v, z, i)
+    return lambda v, z, floor, i: _relu(plus(v, z, i), floor)
 
 
 def value(g, x, k, i, j):
