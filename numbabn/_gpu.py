@@ -327,8 +327,13 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=N
 # Per-channel vectors are staged through host memory: they are C values each.
 
 
+def _own(a):
+    """The numba array over a caller's array, in its dtype (bfloat16 included)."""
+    return as_kind_of(None, numba_array(a))
+
+
 def _host(a):
-    return None if a is None else numba_array(a).copy_to_host()
+    return None if a is None else _own(a).copy_to_host()
 
 
 def to_host(a) -> np.ndarray:
@@ -360,8 +365,8 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     """The running-statistics update of ``_channel``, staged through the host."""
     rm, rv = _host(running_mean), _host(running_var)
     _channel.update_running(rm, rv, mean, var, count, momentum)
-    numba_array(running_mean).copy_to_device(rm)
-    numba_array(running_var).copy_to_device(rv)
+    _own(running_mean).copy_to_device(rm)
+    _own(running_var).copy_to_device(rv)
 
 
 def local_grad_sums(dy, x, chk: Checked, mean, stream=None):

@@ -12,7 +12,9 @@ allocation and release can synchronize the device), numba device arrays otherwis
 (``allocate``). PyTorch tensors that require grad are read through ``detach()``:
 numbabn computes its own gradients and records nothing for autograd. Under the CUDA
 simulator, "device" memory is host memory; ``numba_array`` wraps foreign arrays there
-too.
+too. numba has no bfloat16: every numba view of bfloat16 memory is an int16 view of its
+bits (the kernels' form, see ``_half``), and goes back to the caller as bfloat16
+(``as_kind_of``); int16 data is refused before it gets here, so int16 means bfloat16.
 """
 
 from __future__ import annotations
@@ -25,15 +27,26 @@ from numba import config, cuda
 
 from . import _gpu_kernels as K
 from ._gpu_launch import launcher
-from ._validate import Layout, cuda_interface, describe, torch_dtype
+from ._validate import BF16, Layout, cuda_interface, describe, torch_dtype
 
 _SIM = bool(config.ENABLE_CUDASIM)
+_BITS = np.dtype(np.int16)
+
+
+def _bits_dtype(dtype):
+    """The dtype of numba's views of data of ``dtype``."""
+    return _BITS if dtype == BF16 else dtype
+
+
+def _bits(a):
+    """A numba array as the kernels take it: bfloat16 as int16 bits."""
+    return a.view(_BITS) if a.dtype == BF16 else a
 
 
 def numba_array(a):
     """A numba device array over the whole of ``a``'s memory (no copy)."""
     if getattr(a, "__cuda_ndarray__", False) is True:
-        return a
+        return _bits(a)
     if _SIM:
         return _simulator_array(a)
     info = describe(a, "array")
@@ -52,11 +65,12 @@ def _simulator_array(a):
     extents = [(e - 1) * s for e, s in zip(info.shape, info.strides) if e > 0]
     low = sum(min(0, x) for x in extents)
     size = sum(max(0, x) for x in extents) - low + info.dtype.itemsize
+    dtype = _bits_dtype(info.dtype)
     if len(extents) < len(info.shape):  # an empty array
-        return FakeCUDAArray(np.empty(info.shape, info.dtype))
+        return FakeCUDAArray(np.empty(info.shape, dtype))
     memory = (ctypes.c_char * size).from_address(pointer + low)
     return FakeCUDAArray(
-        np.ndarray(info.shape, info.dtype, buffer=memory, offset=-low, strides=info.strides)
+        np.ndarray(info.shape, dtype, buffer=memory, offset=-low, strides=info.strides)
     )
 
 
@@ -71,6 +85,7 @@ def strided(a, shape, strides, info=None):
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
     if getattr(a, "__cuda_ndarray__", False) is True:  # a numba array: no need to describe it
+        a = _bits(a)
         if _borrowed(a):  # a cached view (non-negative strides): another one
             return _view(a.device_ctypes_pointer.value or 0, tuple(shape), tuple(strides), a.dtype)
         # The view holds the memory: numba's allocations (results and temporaries) are
@@ -80,7 +95,7 @@ def strided(a, shape, strides, info=None):
     info = info or describe(a, "array")
     if min(info.strides, default=0) < 0:  # rare: let numba place the data pointer
         base = cuda.as_cuda_array(a)
-        return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
+        return DeviceNDArray(shape, strides, _bits_dtype(base.dtype), gpu_data=base.gpu_data)
     return _view(_address(a), tuple(shape), tuple(strides), info.dtype)
 
 
@@ -124,6 +139,7 @@ def _borrowed(a) -> bool:
 
 
 def _view(address, shape, strides, dtype):
+    dtype = _bits_dtype(dtype)
     key = (address, shape, strides, dtype.char)
     view = _VIEWS.get(key)
     if view is None:
@@ -284,16 +300,18 @@ def allocate(shape, strides, dtype, like, stream):
     returned as the first item; otherwise that is None and the memory is numba's
     (``as_result`` gives either as the caller's kind)."""
     library = type(like).__module__.split(".")[0] if like is not None else None
-    item = np.dtype(dtype).itemsize
+    dtype = np.dtype(dtype)
+    item = dtype.itemsize
     if math.prod(shape) == 0 or library not in ("torch", "cupy") or _SIM:
         return None, _numba_allocate(shape, strides, dtype, stream)
     if library == "torch":
         import torch
 
+        element = BF16 if dtype == _BITS else dtype
         t = torch.empty_strided(
-            shape, tuple([s // item for s in strides]), dtype=torch_dtype(dtype), device=like.device
+            shape, tuple([s // item for s in strides]), dtype=torch_dtype(element), device=like.device
         )
-        return t, _view(t.data_ptr(), tuple(shape), tuple(strides), np.dtype(dtype))
+        return t, _view(t.data_ptr(), tuple(shape), tuple(strides), dtype)
     import cupy
 
     with cupy.cuda.Device(like.device.id):
@@ -303,6 +321,7 @@ def allocate(shape, strides, dtype, like, stream):
 
 
 def _numba_allocate(shape, strides, dtype, stream):
+    dtype = _bits_dtype(dtype)
     if list(strides) == sorted(strides, reverse=True):  # C order (the common case)
         return cuda.device_array(tuple(shape), dtype, stream=stream)
     order = sorted(range(len(shape)), key=lambda i: -strides[i])
@@ -318,19 +337,22 @@ def as_result(fresh, like, index=None):
     native, view = fresh
     if native is not None:
         return native if index is None else native[index]
-    view = view if index is None else view[index]
-    return view if like is None else as_kind_of(like, view)
+    return as_kind_of(like, view if index is None else view[index])
 
 
 def as_kind_of(template, arr):
-    """Return ``arr`` as the same kind of array as ``template`` (zero copy)."""
+    """Return numba array ``arr`` as the same kind of array as ``template`` (zero copy;
+    None: as it is), int16 bits as bfloat16."""
+    bits = arr.dtype == _BITS
     module = type(template).__module__.split(".")[0]
+    if module == "torch":
+        import torch
+
+        t = torch.as_tensor(arr, device=template.device)
+        return t.view(torch.bfloat16) if bits else t
+    arr = arr.view(BF16) if bits else arr
     if module == "cupy":
         import cupy
 
         return cupy.asarray(arr)
-    if module == "torch":
-        import torch
-
-        return torch.as_tensor(arr, device=template.device)
     return arr

@@ -9,6 +9,7 @@ import numpy as np
 from numba import config, cuda, float64
 
 from . import _gpu_arrays
+from ._gpu_reduce import load, store
 
 _BLOCK = 16 if config.ENABLE_CUDASIM else 256
 
@@ -19,7 +20,7 @@ def _scale(w, s, inner, c, out):
     ``c`` entries, each ``inner`` values apart."""
     i = cuda.grid(1)
     if i < w.size:
-        out[i] = float64(w[i]) * s[(i // inner) % c]
+        out[i] = store(float64(load(w[i])) * s[(i // inner) % c], out)
 
 
 def scaled(layer_weight, axis: int, scale: np.ndarray):

@@ -17,8 +17,10 @@ dbias; or, for eval, mean and invstd), rows HI.. the constants of the elementwis
 kernels: mean hi, mean lo (``mean = hi + lo`` in more than float32 precision),
 scale, shift for normalize; mean hi, mean lo, k2, mean(dy), k1 for the gradient.
 
-``ct`` is a zero of the compute dtype; ``x + ct`` widens float16 data to float32 and
-leaves float64 data in float64.
+Elements are read through ``load`` and written through ``store`` (``_half``):
+bfloat16 arrays arrive as int16 views of their bits. ``ct`` is a zero of the compute
+dtype; ``load(x) + ct`` widens float16 data to float32 and leaves float64 data in
+float64.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ from ._gpu_reduce import (  # noqa: F401 (launch constants, read by _gpu as K.*)
     finish_stats,
     gather,
     is_last,
+    load,
     merge_block,
     norm_constants,
+    store,
     tree_sum2,
 )
 
@@ -112,22 +116,22 @@ MASKED = 8
 
 
 @cuda.jit(device=True)
-def _value(mode, g, v, e, ct, k):
-    """One output value (``_channel``'s formulas; ``ct``, a zero of the compute type,
-    widens float16): grad_input of g and v (mode bit 1), else normalize of v (g unused),
-    with the bits above. k: ``_constants``."""
+def _value(mode, g, v, e, ct, k, o):
+    """One output value for array ``o`` (``_channel``'s formulas; ``ct``, a zero of the
+    compute type, widens float16): grad_input of g and v (mode bit 1), else normalize
+    of v (g unused), with the bits above. k: ``_constants``."""
     hi, lo, p, q, k1 = k
     if mode & 1:
-        r = _grad_input(g + ct, v + ct, hi, lo, p, q, k1)
+        r = _grad_input(load(g) + ct, load(v) + ct, hi, lo, p, q, k1)
     elif mode & MASKED:
-        r = _normalize(_relu_grad(v + ct, e + ct, ct), hi, lo, p, q)
+        r = _normalize(_relu_grad(load(v) + ct, load(e) + ct, ct), hi, lo, p, q)
     else:
-        r = _normalize(v + ct, hi, lo, p, q)
+        r = _normalize(load(v) + ct, hi, lo, p, q)
     if mode & RESIDUAL:
-        r = r + (e + ct)
+        r = r + (load(e) + ct)
     if mode & RELU:
         r = _relu(r, ct)
-    return r
+    return store(r, o)
 
 
 @cuda.jit(device=True)
@@ -196,7 +200,7 @@ def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, cha
     flag = cuda.shared.array(1, int32)
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    k = float64(x1[_at(c * xs[1])])
+    k = float64(load(x1[_at(c * xs[1])]))
     s1, s2 = _ncl_sums(x1, xs, x1, xs, nl, c, k, 0, tid)
     last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
@@ -214,7 +218,7 @@ def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, c
     flag = cuda.shared.array(1, int32)
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    s1, s2 = _ncl_sums(dy1, dys, x1, xs, nl, c, float64(mean[c]), 1, tid)
+    s1, s2 = _ncl_sums(dy1, dys, x1, xs, nl, c, float64(load(mean[c])), 1, tid)
     last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
         s1, s2 = gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
@@ -252,16 +256,16 @@ def _elementwise_ncl(g1, sg, x1, sx, e1, se, o1, so, nl, chan, ct, mode):
         g0, g1_, g2, g3 = g1[_at(og)], g1[_at(og1)], g1[_at(og2)], g1[_at(og3)]
         v0, v1, v2, v3 = x1[_at(ox)], x1[_at(ox1)], x1[_at(ox2)], x1[_at(ox3)]
         e0, e1_, e2, e3 = e1[_at(oe)], e1[_at(oe1)], e1[_at(oe2)], e1[_at(oe3)]
-        o1[_at(oz)] = _value(mode, g0, v0, e0, ct, k)
-        o1[_at(oz1)] = _value(mode, g1_, v1, e1_, ct, k)
-        o1[_at(oz2)] = _value(mode, g2, v2, e2, ct, k)
-        o1[_at(oz3)] = _value(mode, g3, v3, e3, ct, k)
+        o1[_at(oz)] = _value(mode, g0, v0, e0, ct, k, o1)
+        o1[_at(oz1)] = _value(mode, g1_, v1, e1_, ct, k, o1)
+        o1[_at(oz2)] = _value(mode, g2, v2, e2, ct, k, o1)
+        o1[_at(oz3)] = _value(mode, g3, v3, e3, ct, k, o1)
         l, w = _wraps(l, dl, l_)
         og, ox, oz = _next(og3, dg, wg, w), _next(ox3, dx, wx, w), _next(oz3, dz, wz, w)
         oe = _next(oe3, de, we, w)
         j += U * BLOCK
     while j < j1:
-        o1[_at(oz)] = _value(mode, g1[_at(og)], x1[_at(ox)], e1[_at(oe)], ct, k)
+        o1[_at(oz)] = _value(mode, g1[_at(og)], x1[_at(ox)], e1[_at(oe)], ct, k, o1)
         l, w = _wraps(l, dl, l_)
         og, ox, oz = _next(og, dg, wg, w), _next(ox, dx, wx, w), _next(oz, dz, wz, w)
         oe = _next(oe, de, we, w)
@@ -326,7 +330,7 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
     tid = ty * TX + tx
     c = cuda.blockIdx.x * TX + tx
     active = c < x2.shape[1]
-    k = float64(x2[0, c]) if active else 0.0
+    k = float64(load(x2[0, c])) if active else 0.0
     s1 = 0.0
     s2 = 0.0
     if active:
@@ -353,7 +357,7 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
     s1 = 0.0
     s2 = 0.0
     if active:
-        s1, s2 = _mc_sums(dy2, x2, c, float64(mean[c]), 1, ty)
+        s1, s2 = _mc_sums(dy2, x2, c, float64(load(mean[c])), 1, ty)
     write = ty == 0 and active
     last = merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last:
@@ -380,14 +384,14 @@ def _elementwise_mc(g2, x2, e2, o2, chan, ct, mode):
         v2, v3 = x2[_at(r + 2 * TY), _at(c)], x2[_at(r + 3 * TY), _at(c)]
         e0, e1 = e2[_at(r), _at(c)], e2[_at(r + TY), _at(c)]
         e2_, e3 = e2[_at(r + 2 * TY), _at(c)], e2[_at(r + 3 * TY), _at(c)]
-        o2[_at(r), _at(c)] = _value(mode, g0, v0, e0, ct, k)
-        o2[_at(r + TY), _at(c)] = _value(mode, g1, v1, e1, ct, k)
-        o2[_at(r + 2 * TY), _at(c)] = _value(mode, g2_, v2, e2_, ct, k)
-        o2[_at(r + 3 * TY), _at(c)] = _value(mode, g3, v3, e3, ct, k)
+        o2[_at(r), _at(c)] = _value(mode, g0, v0, e0, ct, k, o2)
+        o2[_at(r + TY), _at(c)] = _value(mode, g1, v1, e1, ct, k, o2)
+        o2[_at(r + 2 * TY), _at(c)] = _value(mode, g2_, v2, e2_, ct, k, o2)
+        o2[_at(r + 3 * TY), _at(c)] = _value(mode, g3, v3, e3, ct, k, o2)
         r += TY * U * cuda.gridDim.y
     while r < m:  # the last, partial chunk
         g, v, e = g2[_at(r), _at(c)], x2[_at(r), _at(c)], e2[_at(r), _at(c)]
-        o2[_at(r), _at(c)] = _value(mode, g, v, e, ct, k)
+        o2[_at(r), _at(c)] = _value(mode, g, v, e, ct, k, o2)
         r += TY
 
 
@@ -419,8 +423,8 @@ def eval_params(rm, rv, w, b, flags, eps, chan):
     c = cuda.grid(1)
     if c >= rm.shape[0]:
         return
-    mean = float64(rm[c])
-    invstd = 1.0 / math.sqrt(float64(rv[c]) + eps)
+    mean = float64(load(rm[c]))
+    invstd = 1.0 / math.sqrt(float64(load(rv[c])) + eps)
     chan[0, c] = mean
     chan[1, c] = invstd
     norm_constants(chan, c, mean, invstd, w, b, flags)

@@ -11,6 +11,15 @@ from numba import config, cuda, float64
 
 from ._channel import finite_scale, mean_lo
 
+# Every element the kernels read goes through ``load``, every one they write through
+# ``store`` (bfloat16 arrives as int16 bits; see ``_half``); the simulator runs the
+# kernels as Python, on NumPy scalars.
+if config.ENABLE_CUDASIM:
+    from ._half import sim_load as load
+    from ._half import sim_store as store
+else:
+    from ._half import load, store
+
 # Threads per block. Kept small under the simulator (one Python thread per CUDA
 # thread) so that tiny test inputs still span several blocks and partial blocks.
 BLOCK = 16 if config.ENABLE_CUDASIM else 256
@@ -55,10 +64,10 @@ def accumulate(s1, s2, a, b, k, mode):
     """One value into a thread's two sums. mode 0 (statistics): d = a - k adds
     (d, d^2); mode 1 (gradient): adds (a, a * (b - k)) with a = dy, b = x, k = mean."""
     if mode == 0:
-        d = float64(a) - k
+        d = float64(load(a)) - k
         return s1 + d, s2 + d * d
-    g = float64(a)
-    return s1 + g, s2 + g * (float64(b) - k)
+    g = float64(load(a))
+    return s1 + g, s2 + g * (float64(load(b)) - k)
 
 
 @cuda.jit(device=True)
@@ -120,11 +129,11 @@ def norm_constants(chan, c, mean, invstd, w, b, flags):
     and invstd (float64), weight and bias (when ``flags`` has them)."""
     scale = invstd
     if flags & HAS_WEIGHT:
-        scale *= float64(w[c])
+        scale *= float64(load(w[c]))
     chan[HI, c] = mean
     chan[LO, c] = mean_lo(mean, float64(chan[HI, c]))
     chan[A, c] = finite_scale(scale, chan)
-    chan[B, c] = float64(b[c]) if flags & HAS_BIAS else 0.0
+    chan[B, c] = float64(load(b[c])) if flags & HAS_BIAS else 0.0
 
 
 @cuda.jit(device=True)
@@ -142,21 +151,22 @@ def finish_stats(s1, s2, c, shift, count, w, b, rm, rv, flags, eps, momentum, ch
     chan[2, c] = invstd
     norm_constants(chan, c, mean, invstd, w, b, flags)
     if flags & UPDATE_RUNNING:
-        rm[c] = (1.0 - momentum) * float64(rm[c]) + momentum * mean
-        rv[c] = (1.0 - momentum) * float64(rv[c]) + momentum * var * (count / (count - 1.0))
+        rm[c] = store((1.0 - momentum) * float64(load(rm[c])) + momentum * mean, rm)
+        unbiased = var * (count / (count - 1.0))
+        rv[c] = store((1.0 - momentum) * float64(load(rv[c])) + momentum * unbiased, rv)
 
 
 @cuda.jit(device=True)
 def finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan):
     """Channel c's dweight, dbias and the constants of the dx kernel from its sums
     (sum dy, sum dy * (x - mean))."""
-    inv = float64(invstd[c])
+    inv = float64(load(invstd[c]))
     chan[0, c] = s2 * inv
     chan[1, c] = s1
     k1 = inv
     if flags & HAS_WEIGHT:
-        k1 *= float64(w[c])
-    mu = float64(mean[c])
+        k1 *= float64(load(w[c]))
+    mu = float64(load(mean[c]))
     if flags & TRAINING:
         chan[HI, c] = mu
         chan[LO, c] = mean_lo(mu, float64(chan[HI, c]))

@@ -1,18 +1,20 @@
-"""float16 and bfloat16 loads and stores for CPU kernels.
+"""float16 and bfloat16 loads and stores for the CPU and GPU kernels.
 
-Numba's CPU target has neither type, so float16 arrays reach the kernels as uint16
-views of the same bytes, and bfloat16 arrays (``ml_dtypes.bfloat16``) as int16 views.
+Numba's CPU target has neither type, so float16 arrays reach the CPU kernels as uint16
+views of the same bytes, and bfloat16 arrays (``ml_dtypes.bfloat16``) as int16 views;
+the GPU kernels take float16 as it is and bfloat16 as int16 views too.
 ``load`` widens an element to the kernel's compute type, float32 (float16 through
 LLVM's ``fpext half``, which vectorizes to ``vcvtph2ps``; bfloat16 by moving its bits
 to the top of a float32's); ``store`` narrows a compute value to the element type of the
 destination array (round to nearest even, as NumPy's and ml_dtypes' ``astype``; a NaN
 stays a NaN). For float32 and float64 arrays both are the identity, so one kernel
-source serves every dtype. The bfloat16 conversions are IR builders shared with the
-vector loops (``_cpu.llvm``), scalars or vectors alike.
-"""
+source serves every dtype. They are intrinsics of plain LLVM IR, which both targets
+compile; the bfloat16 conversions are IR builders shared with the vector loops
+(``_cpu.llvm``), scalars or vectors alike."""
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
@@ -51,22 +53,6 @@ def bf16_narrow_ir(builder, value):
     return builder.trunc(builder.select(nan, quiet, rounded), _retype(value, ir.IntType(16)))
 
 
-def _conversion(source, target, build):
-    """An intrinsic converting one ``source`` value to ``target``, its IR made by
-    ``build(builder, value)``."""
-
-    def convert(typingctx, value):
-        if value != source:
-            return None
-
-        def codegen(context, builder, signature, args):
-            return build(builder, args[0])
-
-        return target(source), codegen
-
-    return intrinsic(convert)
-
-
 def _half_widen_ir(builder, bits):
     return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
@@ -75,41 +61,60 @@ def _half_narrow_ir(builder, value):
     return builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
 
 
-_half_bits_to_float32 = _conversion(types.uint16, types.float32, _half_widen_ir)
-_float32_to_half_bits = _conversion(types.float32, types.uint16, _half_narrow_ir)
-_bf16_bits_to_float32 = _conversion(types.int16, types.float32, bf16_widen_ir)
-_float32_to_bf16_bits = _conversion(types.float32, types.int16, bf16_narrow_ir)
+# The bit forms of the 16-bit floats: float16 (CPU only) and bfloat16.
+_WIDEN = {types.uint16: _half_widen_ir, types.int16: bf16_widen_ir}
+_NARROW = {types.uint16: _half_narrow_ir, types.int16: bf16_narrow_ir}
 
 
-def load(value):
+@intrinsic
+def load(typingctx, value):
     """Widen one array element to its compute type (float32 or float64)."""
-
-
-def store(value, like):
-    """Convert a compute value to the element type of array ``like``."""
-
-
-@overload(load, inline="always")
-def _load(value):
-    if value == types.uint16:
-        return lambda value: _half_bits_to_float32(value)
-    if value == types.int16:
-        return lambda value: _bf16_bits_to_float32(value)
+    widen = _WIDEN.get(value)
+    if widen is not None:
+        return types.float32(value), lambda context, builder, sig, args: widen(builder, args[0])
     if isinstance(value, types.Float):
-        return lambda value: value
+        return value(value), lambda context, builder, sig, args: args[0]
     return None
 
 
-@overload(store, inline="always")
-def _store(value, like):
-    if like.dtype == types.uint16:
-        return lambda value, like: _float32_to_half_bits(types.float32(value))
-    if like.dtype == types.int16:
-        return lambda value, like: _float32_to_bf16_bits(types.float32(value))
-    if isinstance(like.dtype, types.Float):
-        target = like.dtype
-        return lambda value, like: target(value)
-    return None
+@intrinsic
+def store(typingctx, value, like):
+    """Convert a compute value to the element type of array ``like``."""
+    if not isinstance(value, (types.Float, types.Integer)):
+        return None
+    dtype = like.dtype
+    narrow = _NARROW.get(dtype)
+    if narrow is None and not isinstance(dtype, types.Float):
+        return None
+    f32 = types.float32
+
+    def codegen(context, builder, sig, args):
+        if narrow is None:
+            return context.cast(builder, args[0], value, dtype)
+        return narrow(builder, context.cast(builder, args[0], value, f32))
+
+    return dtype(value, like), codegen
+
+
+# The CUDA simulator runs kernels as Python, on NumPy scalars: ``load`` and ``store``
+# for it (its kernels see bfloat16 as int16 bits, float16 as float16).
+
+
+def sim_load(value):
+    """``load`` of one NumPy scalar."""
+    if isinstance(value, np.int16):
+        return (np.uint32(value.view(np.uint16)) << np.uint32(16)).view(np.float32)
+    return value
+
+
+def sim_store(value, like):
+    """``store`` into NumPy array ``like`` (rounding as ``bf16_narrow_ir``)."""
+    if like.dtype != np.int16:
+        return value
+    i = int(np.float32(value).view(np.uint32))
+    top = i >> 16
+    bits = top | 0x40 if value != value else (i + (top & 1) + 0x7FFF) >> 16
+    return np.uint16(bits).view(np.int16)
 
 
 def zero(a):

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 
-DTYPES = ("float16", "float32", "float64")
+from ._validate import BF16
+
+DTYPES = ("float16", "float32", "float64") + (("bfloat16",) if BF16 is not None else ())
 # (shape, axis): one of each plan (see ``tests/test_reproducible.py``).
 _CASES = (
     ((4, 3, 5, 7), 1),

@@ -184,9 +184,6 @@ def describe(a: Any, name: str) -> ArrayInfo:
 
 def _check_float(info: ArrayInfo, name: str) -> None:
     if info.dtype in _FLOAT_SET:
-        if info.dtype == BF16 and info.side == DEVICE:
-            raise TypeError(f"{name} is a bfloat16 CUDA array: the GPU kernels take float16, "
-                            "float32 and float64")
         return
     if info.dtype not in FLOAT_DTYPES or not info.dtype.isnative:
         hint = ""

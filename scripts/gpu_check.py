@@ -5,11 +5,11 @@
 (``bash scripts/gpu_session.sh`` runs it, then the device-side tests on the GPU.)
 
 1. Every operation against the float64 NumPy reference, NCHW and channels-last,
-   float16/32/64, with PyTorch tensors, numba device arrays and CuPy arrays as
+   float16/bfloat16/32/64, with PyTorch tensors, numba device arrays and CuPy arrays as
    inputs; parameters that require grad; a caller's stream; strided inputs and out=;
    a tensor of more than 2**31 elements when the card has the memory.
 2. Two runs bitwise equal.
-3. Times of train forward, eval forward and backward, float32 and float16, NCHW and
+3. Times of train forward, eval forward and backward, float32, float16 and bfloat16, NCHW and
    channels-last, at 32x64x56x56 and 256x256x14x14, against PyTorch (cuDNN) and a
    device-to-device copy of the same bytes; one table of times and ratios.
    Floors: train forward 3 passes, eval 2, backward 5, at the copy's bandwidth.
@@ -63,7 +63,8 @@ def section(name, fn, *args):
 
 def _host(a):
     if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        return (a.float() if a.dtype == torch.bfloat16 else a).numpy()
     if type(a).__module__.startswith("cupy"):
         return a.get()
     return a.copy_to_host()
@@ -98,7 +99,7 @@ def check(shape, layout, dtype, kind="torch"):
     X, DY, W, B, RM, RV = (conv(t) for t in (x, dy, w, b, rm, rv))
     xh = x.double().cpu().numpy()
     dyh = dy.double().cpu().numpy()
-    tol = {torch.float16: 4e-3, torch.float32: 2e-5, torch.float64: 1e-11}[dtype]
+    tol = {torch.float16: 4e-3, torch.bfloat16: 8e-3, torch.float32: 2e-5, torch.float64: 1e-11}[dtype]
 
     y = numbabn.batch_norm(X, RM, RV, W, B, training=True, momentum=0.2)
     yr, rmr, rvr = ref.batch_norm(xh, np.zeros(c), np.ones(c), wh, bh, True, 0.2)
@@ -492,7 +493,7 @@ def main():
           "| torch", torch.__version__, flush=True)
     if not args.skip_checks:
         for layout in ("nchw", "nhwc"):
-            for dtype in (torch.float16, torch.float32, torch.float64):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 section(f"check {layout} {dtype}", check, (16, 24, 33, 35), layout, dtype)
         section("check large nchw", check, (32, 64, 56, 56), "nchw", torch.float32)
         section("check large nhwc", check, (32, 64, 56, 56), "nhwc", torch.float16)
@@ -512,7 +513,7 @@ def main():
     shapes = [(32, 64, 56, 56)] if args.quick else [(32, 64, 56, 56), (256, 256, 14, 14)]
     for shape in shapes:
         for layout in ("nchw", "nhwc"):
-            for dtype in (torch.float32, torch.float16):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 section(f"bench {shape} {layout} {dtype}", bench, shape, layout, dtype)
     section("blocks per SM", blocks_per_sm_ab)
     print("FAILED: " + ", ".join(FAILED) if FAILED else "all checks passed")

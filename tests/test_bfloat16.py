@@ -1,7 +1,7 @@
-"""bfloat16 (``ml_dtypes.bfloat16`` NumPy arrays, torch bfloat16 CPU tensors) against the
-float64 reference of the same values: outputs within bfloat16's rounding, statistics
-float32, every CPU route (single-thread, plane segments, fused per channel, flat rows,
-channels-last spans and lines, streamed stores)."""
+"""bfloat16 (``ml_dtypes.bfloat16`` NumPy arrays and device arrays, torch bfloat16 CPU
+tensors) against the float64 reference of the same values: outputs within bfloat16's
+rounding, statistics float32, every CPU route (single-thread, plane segments, fused per
+channel, flat rows, channels-last spans and lines, streamed stores) and both GPU views."""
 
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ import pytest
 import numbabn
 import numbabn.reference as ref
 
-from helpers import ON_DEVICE, assert_close, channel_vector, random_batch, tune_cpu
+from helpers import (
+    ON_DEVICE,
+    assert_close,
+    channel_vector,
+    random_batch,
+    to_host,
+    to_side,
+    tune_cpu,
+)
 
-pytestmark = pytest.mark.skipif(ON_DEVICE, reason="bfloat16 runs on the CPU")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # bfloat16 keeps 8 significant bits: a rounded result is within 2**-9 of its value
@@ -30,6 +37,9 @@ CASES = [
     ((67, 3, 32), -1, True),  # lines of whole cache lines, streamed
     ((3, 4, 1504), 1, True),  # planes of whole vectors, streamed
 ]
+if ON_DEVICE:  # the simulator: the (N, C, L) and (M, C) views, partial blocks
+    CASES = [((3, 5, 7, 9), 1, False), ((6, 7), 1, False), ((5, 6, 9), -1, False)]
+HOST_ONLY = pytest.mark.skipif(ON_DEVICE, reason="host memory")
 
 
 def _bf16(a):
@@ -37,6 +47,7 @@ def _bf16(a):
 
 
 def _close(actual, expected, scale=1.0):
+    actual = to_host(actual)
     assert actual.dtype == BF16
     a, e = actual.astype(np.float64), np.asarray(expected, np.float64)
     err, tol = np.abs(a - e), RTOL * (np.abs(e) + 1e-3 * scale)
@@ -52,33 +63,38 @@ def test_operations(shape, axis, streamed, monkeypatch):
     dy = _bf16(random_batch(shape, np.float32, seed=2, loc=0.0, scale=1.0))
     z = _bf16(random_batch(shape, np.float32, seed=3, loc=0.0, scale=1.0))
     w, b = channel_vector(c, np.float32, 4), channel_vector(c, np.float32, 5, -0.5, 0.5)
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    rm, rv = to_side(np.zeros(c, np.float32)), to_side(np.ones(c, np.float32))
+    xs, dys, zs, ws, bs = (to_side(a) for a in (x, dy, z, w, b))
 
-    y, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis, running_mean=rm, running_var=rv)
+    y, mean, invstd = numbabn.batch_norm_forward(xs, ws, bs, axis=axis, running_mean=rm, running_var=rv)
     yr, rmr, rvr = ref.batch_norm(x, np.zeros(c), np.ones(c), w, b, True, axis=axis)
     _close(y, yr, scale=np.abs(yr).max())
+    mean, invstd, rm, rv = to_host(mean), to_host(invstd), to_host(rm), to_host(rv)
     assert mean.dtype == invstd.dtype == np.float32
     assert_close(rm, rmr, np.float32, factor=2)
     assert_close(rv, rvr, np.float32, factor=2)
 
-    _close(numbabn.batch_norm(x, rm, rv, w, b, axis=axis), ref.batch_norm(x, rm, rv, w, b, axis=axis)[0])
+    y = numbabn.batch_norm(xs, to_side(rm), to_side(rv), ws, bs, axis=axis)
+    _close(y, ref.batch_norm(x, rm, rv, w, b, axis=axis)[0])
 
-    dx, dw, db = numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx, dw, db = numbabn.batch_norm_backward(dys, xs, to_side(mean), to_side(invstd), ws, axis=axis)
+    dw, db = to_host(dw), to_host(db)
     dxr, dwr, dbr = ref.batch_norm_backward(dy, x, mean, invstd, w, axis)
     _close(dx, dxr, scale=np.abs(dxr).max())
     count = x.size // c
     assert_close(dw, dwr, np.float32, scale=np.sqrt(count), factor=2)
     assert_close(db, dbr, np.float32, scale=np.sqrt(count), factor=2)
 
-    y2, mean, invstd = numbabn.batch_norm_forward(x, axis=axis, residual=z, activation="relu")
+    y2, mean, invstd = numbabn.batch_norm_forward(xs, axis=axis, residual=zs, activation="relu")
     _close(y2, ref.batch_norm_forward(x, axis=axis, residual=z, activation="relu")[0], scale=4)
     dx2, *_, dr = numbabn.batch_norm_backward(
-        dy, x, mean, invstd, axis=axis, activation="relu", y=y2, residual_grad=True
+        dys, xs, mean, invstd, axis=axis, activation="relu", y=y2, residual_grad=True
     )
+    y2, mean, invstd = to_host(y2), to_host(mean), to_host(invstd)
     want = ref.batch_norm_backward(dy, x, mean, invstd, None, axis, activation="relu", y=y2,
                                    residual_grad=True)
     _close(dx2, want[0], scale=np.abs(want[0]).max())
-    np.testing.assert_array_equal(dr, want[3].astype(BF16))
+    np.testing.assert_array_equal(to_host(dr), want[3].astype(BF16))
 
 
 def test_numerics():
@@ -87,11 +103,12 @@ def test_numerics():
     rng = np.random.default_rng(7)
     x = (1000 + 8 * rng.integers(-4, 5, (6, 3, 40))).astype(BF16)
     x[:, 1] = 5.0
-    y, _, _ = numbabn.batch_norm_forward(x)
+    y = to_host(numbabn.batch_norm_forward(to_side(x))[0])
     assert (y[:, 1].astype(np.float32) == 0).all()
     _close(y, ref.batch_norm_forward(x)[0], scale=2)
     x[0, 0, 0], x[1, 0, 0] = np.nan, -np.inf
-    y = numbabn.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32)).astype(np.float32)
+    rm, rv = to_side(np.zeros(3, np.float32)), to_side(np.ones(3, np.float32))
+    y = to_host(numbabn.batch_norm(to_side(x), rm, rv)).astype(np.float32)
     assert np.isnan(y[0, 0, 0]) and y[1, 0, 0] == -np.inf
     assert np.isfinite(y).sum() == y.size - 2
 
@@ -101,14 +118,16 @@ def test_bfloat16_parameters_and_layer():
     converted with .to(torch.bfloat16) has them); ``BatchNorm(dtype=bfloat16)``."""
     x = _bf16(random_batch((8, 4, 5, 5), np.float32, seed=9, per_channel_axis=1))
     bn = numbabn.BatchNorm(4, dtype=BF16)
-    y = bn(x)
-    assert y.dtype == bn.running_mean.dtype == BF16
+    y = to_host(bn(to_side(x)))
+    running_mean = to_host(bn.running_mean)
+    assert y.dtype == running_mean.dtype == BF16
     rm = ref.batch_norm(x, np.zeros(4), np.ones(4), training=True)[1]
-    np.testing.assert_allclose(bn.running_mean.astype(np.float64), rm, rtol=RTOL, atol=1e-3)
-    dx = bn.backward(_bf16(np.ones(x.shape)))
-    assert dx.dtype == BF16 and bn.weight_grad.dtype == np.float32
+    np.testing.assert_allclose(running_mean.astype(np.float64), rm, rtol=RTOL, atol=1e-3)
+    dx = to_host(bn.backward(to_side(_bf16(np.ones(x.shape)))))
+    assert dx.dtype == BF16 and to_host(bn.weight_grad).dtype == np.float32
 
 
+@HOST_ONLY
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_bfloat16_layer(channels_last):
     torch = pytest.importorskip("torch")
@@ -133,6 +152,7 @@ def test_torch_bfloat16_layer(channels_last):
     assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16
 
 
+@HOST_ONLY
 def test_float16_and_bfloat16_share_plans():
     """The two dtypes of one size share the CPU plans of a shape (cached by geometry and
     item size), each call with its own layout object."""

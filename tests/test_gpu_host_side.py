@@ -151,6 +151,38 @@ def test_cuda_tensors_are_described_from_their_attributes():
         _validate.describe(torch.zeros(3), "x")  # a CPU tensor
 
 
+def test_bfloat16_memory_is_viewed_as_its_bits(monkeypatch):
+    """numba has no bfloat16: numbabn's views of bfloat16 memory (a CUDA tensor's, or
+    fresh memory from torch's allocator) are int16 views of the same bytes, and go
+    back to the caller as bfloat16."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+    from numbabn import _gpu_arrays, _validate
+
+    monkeypatch.setattr(_gpu_arrays.cuda, "current_context", lambda: FakeContext())
+    monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    view = _gpu_arrays._view(0x10000, (4, 3), (12, 2), bf16)
+    assert view.dtype == np.int16 and view.strides == (12, 2)
+    assert view.device_ctypes_pointer.value == 0x10000
+    assert _gpu_arrays.as_kind_of(None, view).dtype == bf16
+    t, bits = _gpu_arrays.allocate((4, 3), (6, 2), np.int16, torch.zeros(1), None)
+    assert t.dtype == torch.bfloat16 and t.stride() == (3, 1)
+    assert bits.dtype == np.int16 and bits.device_ctypes_pointer.value == t.data_ptr()
+
+    class CudaTensor:  # what numbabn reads of a CUDA tensor
+        __module__ = "torch"
+        is_cuda = True
+        dtype, shape, requires_grad = torch.bfloat16, torch.Size((2, 3)), False
+
+        def stride(self):
+            return (3, 1)
+
+    info = _validate.describe(CudaTensor(), "x")
+    assert info == _validate.ArrayInfo(_validate.DEVICE, bf16, (2, 3), (6, 2), True)
+    _validate._check_float(info, "x")  # taken
+
+
 def _owning_array(shape, dtype, freed):
     """A numba device array that owns (stand-in) memory: releasing it is recorded."""
     from numba.cuda.cudadrv import driver
@@ -214,7 +246,7 @@ def _argument_samples(monkeypatch):
     monkeypatch.setattr(devices, "get_context", lambda: FakeContext())  # empty arrays ask
     monkeypatch.setattr(_gpu_arrays, "_VIEWS", {})
     arrays = []
-    for dtype in (np.float16, np.float32, np.float64, np.int32):
+    for dtype in (np.float16, np.float32, np.float64, np.int32, np.int16):  # int16: bfloat16
         item = np.dtype(dtype).itemsize
         for shape, strides in (
             ((7,), (1,)), ((7,), (2,)), ((1,), (5,)), ((0,), (1,)),

@@ -11,7 +11,9 @@ pytestmark = pytest.mark.skipif(ON_DEVICE, reason="PTX is compiled in the host t
 cuda = pytest.importorskip("numba.cuda")
 from numba import types  # noqa: E402
 
-DATA = {"float16": types.float16, "float32": types.float32, "float64": types.float64}
+# bfloat16 data and per-channel vectors reach the kernels as int16 bits (``_half``).
+DATA = {"float16": types.float16, "bfloat16": types.int16, "float32": types.float32,
+        "float64": types.float64}
 VECTORS = [types.float32, types.float64]
 CCS = [(8, 0), (9, 0)]
 
@@ -65,8 +67,8 @@ class _Target:
 # Every kernel for every dtype pair on the newest capability; the older one for float32
 # only (a fault specific to it and to one dtype has not been seen; each compile costs).
 MATRIX = [(data, vec, CCS[-1]) for data in DATA for vec in VECTORS] + [
-    ("float32", types.float32, cc) for cc in CCS[:-1]
-]
+    ("bfloat16", types.int16, CCS[-1])
+] + [("float32", types.float32, cc) for cc in CCS[:-1]]
 
 
 def _id(v):
