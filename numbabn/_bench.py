@@ -20,6 +20,8 @@ from numba import njit, prange
 
 import numbabn
 from numbabn import reference as ref
+from numbabn._interop import numpy_tensor
+from numbabn._validate import BF16
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
@@ -62,7 +64,8 @@ def _parse(argv):
     )
     p.add_argument("--shape", default="32,64,56,56",
                    help="logical N,C[,spatial...] of the batch (default 32,64,56,56)")
-    p.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
+    dtypes = ["float16", "float32", "float64"] + (["bfloat16"] if BF16 is not None else [])
+    p.add_argument("--dtype", default="float32", choices=dtypes)
     p.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
                    help="nchw: channels at axis 1; nhwc: channels last (axis=-1)")
     p.add_argument("--threads", type=int, default=None,
@@ -101,7 +104,7 @@ def _make_inputs(args):
 def _check(x, dy, w, b, axis):
     """Max errors of every operation against the float64 reference; (lines, ok)."""
     c = x.shape[axis]
-    tol = {np.float16: 4e-3, np.float32: 2e-5, np.float64: 1e-11}[x.dtype.type]
+    tol = {np.float16: 4e-3, np.float32: 2e-5, np.float64: 1e-11}.get(x.dtype.type, 8e-3)
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     y = numbabn.batch_norm(x, rm, rv, w, b, training=True, axis=axis)
     yr, rmr, rvr = ref.batch_norm(x, np.zeros(c), np.ones(c), w, b, True, axis=axis)
@@ -136,15 +139,13 @@ def _torch_cases(x, dy, w, b, axis, threads):
     except ImportError:
         return {}
     torch.set_num_threads(threads)
-    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    xt, dyt = numpy_tensor(x), numpy_tensor(dy)
     if axis != 1:  # NHWC memory viewed as a channels_last NCHW tensor
         perm = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))
         xt, dyt = xt.permute(perm), dyt.permute(perm)
     c = x.shape[axis]
     wt, bt = torch.from_numpy(w), torch.from_numpy(b)
     rm, rv = torch.zeros(c), torch.ones(c)
-    if x.dtype == np.float16:
-        wt, bt = wt.float(), bt.float()
     F = torch.nn.functional
     _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(xt, wt, bt, rm, rv, True, 0.1, 1e-5)
     mask = [True, True, True]
@@ -351,7 +352,7 @@ def main(argv=None) -> int:
     print("  -> " + ("all within limits" if ok else "FAILED"))
 
     flat = x.reshape(-1)
-    flat = flat.view(np.uint16) if x.dtype == np.float16 else flat  # numba has no float16
+    flat = flat.view(np.uint16) if x.dtype.itemsize == 2 else flat  # numba has no 16-bit floats
     dst = np.empty_like(flat)
     cases = _cases(x, dy, w, b, axis, threads, not args.no_torch)
     passes = {"read": lambda: _read_pass(flat), "copy": lambda: _copy_pass(flat, dst)}
