@@ -53,6 +53,23 @@ def bf16_narrow_ir(builder, value):
     return builder.trunc(builder.select(nan, quiet, rounded), _retype(value, ir.IntType(16)))
 
 
+def _odd_float32_ir(builder, value):
+    """float64 to float32 rounded to odd (toward zero, the lowest bit set when inexact):
+    a further rounding to nearest of 16 or fewer significant bits (float16, bfloat16) is
+    then the one rounding of the float64 value, as NumPy's and ml_dtypes' ``astype``."""
+    i32 = ir.IntType(32)
+    one = ir.Constant(i32, 1)
+    r = builder.fptrunc(value, ir.FloatType())
+    back = builder.fpext(r, ir.DoubleType())
+    bits = builder.bitcast(r, i32)
+    negative = builder.fcmp_ordered("<", value, ir.Constant(ir.DoubleType(), 0.0))
+    away = builder.icmp_unsigned("!=", builder.fcmp_ordered(">", back, value), negative)
+    other = builder.select(away, builder.sub(bits, one), builder.add(bits, one))
+    even = builder.icmp_unsigned("==", builder.and_(bits, one), ir.Constant(i32, 0))
+    move = builder.and_(builder.fcmp_ordered("!=", back, value), even)  # (a NaN stays)
+    return builder.bitcast(builder.select(move, other, bits), ir.FloatType())
+
+
 def _half_widen_ir(builder, bits):
     return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
@@ -91,6 +108,8 @@ def store(typingctx, value, like):
     def codegen(context, builder, sig, args):
         if narrow is None:
             return context.cast(builder, args[0], value, dtype)
+        if value == types.float64:
+            return narrow(builder, _odd_float32_ir(builder, args[0]))
         return narrow(builder, context.cast(builder, args[0], value, f32))
 
     return dtype(value, like), codegen
@@ -101,20 +120,21 @@ def store(typingctx, value, like):
 
 
 def sim_load(value):
-    """``load`` of one NumPy scalar."""
+    """``load`` of one NumPy scalar (int16: bfloat16 bits, which need ml_dtypes)."""
     if isinstance(value, np.int16):
-        return (np.uint32(value.view(np.uint16)) << np.uint32(16)).view(np.float32)
+        from ._validate import BF16
+
+        return np.float32(value.view(BF16))
     return value
 
 
 def sim_store(value, like):
-    """``store`` into NumPy array ``like`` (rounding as ``bf16_narrow_ir``)."""
+    """``store`` into NumPy array ``like``."""
     if like.dtype != np.int16:
         return value
-    i = int(np.float32(value).view(np.uint32))
-    top = i >> 16
-    bits = top | 0x40 if value != value else (i + (top & 1) + 0x7FFF) >> 16
-    return np.uint16(bits).view(np.int16)
+    from ._validate import BF16
+
+    return np.asarray(value).astype(BF16).view(np.int16)[()]
 
 
 def zero(a):

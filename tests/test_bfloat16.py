@@ -161,3 +161,48 @@ def test_float16_and_bfloat16_share_plans():
     for dtype in (np.float16, BF16, np.float16):
         y = numbabn.batch_norm(x.astype(dtype), rm, rv)
         _close(y.astype(np.float32).astype(BF16), ref.batch_norm(x.astype(dtype), rm, rv)[0])
+
+
+@HOST_ONLY
+def test_conversions_round_once_as_numpy():
+    """``_half.store`` of float32 and float64 values into bfloat16 and float16 bits equals
+    NumPy's and ml_dtypes' ``astype`` (one rounding to nearest even, also from float64:
+    values just off a tie included), ``load`` widens exactly, and the simulator's twins
+    agree; infinities, NaN, zeros and subnormals included."""
+    from numba import njit
+
+    from numbabn import _half
+
+    @njit
+    def store_all(values, out):
+        for i in range(values.size):
+            out[i] = _half.store(values[i], out)
+
+    @njit
+    def load_all(bits, out):
+        for i in range(bits.size):
+            out[i] = _half.load(bits[i])
+
+    rng = np.random.default_rng(3)
+    spread = rng.standard_normal(20000) * np.exp(rng.uniform(-40, 40, 20000))
+    specials = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e300, -1e300, 3.3961e38, 1e-45, -1e-50, 6e-8]
+    with np.errstate(over="ignore"):  # (overflow to infinity is part of what is checked)
+        for dtype, bits in ((BF16, np.int16), (np.dtype(np.float16), np.uint16)):
+            grid = rng.standard_normal(5000).astype(dtype)
+            beyond = (grid.view(bits).astype(np.int64) + 1).astype(bits).view(dtype)  # one ulp out
+            tie = (grid.astype(np.float64) + beyond.astype(np.float64)) / 2  # (exact)
+            ties = np.concatenate([tie * (1 + e) for e in (0, 2.0**-30, -(2.0**-30))])
+            values = np.concatenate([spread, ties, specials])
+            want = values.astype(dtype)
+            for v in (values, values.astype(np.float32)):
+                got = np.empty(v.size, bits)
+                store_all(v, got)
+                np.testing.assert_array_equal(got.view(dtype).astype(np.float64),
+                                              v.astype(dtype).astype(np.float64))
+            wide = np.empty(values.size, np.float32)
+            load_all(want.view(bits), wide)
+            np.testing.assert_array_equal(wide, want.astype(np.float32))
+        like = np.empty(1, np.int16)
+        twins = np.array([_half.sim_store(v, like) for v in values[:3000]])
+        np.testing.assert_array_equal(twins, values[:3000].astype(BF16).view(np.int16))
+    assert _half.sim_load(np.float32(1.5).astype(BF16).view(np.int16)) == np.float32(1.5)
