@@ -82,6 +82,29 @@ def test_stats_forward_backward_match_concatenated_batch(shape, axis):
     np.testing.assert_allclose(to_host(db), dbr, rtol=1e-10, atol=1e-12)
 
 
+def test_bfloat16_matches_concatenated_batch():
+    """bfloat16 data and running statistics: the same statistics as one process (float32),
+    outputs within one bfloat16 rounding of its outputs."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = random_batch((9, 3, 5), np.float32, seed=4, per_channel_axis=1).astype(bf16)
+    dy = random_batch(x.shape, np.float32, seed=5).astype(bf16)
+    rm, rv = np.zeros(3, bf16), np.ones(3, bf16)
+    rms, rvs = to_side(rm.copy()), to_side(rv.copy())
+    dist.batch_norm(to_side(_slice(x)), rms, rvs, None, None, True, 0.3, comm=COMM)
+    numbabn.batch_norm(x, rm, rv, None, None, True, 0.3)  # (the running statistics)
+    y, m, s = dist.batch_norm_forward(to_side(_slice(x)), comm=COMM)
+    yref, mref, sref = numbabn.batch_norm_forward(x)
+    np.testing.assert_allclose(to_host(s), sref, rtol=1e-6)
+    dx = dist.batch_norm_backward(to_side(_slice(dy)), to_side(_slice(x)), m, s, comm=COMM)[0]
+    dxr = numbabn.batch_norm_backward(dy, x, mref, sref)[0]
+    for got, want in [(to_host(rms), rm), (to_host(rvs), rv), (to_host(y), _slice(yref)),
+                      (to_host(dx), _slice(dxr))]:
+        assert got.dtype == bf16
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=2.0**-7, atol=2.0**-7)
+
+
 def test_layer_over_several_steps_matches_single_process():
     c = 3
     bn = dist.BatchNorm(c, comm=COMM, momentum=None, dtype=np.float64)
