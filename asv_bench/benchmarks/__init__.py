@@ -19,6 +19,12 @@ SHAPES = {
 }
 LAYOUTS = ["nchw", "nhwc"]
 DTYPES = ["float16", "float32", "float64"]
+try:  # bfloat16 where ml_dtypes is installed (numbabn's "bfloat16" extra)
+    import ml_dtypes  # noqa: F401
+
+    DTYPES.append("bfloat16")
+except ImportError:
+    pass
 
 
 def batch(shape_name, layout, dtype, seed=0):
