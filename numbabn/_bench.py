@@ -104,7 +104,7 @@ def _make_inputs(args):
 def _check(x, dy, w, b, axis):
     """Max errors of every operation against the float64 reference; (lines, ok)."""
     c = x.shape[axis]
-    tol = {np.float16: 4e-3, np.float32: 2e-5, np.float64: 1e-11}.get(x.dtype.type, 8e-3)
+    tol = {np.float16: 4e-3, np.float32: 2e-5, np.float64: 1e-11}.get(x.dtype.type, 8e-3)  # else bfloat16
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     y = numbabn.batch_norm(x, rm, rv, w, b, training=True, axis=axis)
     yr, rmr, rvr = ref.batch_norm(x, np.zeros(c), np.ones(c), w, b, True, axis=axis)

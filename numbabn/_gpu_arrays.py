@@ -38,6 +38,11 @@ def _bits_dtype(dtype):
     return _BITS if dtype == BF16 else dtype
 
 
+def _element_dtype(dtype):
+    """The caller's dtype of data that numba views as ``dtype`` (``_bits_dtype``'s inverse)."""
+    return BF16 if dtype == _BITS else dtype
+
+
 def _bits(a):
     """A numba array as the kernels take it: bfloat16 as int16 bits."""
     return a.view(_BITS) if a.dtype == BF16 else a
@@ -307,9 +312,9 @@ def allocate(shape, strides, dtype, like, stream):
     if library == "torch":
         import torch
 
-        element = BF16 if dtype == _BITS else dtype
         t = torch.empty_strided(
-            shape, tuple([s // item for s in strides]), dtype=torch_dtype(element), device=like.device
+            shape, tuple([s // item for s in strides]), dtype=torch_dtype(_element_dtype(dtype)),
+            device=like.device
         )
         return t, _view(t.data_ptr(), tuple(shape), tuple(strides), dtype)
     import cupy

@@ -19,6 +19,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from ._validate import BF16
+
 
 def _like(value, bits: int, constant: int):
     """An integer constant of ``bits`` bits, splatted if ``value`` is a vector."""
@@ -122,8 +124,6 @@ def store(typingctx, value, like):
 def sim_load(value):
     """``load`` of one NumPy scalar (int16: bfloat16 bits, which need ml_dtypes)."""
     if isinstance(value, np.int16):
-        from ._validate import BF16
-
         return np.float32(value.view(BF16))
     return value
 
@@ -132,8 +132,6 @@ def sim_store(value, like):
     """``store`` into NumPy array ``like``."""
     if like.dtype != np.int16:
         return value
-    from ._validate import BF16
-
     return np.asarray(value).astype(BF16).view(np.int16)[()]
 
 
