@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numba
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,24 +47,51 @@ class _Threads:
             numba.set_num_threads(self.before)
 
 
-def _host(a):
-    """The NumPy view of a CPU tensor; anything else (CUDA tensors too) as it is."""
-    return tensor_numpy(a) if isinstance(a, Tensor) and not a.is_cuda else a
+def _native(t):
+    """What numbabn's functions take for a tensor: the zero-copy NumPy view of a CPU
+    tensor; a CUDA tensor (or None) as it is."""
+    return t if t is None or t.is_cuda else tensor_numpy(t)
 
 
-def _run(f, *args, **kwargs):
-    """``f`` (a numbabn function) on tensors: for CPU tensors on zero-copy NumPy views,
-    results back as tensors sharing their memory; CUDA tensors go as they are, on
-    PyTorch's current stream (the first argument says which)."""
-    if args[0].is_cuda:
-        return f(*args, stream=torch.cuda.current_stream(args[0].device), **kwargs)
-    args = [_host(a) for a in args]
-    kwargs = {k: _host(v) for k, v in kwargs.items()}
+def _tensor(a):
+    """A result of numbabn's functions as a tensor (a NumPy result shares its memory)."""
+    return numpy_tensor(a) if isinstance(a, np.ndarray) else a
+
+
+def _call(f, like, *args, **kwargs):
+    """``f`` (a numbabn function) on native arrays: CUDA ones on PyTorch's current
+    stream (``like``, the input tensor, says which device), host ones with numba's
+    threads capped at PyTorch's."""
+    if like.is_cuda:
+        return f(*args, stream=torch.cuda.current_stream(like.device), **kwargs)
     with _Threads():
-        result = f(*args, **kwargs)
-    if isinstance(result, tuple):
-        return tuple([numpy_tensor(r) for r in result])
-    return numpy_tensor(result)
+        return f(*args, **kwargs)
+
+
+def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps,
+             residual=None, activation=None):
+    """numbabn's forward of these tensors: (y, mean, invstd) as numbabn returns them
+    (NumPy arrays for CPU tensors); in training it updates the running statistics in
+    place, in eval mean and invstd are those of the running statistics."""
+    x, rm, rv, w, b, z = map(_native, (input, running_mean, running_var, weight, bias, residual))
+    epi = {"residual": z, "activation": activation}
+    if training:
+        return _call(_functional.batch_norm_forward, input, x, w, b, eps, running_mean=rm,
+                     running_var=rv, momentum=momentum, **epi)
+    y = _call(_functional.batch_norm, input, x, rm, rv, w, b, False, 0.0, eps, **epi)
+    sd = _stats_dtype(input.dtype)
+    mean, invstd = running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps)
+    return y, _native(mean), _native(invstd)
+
+
+def _gradients(grad, input, mean, invstd, weight, training, y=None, residual_grad=False):
+    """numbabn's (dx, dweight, dbias, dresidual or None) as it returns them; ``mean``
+    and ``invstd`` native arrays, the others tensors."""
+    activation = None if y is None else "relu"
+    grads = _call(_functional.batch_norm_backward, input, _native(grad), _native(input), mean,
+                  invstd, _native(weight), training=training, activation=activation,
+                  y=_native(y), residual_grad=residual_grad)
+    return grads if residual_grad else (*grads, None)
 
 
 @torch.library.custom_op("numbabn::batch_norm", mutates_args=())
@@ -89,27 +117,10 @@ def _forward(
     rm = running_mean.clone() if update else input.new_empty(0, dtype=sd)
     rv = running_var.clone() if update else input.new_empty(0, dtype=sd)
     stats = (rm, rv) if update else (running_mean, running_var)
-    y, mean, invstd = _compute(
+    results = _compute(
         input, *stats, weight, bias, training, momentum, eps, residual, activation
     )
-    return y, mean, invstd, rm, rv
-
-
-def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps,
-             residual=None, activation=None):
-    """(y, mean, invstd); in training updates the running statistics in place."""
-    epi = {"residual": residual, "activation": activation}
-    if training:
-        return _run(
-            _functional.batch_norm_forward, input, weight, bias, eps,
-            running_mean=running_mean, running_var=running_var, momentum=momentum, **epi,
-        )
-    y = _run(
-        _functional.batch_norm, input, running_mean, running_var, weight, bias, False, 0.0, eps,
-        **epi,
-    )
-    sd = _stats_dtype(input.dtype)
-    return y, running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps)
+    return (*map(_tensor, results), rm, rv)
 
 
 @_forward.register_fake
@@ -130,10 +141,9 @@ def _grads(
     """(dx, dweight, dbias, dresidual); ``training``: through batch statistics; ``y``:
     the output of a forward with a ReLU, which the gradient goes through first;
     dresidual empty unless ``residual_grad``."""
-    activation = None if y is None else "relu"
-    grads = _run(_functional.batch_norm_backward, grad, input, mean, invstd, weight,
-                 training=training, activation=activation, y=y, residual_grad=residual_grad)
-    return grads if residual_grad else (*grads, grad.new_empty(0))
+    *grads, dr = _gradients(grad, input, _native(mean), _native(invstd), weight, training, y,
+                            residual_grad)
+    return (*map(_tensor, grads), grad.new_empty(0) if dr is None else _tensor(dr))
 
 
 _backward = torch.library.custom_op("numbabn::batch_norm_backward", _grads, mutates_args=())
@@ -147,9 +157,10 @@ def _(grad, input, mean, invstd, weight, training, y=None, residual_grad=False):
     return torch.empty_like(input), input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd), dr
 
 
-def _save(ctx, input, weight, bias, training, mean, invstd, y, residual, activation):
-    """What the backward needs: the output too when a ReLU masks the gradient."""
-    ctx.save_for_backward(input, weight, mean, invstd, y if activation else None)
+def _save(ctx, input, weight, bias, training, y, residual, activation, *stats):
+    """What the backward needs (the output too when a ReLU masks the gradient; mean and
+    invstd here when they are tensors)."""
+    ctx.save_for_backward(input, weight, y if activation else None, *stats)
     ctx.training, ctx.has_bias, ctx.has_residual = training, bias is not None, residual is not None
 
 
@@ -157,16 +168,25 @@ def _setup_context(ctx, inputs, output):
     input, _, _, weight, bias, training, _, _, *epilogue = inputs
     residual, activation = (epilogue + [None, None])[:2]
     y, mean, invstd, _, _ = output
-    _save(ctx, input, weight, bias, training, mean, invstd, y, residual, activation)
+    _save(ctx, input, weight, bias, training, y, residual, activation, mean, invstd)
 
 
-def _differentiate(ctx, grad, *_grads_of_statistics, backward=_backward):
-    input, weight, mean, invstd, y = ctx.saved_tensors
-    dx, dweight, dbias, dr = backward(grad, input, mean, invstd, weight, ctx.training, y,
-                                      ctx.has_residual)
-    dweight = dweight.to(weight.dtype) if weight is not None else None
-    dbias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if ctx.has_bias else None
-    return dx, None, None, dweight, dbias, None, None, None, dr if ctx.has_residual else None, None
+def _input_grads(ctx, weight, dx, dweight, dbias, dr):
+    """``batch_norm``'s gradients (one per argument) from numbabn's, as tensors."""
+    dweight, dbias = _tensor(dweight), _tensor(dbias) if ctx.has_bias else None
+    if weight is None:  # (then dbias in numbabn's statistics dtype)
+        dweight = None
+    else:  # in the parameters' dtype
+        dweight, dbias = (a if a is None or a.dtype == weight.dtype else a.to(weight.dtype)
+                          for a in (dweight, dbias))
+    dr = _tensor(dr) if ctx.has_residual else None
+    return _tensor(dx), None, None, dweight, dbias, None, None, None, dr, None
+
+
+def _differentiate(ctx, grad, *_grads_of_statistics):
+    input, weight, y, mean, invstd = ctx.saved_tensors
+    grads = _backward(grad, input, mean, invstd, weight, ctx.training, y, ctx.has_residual)
+    return _input_grads(ctx, weight, *grads)
 
 
 torch.library.register_autograd(
@@ -176,22 +196,25 @@ torch.library.register_autograd(
 
 class _Eager(torch.autograd.Function):
     """The same computation in eager mode without the dispatcher (whose Python layers
-    cost more than the kernels of a small layer: 8x16x8x8 forward and backward 2.1x
-    faster this way, paired) and updating the running statistics in place, not through
-    copies. ``batch_norm`` takes the operator when compiling or under functorch
+    cost more than the kernels of a small layer), updating the running statistics in
+    place, not through copies, and keeping numbabn's own mean and invstd for the
+    backward. ``batch_norm`` takes the operator when compiling or under functorch
     transforms."""
 
     @staticmethod
     def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum, eps,
                 residual, activation):
-        y, mean, invstd = _compute(input, running_mean, running_var, weight, bias, training,
-                                   momentum, eps, residual, activation)
-        _save(ctx, input, weight, bias, training, mean, invstd, y, residual, activation)
+        y, *ctx.stats = _compute(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, residual, activation)
+        y = _tensor(y)
+        _save(ctx, input, weight, bias, training, y, residual, activation)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        return _differentiate(ctx, grad, backward=_grads)
+        input, weight, y = ctx.saved_tensors
+        grads = _gradients(grad, input, *ctx.stats, weight, ctx.training, y, ctx.has_residual)
+        return _input_grads(ctx, weight, *grads)
 
 
 def batch_norm(
@@ -285,10 +308,6 @@ class _TorchComm:
         return gathered
 
 
-def _tensor(a, like):
-    return a if like.is_cuda else numpy_tensor(a)
-
-
 class _Synced(torch.autograd.Function):
     """Batch norm with the statistics of the whole group's batch (``numbabn.distributed``):
     one exchange forward, one backward; dweight and dbias are this rank's share."""
@@ -297,26 +316,26 @@ class _Synced(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, comm):
         with _Threads():
             y, mean, invstd = distributed._train(
-                comm, _host(input), _host(running_mean), _host(running_var), _host(weight),
-                _host(bias), momentum, eps, 1, None,
+                comm, _native(input), _native(running_mean), _native(running_var), _native(weight),
+                _native(bias), momentum, eps, 1, None,
             )
-        mean, invstd = _tensor(mean, input), _tensor(invstd, input)
+        mean, invstd = _tensor(mean), _tensor(invstd)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.comm, ctx.has_bias = comm, bias is not None
-        return _tensor(y, input)
+        return _tensor(y)
 
     @staticmethod
     def backward(ctx, grad):
         input, weight, mean, invstd = ctx.saved_tensors
         with _Threads():
             dx, dweight, dbias = distributed.batch_norm_backward(
-                _host(grad.contiguous()), _host(input), _host(mean), _host(invstd), _host(weight),
+                _native(grad.contiguous()), _native(input), _native(mean), _native(invstd), _native(weight),
                 comm=ctx.comm, local_weight_grads=True,
             )
         dtype = weight.dtype if weight is not None else input.dtype
-        dweight = _tensor(dweight, input).to(dtype) if weight is not None else None
-        dbias = _tensor(dbias, input).to(dtype) if ctx.has_bias else None
-        return _tensor(dx, input), dweight, dbias, None, None, None, None, None
+        dweight = _tensor(dweight).to(dtype) if weight is not None else None
+        dbias = _tensor(dbias).to(dtype) if ctx.has_bias else None
+        return _tensor(dx), dweight, dbias, None, None, None, None, None
 
 
 class SyncBatchNorm(_Numbabn, torch.nn.SyncBatchNorm):
