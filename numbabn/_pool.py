@@ -78,6 +78,13 @@ def on_fork_clear(cache: dict) -> dict:
 
 def runnable(kernel):
     """``kernel`` (a numba dispatcher) as this process can safely run it."""
+    found = _runnable.get(kernel)
+    if found is None:
+        found = _runnable[kernel] = _safe(kernel)
+    return found
+
+
+def _safe(kernel):
     if not kernel.targetoptions.get("parallel"):
         return kernel
     if _forked:
@@ -89,6 +96,9 @@ def runnable(kernel):
 
         return locked
     return kernel
+
+
+_runnable: dict = on_fork_clear({})
 
 
 def serial(kernel):

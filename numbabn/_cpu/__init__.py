@@ -53,16 +53,7 @@ KERNELS = {
         small.elementwise_mc,
     ),
 }
-_RUNNABLE: dict = _pool.on_fork_clear({})
-
-
-def _run(kernel):
-    """``kernel`` as this process can run it (``_pool.runnable``: a serial twin in a
-    forked child of a started OpenMP pool)."""
-    runnable = _RUNNABLE.get(kernel)
-    if runnable is None:
-        runnable = _RUNNABLE[kernel] = _pool.runnable(kernel)
-    return runnable
+_run = _pool.runnable  # (each kernel as this process may run it)
 
 
 def _reduce(g, x, centre, layout: Layout, p: plan.Plan) -> np.ndarray:
@@ -169,7 +160,7 @@ def forward_train(
             _run(KERNELS[layout.kind].small_forward)(*args, arrays.kernel_array(yv))
         else:
             kernel = fused.forward_channels[plan.streamed(yv, layout)]
-            _run(kernel)(*args, p.runs, arrays.kernel_array(yv))
+            kernel(*args, p.runs, arrays.kernel_array(yv))
         y = arrays.finish_output(y, out)
         mean, var, invstd = stats
     else:
@@ -244,7 +235,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
         small_backward = _run(KERNELS[layout.kind].small_backward)
         small_backward(k(dyv), k(xv), *per_channel, training, params, grads, k(dxv))
     else:
-        kernel = _run(fused.backward_channels[plan.streamed(dxv, layout), training])
+        kernel = fused.backward_channels[plan.streamed(dxv, layout), training]
         kernel(k(dyv), k(xv), *per_channel, params, grads, p.runs, k(dxv))
     return dx, grads[0], grads[1]
 

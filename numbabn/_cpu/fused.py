@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .. import _atomic
+from .. import _atomic, _pool
 from .._half import load, zero
 from . import llvm, vector
 from .elementwise import span_streamed
@@ -240,53 +240,61 @@ def _source(t, ntask, c_, shared):
     return t, (t + 1) * c_ // ntask
 
 
-# (The kernels below branch among the run functions on their closure's constants, which
-# numba prunes: a kernel compiles one run function.)
+# The kernels call their run function by address (``llvm.call``): linked into a parallel
+# kernel, a run function's IR was optimized twice more (1.4 s of a 32x64x56x56 float32
+# first call). Below, the callables the driver takes: a run function's address for
+# these arguments (``llvm.address``), then the kernel, as this process may run it.
+_CLAIMS, _INT = np.zeros(1, np.int64), np.int64(0)  # (for typing: claims, slot and limit)
 
 
 def _forward_channels(streamed):
+    run = forward_streamed if streamed else forward_plain
+
     @njit(**PAR)
-    def forward_channels(x3, weight, bias, eps, params, stats, ntask, y3):
-        """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64
-        mean, biased variance and invstd out in ``stats``; ``params`` gets the
-        constants."""
+    def forward_channels(address, x3, weight, bias, eps, params, stats, ntask, y3):
         c_ = y3.shape[1]
         claims = _claims(ntask, c_, streamed)
         for t in prange(ntask):
             slot, limit = _source(t, ntask, c_, streamed)
-            args = (x3, claims, slot, limit, weight, bias, eps, params, stats, y3)
-            if streamed:
-                forward_streamed(*args)
-            else:
-                forward_plain(*args)
+            llvm.call(address, (x3, claims, slot, limit, weight, bias, eps, params, stats, y3))
 
-    return forward_channels
+    def launch(x3, weight, bias, eps, params, stats, ntask, y3):
+        """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64
+        mean, biased variance and invstd out in ``stats``; ``params`` gets the
+        constants."""
+        args = (x3, _CLAIMS, _INT, _INT, weight, bias, eps, params, stats, y3)
+        kernel = _pool.runnable(forward_channels)
+        kernel(llvm.address(run, args), x3, weight, bias, eps, params, stats, ntask, y3)
+
+    return launch
 
 
 def _backward_channels(streamed, training):
+    run = {
+        (False, False): backward_plain_eval, (False, True): backward_plain_train,
+        (True, False): backward_streamed_eval, (True, True): backward_streamed_train,
+    }[streamed, training]
+
     @njit(**PAR)
-    def backward_channels(dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
-        """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
-        (dweight, dbias) and ``params`` the dx constants."""
+    def backward_channels(address, dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
         c_ = x3.shape[1]
         claims = _claims(ntask, c_, streamed)
         for t in prange(ntask):
             slot, limit = _source(t, ntask, c_, streamed)
             args = (dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, dx3)
-            if streamed:
-                if training:
-                    backward_streamed_train(*args)
-                else:
-                    backward_streamed_eval(*args)
-            elif training:
-                backward_plain_train(*args)
-            else:
-                backward_plain_eval(*args)
+            llvm.call(address, args)
 
-    return backward_channels
+    def launch(dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
+        """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
+        (dweight, dbias) and ``params`` the dx constants."""
+        args = (dy3, x3, _CLAIMS, _INT, _INT, mean, invstd, weight, params, grads, dx3)
+        kernel = _pool.runnable(backward_channels)
+        kernel(llvm.address(run, args), dy3, x3, mean, invstd, weight, params, grads, ntask, dx3)
+
+    return launch
 
 
-# Kernels by store kind (streamed: channels from a shared counter) and, for the backward,
-# by (streamed, training): each compiles only its own loops.
+# By store kind (streamed: channels from a shared counter) and, for the backward, by
+# (streamed, training).
 forward_channels = {streamed: _forward_channels(streamed) for streamed in (False, True)}
 backward_channels = {(s, t): _backward_channels(s, t) for s in (False, True) for t in (False, True)}
