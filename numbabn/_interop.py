@@ -37,11 +37,11 @@ def is_foreign_host(a: Any) -> bool:
 def tensor_numpy(t: Any) -> np.ndarray:
     """The zero-copy NumPy view of a CPU tensor: bfloat16 as ml_dtypes' bfloat16 (a view
     of its bits), other dtypes NumPy lacks refused (TypeError)."""
-    if BF16 is not None and str(t.dtype) == "torch.bfloat16":
-        import torch
+    import torch
 
+    if t.dtype == torch.bfloat16 and BF16 is not None:
         return t.detach().view(torch.int16).numpy().view(BF16)
-    return t.numpy(force=True)  # (a view: numbabn's dtypes are real, on the CPU)
+    return t.detach().numpy()
 
 
 def numpy_tensor(a: np.ndarray) -> Any:
