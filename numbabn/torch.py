@@ -172,13 +172,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _input_grads(ctx, weight, dx, dweight, dbias, dr):
-    """``batch_norm``'s gradients (one per argument) from numbabn's, as tensors."""
-    dweight, dbias = _tensor(dweight), _tensor(dbias) if ctx.has_bias else None
-    if weight is None:  # (then dbias in numbabn's statistics dtype)
-        dweight = None
-    else:  # in the parameters' dtype
-        dweight, dbias = (a if a is None or a.dtype == weight.dtype else a.to(weight.dtype)
-                          for a in (dweight, dbias))
+    """``batch_norm``'s gradients (one per argument) from numbabn's, as tensors: dweight
+    and dbias in the parameters' dtype (dbias in numbabn's statistics dtype when there
+    is no weight)."""
+    def parameter(g):
+        g = _tensor(g)
+        return g if weight is None or g.dtype == weight.dtype else g.to(weight.dtype)
+
+    dweight = None if weight is None else parameter(dweight)
+    dbias = parameter(dbias) if ctx.has_bias else None
     dr = _tensor(dr) if ctx.has_residual else None
     return _tensor(dx), None, None, dweight, dbias, None, None, None, dr, None
 

@@ -242,9 +242,14 @@ def _source(t, ntask, c_, shared):
 
 # The kernels call their run function by address (``llvm.call``): linked into a parallel
 # kernel, a run function's IR was optimized twice more (1.4 s of a 32x64x56x56 float32
-# first call). Below, the callables the driver takes: a run function's address for
-# these arguments (``llvm.address``), then the kernel, as this process may run it.
+# first call). Below, the callables the driver takes, which look up that address.
 _CLAIMS, _INT = np.zeros(1, np.int64), np.int64(0)  # (for typing: claims, slot and limit)
+
+
+def _launch(kernel, run, run_args, *kernel_args):
+    """``kernel``, as this process may run it, on the address of ``run`` for
+    ``run_args`` (``llvm.address``) and ``kernel_args``."""
+    _pool.runnable(kernel)(llvm.address(run, run_args), *kernel_args)
 
 
 def _forward_channels(streamed):
@@ -262,9 +267,8 @@ def _forward_channels(streamed):
         """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64
         mean, biased variance and invstd out in ``stats``; ``params`` gets the
         constants."""
-        args = (x3, _CLAIMS, _INT, _INT, weight, bias, eps, params, stats, y3)
-        kernel = _pool.runnable(forward_channels)
-        kernel(llvm.address(run, args), x3, weight, bias, eps, params, stats, ntask, y3)
+        run_args = (x3, _CLAIMS, _INT, _INT, weight, bias, eps, params, stats, y3)
+        _launch(forward_channels, run, run_args, x3, weight, bias, eps, params, stats, ntask, y3)
 
     return launch
 
@@ -287,9 +291,9 @@ def _backward_channels(streamed, training):
     def launch(dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
         """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
         (dweight, dbias) and ``params`` the dx constants."""
-        args = (dy3, x3, _CLAIMS, _INT, _INT, mean, invstd, weight, params, grads, dx3)
-        kernel = _pool.runnable(backward_channels)
-        kernel(llvm.address(run, args), dy3, x3, mean, invstd, weight, params, grads, ntask, dx3)
+        run_args = (dy3, x3, _CLAIMS, _INT, _INT, mean, invstd, weight, params, grads, dx3)
+        per_channel = (mean, invstd, weight, params, grads)
+        _launch(backward_channels, run, run_args, dy3, x3, *per_channel, ntask, dx3)
 
     return launch
 
