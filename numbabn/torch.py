@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _cpu, _epilogue, _fold, _functional, distributed
 from ._interop import numpy_tensor, tensor_numpy
+from ._validate import stats_dtype
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "fold",
@@ -69,19 +70,24 @@ def _call(f, like, *args, **kwargs):
 
 
 def _compute(input, running_mean, running_var, weight, bias, training, momentum, eps,
-             residual=None, activation=None):
+             residual=None, activation=None, stats=True):
     """numbabn's forward of these tensors: (y, mean, invstd) as numbabn returns them
     (NumPy arrays for CPU tensors); in training it updates the running statistics in
-    place, in eval mean and invstd are those of the running statistics."""
+    place, in eval mean and invstd are those of the running statistics (None for both
+    unless ``stats``: only a backward needs them)."""
     x, rm, rv, w, b, z = map(_native, (input, running_mean, running_var, weight, bias, residual))
     epi = {"residual": z, "activation": activation}
     if training:
         return _call(_functional.batch_norm_forward, input, x, w, b, eps, running_mean=rm,
                      running_var=rv, momentum=momentum, **epi)
     y = _call(_functional.batch_norm, input, x, rm, rv, w, b, False, 0.0, eps, **epi)
-    sd = _stats_dtype(input.dtype)
-    mean, invstd = running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps)
-    return y, _native(mean), _native(invstd)
+    if not stats:
+        return y, None, None
+    if input.is_cuda:  # (on PyTorch's stream, from its allocator)
+        sd = _stats_dtype(input.dtype)
+        return y, running_mean.to(sd, copy=True), torch.rsqrt(running_var.to(sd) + eps)
+    sd = stats_dtype(x.dtype)  # (NumPy: a fifth of the time of PyTorch's operations here)
+    return y, rm.astype(sd), _cpu.running_invstd(rv, eps).astype(sd)
 
 
 def _gradients(grad, input, mean, invstd, weight, training, y=None, residual_grad=False):
@@ -196,6 +202,11 @@ torch.library.register_autograd(
 )
 
 
+def _differentiable(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (None among them allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Eager(torch.autograd.Function):
     """The same computation in eager mode without the dispatcher (whose Python layers
     cost more than the kernels of a small layer), updating the running statistics in
@@ -238,7 +249,9 @@ def batch_norm(
     args = (input, running_mean, running_var, weight, bias, bool(training), float(momentum),
             float(eps), residual, activation)
     if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
-        return _Eager.apply(*args)
+        if _differentiable(input, weight, bias, residual):
+            return _Eager.apply(*args)
+        return _tensor(_compute(*args, stats=False)[0])  # no graph to record (inference)
     y, _, _, rm, rv = _forward(*args)
     if training and running_mean is not None:
         with torch.no_grad():

@@ -90,6 +90,36 @@ def test_gradcheck(training):
     assert torch.autograd.gradgradcheck is not None
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_calls_without_autograd_and_with_match_torch(training):
+    """Under no_grad, and on tensors none of which requires grad, no graph is recorded
+    and the outputs and running statistics are torch's; with autograd the gradients are
+    torch's."""
+    torch.manual_seed(3)
+    ours, theirs = nbt.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        for t in (*ours.parameters(), ours.running_mean):
+            t.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(training), theirs.train(training)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ys = ours(x), theirs(x)
+    assert ys[0].grad_fn is None
+    torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=1e-12)
+    plain = nbt.batch_norm(x, ours.running_mean.clone(), ours.running_var.clone(), training=training)
+    assert plain.grad_fn is None and not plain.requires_grad
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    g = torch.randn_like(x)
+    for model, xi in zip((ours, theirs), xs):
+        model(xi).backward(g)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=0, atol=1e-12)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=1e-12)
+
+
 def test_compiles_without_graph_break():
     """Under torch.compile the custom operator runs (eager calls take a lighter path):
     the same outputs, gradients and running statistics as torch's layer."""
