@@ -21,7 +21,7 @@ from numba import njit, prange
 import numbabn
 from numbabn import reference as ref
 from numbabn._interop import numpy_tensor
-from numbabn._validate import BF16
+from numbabn._precompile import DTYPES
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
@@ -64,8 +64,9 @@ def _parse(argv):
     )
     p.add_argument("--shape", default="32,64,56,56",
                    help="logical N,C[,spatial...] of the batch (default 32,64,56,56)")
-    dtypes = ["float16", "float32", "float64"] + (["bfloat16"] if BF16 is not None else [])
-    p.add_argument("--dtype", default="float32", choices=dtypes)
+    dtypes = DTYPES  # (those numbabn takes here: bfloat16 with ml_dtypes)
+    p.add_argument("--dtype", default=None, choices=dtypes,
+                   help="float32 unless given; with --precompile, the one dtype to compile")
     p.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
                    help="nchw: channels at axis 1; nhwc: channels last (axis=-1)")
     p.add_argument("--threads", type=int, default=None,
@@ -76,8 +77,12 @@ def _parse(argv):
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default of returning large freed blocks to the OS")
     p.add_argument("--precompile", action="store_true",
-                   help="only fill numba's cache with every CPU kernel, every dtype (then exit)")
-    return p.parse_args(argv)
+                   help="only fill numba's cache with every CPU kernel, in every dtype or in "
+                   "--dtype's (then exit)")
+    args = p.parse_args(argv)
+    args.dtypes = (args.dtype,) if args.dtype else tuple(dtypes)
+    args.dtype = args.dtype or "float32"
+    return args
 
 
 def _make_inputs(args):
@@ -335,7 +340,9 @@ def main(argv=None) -> int:
     if args.precompile:
         from numbabn import precompile
 
-        print(f"numbabn {numbabn.__version__}: CPU kernels compiled or loaded in {precompile():.1f} s")
+        seconds = precompile(dtypes=args.dtypes)
+        print(f"numbabn {numbabn.__version__}: CPU kernels ({', '.join(args.dtypes)}) compiled or "
+              f"loaded in {seconds:.1f} s")
         return 0
     steady = False if args.system_malloc else _keep_freed_memory()
     if args.threads:

@@ -38,3 +38,20 @@ def test_progress_bar():
     out = io.StringIO()
     _precompile._bar(3, 6, 12.34, out)
     assert out.getvalue() == "\r[" + "#" * 15 + "." * 15 + "] 3/6 jobs, 12.3 s"
+
+
+def test_main_job_precompiles_the_dtypes_asked_for(monkeypatch, capsys):
+    """``python -m numbabn --precompile``: every dtype; with ``--dtype``, that one only."""
+    from numbabn import _bench, _precompile
+
+    asked = []
+
+    def record(dtypes=_precompile.DTYPES, **_):
+        asked.append(tuple(dtypes))
+        return 1.0
+
+    monkeypatch.setattr(numbabn, "precompile", record)
+    assert _bench.main(["--precompile", "--dtype", "float16"]) == 0
+    assert _bench.main(["--precompile"]) == 0
+    assert asked == [("float16",), _precompile.DTYPES]
+    assert "(float16)" in capsys.readouterr().out
