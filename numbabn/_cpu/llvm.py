@@ -136,7 +136,7 @@ def address(function, args) -> int:
     """The address of njit ``function``'s machine code for ``args`` (their types as numba
     sees them, in a kernel too), compiled or loaded from the cache on first use. The
     function must return None; ``call`` passes the same arguments."""
-    key = (function,) + tuple(compute_fingerprint(a) for a in args)
+    key = (function, compute_fingerprint(tuple(args)))  # (one call: 0.5 us, not 0.2 an argument)
     found = _ADDRESSES.get(key)
     if found is None:
         sig = tuple(numba.typeof(a) for a in args)
