@@ -114,7 +114,7 @@ def spread(values, l, c0, c1, row):
             dst[i] = v
 
 
-@njit(**EXACT)
+@njit(inline="always", **EXACT)
 def expand(per_channel, l, out):
     """out[k, j] = per_channel[k, j % (C * l) // l]: per-channel values spread over the
     flat positions of a sample whose planes hold ``l`` values each (``plan.flat``)."""
