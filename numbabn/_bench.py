@@ -64,8 +64,7 @@ def _parse(argv):
     )
     p.add_argument("--shape", default="32,64,56,56",
                    help="logical N,C[,spatial...] of the batch (default 32,64,56,56)")
-    dtypes = DTYPES  # (those numbabn takes here: bfloat16 with ml_dtypes)
-    p.add_argument("--dtype", default=None, choices=dtypes,
+    p.add_argument("--dtype", default=None, choices=DTYPES,  # (bfloat16 with ml_dtypes)
                    help="float32 unless given; with --precompile, the one dtype to compile")
     p.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
                    help="nchw: channels at axis 1; nhwc: channels last (axis=-1)")
@@ -80,7 +79,7 @@ def _parse(argv):
                    help="only fill numba's cache with every CPU kernel, in every dtype or in "
                    "--dtype's (then exit)")
     args = p.parse_args(argv)
-    args.dtypes = (args.dtype,) if args.dtype else tuple(dtypes)
+    args.dtypes = (args.dtype,) if args.dtype else DTYPES
     args.dtype = args.dtype or "float32"
     return args
 
