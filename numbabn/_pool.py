@@ -85,7 +85,8 @@ def runnable(kernel):
 
 
 def _safe(kernel):
-    if not kernel.targetoptions.get("parallel"):
+    # (a Python launcher, as ``reduce.sums_mc``, passes its own kernel through runnable)
+    if not getattr(kernel, "targetoptions", {}).get("parallel"):
         return kernel
     if _forked:
         return serial(kernel)

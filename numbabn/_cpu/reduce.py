@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import _pool
 from .._half import load
-from . import pieces
+from . import llvm, pieces
 from .formulas import PAR, SUM, load_at, moments, plane, row
 
 
@@ -178,15 +179,24 @@ def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
         _finish_moments(out, shift, n_ * l_)
 
 
+# rows_sums_mc inlined into the chunk, with the same flags (docs/performance.md: faster so)
+_rows_inline = njit(inline="always")(rows_sums_mc.py_func)
+
+
+@njit(**SUM)
+def _mc_chunk(g2, x2, shift, t, nchunk, part):
+    """Row chunk t of ``nchunk`` of :func:`sums_mc` into ``part[t]``. Each chunk adds
+    into its own fresh arrays: adding into ``part`` itself, two chunks' sums can share a
+    cache line (``part`` is 16-byte aligned), which two threads then pass back and forth
+    on every row (1.9x slower with 2 chunks on 2 threads)."""
+    lo, hi = pieces.rows(t, nchunk, x2.shape[0])
+    s1, s2 = np.zeros(x2.shape[1]), np.zeros(x2.shape[1])
+    _rows_inline(g2, x2, lo, hi, shift, s1, s2)
+    _keep(part[t], s1, s2)
+
+
 @njit(**PAR)
-def sums_mc(g2, x2, centre, l, nchunk, part, out):
-    """Per-channel sums of (M, C) ``x2`` into ``out`` (2, C), as :func:`sums_ncl`:
-    part[t, :, j] over row chunk t of column j, then added in chunk order and over the
-    ``l`` columns of each channel (flat rows of NCL samples; ``l == 1`` for true
-    channels). Each chunk adds into its own fresh arrays: adding into ``part`` itself,
-    two chunks' sums can share a cache line (``part`` is 16-byte aligned), which two
-    threads then pass back and forth on every row (1.9x slower with 2 chunks on 2
-    threads)."""
+def _sums_mc(address, g2, x2, centre, l, nchunk, part, out):
     m, cols = x2.shape
     if g2 is None:
         first = pieces.firsts(x2[0], l)
@@ -194,10 +204,19 @@ def sums_mc(g2, x2, centre, l, nchunk, part, out):
         first = centre
     shift = pieces.columns(first, l)
     for t in prange(np.int64(nchunk)):
-        lo, hi = pieces.rows(np.int64(t), nchunk, m)
-        s1, s2 = np.zeros(cols), np.zeros(cols)
-        rows_sums_mc(g2, x2, lo, hi, shift, s1, s2)
-        _keep(part[t], s1, s2)
+        llvm.call(address, (g2, x2, shift, np.int64(t), np.int64(nchunk), part))
     _add_partials(part, l, out)
     if g2 is None:
         _finish_moments(out, first, m * l)
+
+
+_SHIFT, _INT = np.empty(0), np.int64(0)  # (for typing the chunk's shift and indices)
+
+
+def sums_mc(g2, x2, centre, l, nchunk, part, out):
+    """Per-channel sums of (M, C) ``x2`` into ``out`` (2, C), as :func:`sums_ncl`:
+    part[t, :, j] over row chunk t of column j (:func:`_mc_chunk`, called by address,
+    ``llvm.call``), then added in chunk order and over the ``l`` columns of each channel
+    (flat rows of NCL samples; ``l == 1`` for true channels)."""
+    address = llvm.address(_mc_chunk, (g2, x2, _SHIFT, _INT, _INT, part))
+    _pool.runnable(_sums_mc)(address, g2, x2, centre, l, nchunk, part, out)
