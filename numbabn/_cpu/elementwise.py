@@ -154,23 +154,13 @@ ncl_segments = _store_kinds(_ncl_segments)
 def _block(gf, xf, yf, k, p, w):
     """The formula over ``block_spans`` spans of ``w`` values from p, whose constants
     ``k`` (arrays of ``w``) are the same: each constant loaded serves them all."""
-    x0, x1 = piece(xf, p, p + w), piece(xf, p + w, p + 2 * w)
-    y0, y1 = yf[p : p + w], yf[p + w : p + 2 * w]
-    g0, g1 = piece(gf, p, p + w), piece(gf, p + w, p + 2 * w)
-    if gf is None:
-        x2, x3 = piece(xf, p + 2 * w, p + 3 * w), piece(xf, p + 3 * w, p + 4 * w)
-        y2, y3 = yf[p + 2 * w : p + 3 * w], yf[p + 3 * w : p + 4 * w]
-        for i in range(w):
-            c = at_column(k, i)
-            y0[i] = store(value(g0, x0, c, i, 0), y0)
-            y1[i] = store(value(g1, x1, c, i, 0), y1)
-            y2[i] = store(value(None, x2, c, i, 0), y2)
-            y3[i] = store(value(None, x3, c, i, 0), y3)
-    else:
-        for i in range(w):
-            c = at_column(k, i)
-            y0[i] = store(value(g0, x0, c, i, 0), y0)
-            y1[i] = store(value(g1, x1, c, i, 0), y1)
+    nb = block_spans(gf)
+    e = p + nb * w
+    g, x, y = piece(gf, p, e), piece(xf, p, e), yf[p:e]
+    for i in range(w):
+        c = at_column(k, i)
+        for s in range(nb):  # (a constant count: unrolled)
+            y[s * w + i] = store(value(g, x, c, s * w + i, 0), y)
 
 
 def _mc_spans(streamed):
