@@ -23,7 +23,7 @@ from numba import njit, prange
 from .. import _pool
 from .._half import load
 from . import llvm, pieces
-from .formulas import PAR, SUM, load_at, moments, plane, row
+from .formulas import EXACT, PAR, SUM, load_at, moments, plane, row
 
 
 @njit(**SUM)
@@ -129,10 +129,10 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
     return n0, n1, c, lo, hi, run * nseg + s
 
 
-@njit(inline="always")
-def _sweep_run(g3, x3, shift, run, nrun, part):
+@njit(**EXACT)
+def _sweep_task(g3, x3, shift, run, nrun, nseg, part):
     """Run ``run`` of ``nrun`` runs of samples, read in memory order (every channel's
-    plane of a sample in turn): its partial row ``part[run]``."""
+    plane of a sample in turn): its partial row ``part[run]`` (``nseg``: 1)."""
     p = part[run]
     for k in range(2):
         for c in range(p.shape[1]):
@@ -146,7 +146,39 @@ def _sweep_run(g3, x3, shift, run, nrun, part):
             p[1, c] += b
 
 
+@njit(**EXACT)
+def _segment_task(g3, x3, shift, task, nrun, nseg, part):
+    """Task ``task``'s run of samples over one segment of one channel's planes
+    (:func:`_sum_task`): its partial sums ``part[row, :, c]``."""
+    n_, c_, l_ = x3.shape
+    n0, n1, c, lo, hi, row = _sum_task(task, nrun, nseg, n_, c_, l_)
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(n0, n1):
+        a, b = _row_sums(plane(g3, n, c, lo, hi), x3[n, c, lo:hi], shift[c])
+        s1 += a
+        s2 += b
+    part[row, 0, c], part[row, 1, c] = s1, s2
+
+
 @njit(**PAR)
+def _sums_ncl(address, g3, x3, centre, nrun, nseg, ntask, part, out):
+    n_, c_, l_ = x3.shape
+    if g3 is None:
+        shift = pieces.firsts(x3[0, :, 0], 1)
+    else:
+        shift = centre
+    for t in prange(np.int64(ntask)):
+        args = (g3, x3, shift, np.int64(t), np.int64(nrun), np.int64(nseg), part)
+        llvm.call(address, args)
+    _add_partials(part, 1, out)
+    if g3 is None:
+        _finish_moments(out, shift, n_ * l_)
+
+
+_SHIFT, _INT = np.empty(0), np.int64(0)  # (for typing the tasks' shift and indices)
+
+
 def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
     """Per-channel sums of (N, C, L) ``x3`` into ``out`` (2, C): ``g3`` None, the mean
     and biased variance, from sums shifted by each channel's first value; else
@@ -155,28 +187,11 @@ def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
     ``nrun`` runs of samples, then added in task order. ``sweep`` (whole planes, nseg
     1): one task per run, which reads its samples in memory order, all channels of a
     sample before the next; else a task per run, channel and segment. The additions are
-    the same either way."""
-    n_, c_, l_ = x3.shape
-    if g3 is None:
-        shift = pieces.firsts(x3[0, :, 0], 1)
-    else:
-        shift = centre
-    if sweep:
-        for run in prange(np.int64(nrun)):
-            _sweep_run(g3, x3, shift, np.int64(run), nrun, part)
-    else:
-        for task in prange(np.int64(nrun * c_ * nseg)):
-            n0, n1, c, lo, hi, row = _sum_task(np.int64(task), nrun, nseg, n_, c_, l_)
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(n0, n1):
-                a, b = _row_sums(plane(g3, n, c, lo, hi), x3[n, c, lo:hi], shift[c])
-                s1 += a
-                s2 += b
-            part[row, 0, c], part[row, 1, c] = s1, s2
-    _add_partials(part, 1, out)
-    if g3 is None:
-        _finish_moments(out, shift, n_ * l_)
+    the same either way. The tasks are called by address (``llvm.call``)."""
+    task, ntask = (_sweep_task, nrun) if sweep else (_segment_task, nrun * x3.shape[1] * nseg)
+    shift = _SHIFT if g3 is None else centre
+    address = llvm.address(task, (g3, x3, shift, _INT, _INT, _INT, part))
+    _pool.runnable(_sums_ncl)(address, g3, x3, centre, nrun, nseg, ntask, part, out)
 
 
 # rows_sums_mc inlined into the chunk, with the same flags (docs/performance.md: faster so)
@@ -209,8 +224,6 @@ def _sums_mc(address, g2, x2, centre, l, nchunk, part, out):
     if g2 is None:
         _finish_moments(out, first, m * l)
 
-
-_SHIFT, _INT = np.empty(0), np.int64(0)  # (for typing the chunk's shift and indices)
 
 
 def sums_mc(g2, x2, centre, l, nchunk, part, out):
