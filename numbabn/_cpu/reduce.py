@@ -13,6 +13,9 @@ and Inf handling is untouched (no ``nnan``/``ninf``).
 * ``mc`` (x2 of shape (M, C), channels contiguous): chunks of rows, two rows at a time
   (the sums and the constant then load and store once for two values); ``l`` > 1 for
   NCL planes viewed as flat rows (a channel is ``l`` adjacent columns).
+
+The parallel kernels call their tasks by address (``llvm.call``): each task function
+compiles once, alone, instead of again inside numba's parallel loop.
 """
 
 from __future__ import annotations
@@ -223,7 +226,6 @@ def _sums_mc(address, g2, x2, centre, l, nchunk, part, out):
     _add_partials(part, l, out)
     if g2 is None:
         _finish_moments(out, first, m * l)
-
 
 
 def sums_mc(g2, x2, centre, l, nchunk, part, out):
