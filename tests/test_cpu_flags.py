@@ -97,4 +97,4 @@ def test_the_suite_keys_numbas_cache_on_the_kernel_sources():
     if os.path.basename(where) != _kernel_sources_digest():
         pytest.skip("NUMBA_CACHE_DIR was set by the caller")
     assert numba.config.CACHE_DIR == where
-    assert reduce.sums_ncl._cache._cache_path.startswith(where)
+    assert reduce._sums_ncl._cache._cache_path.startswith(where)
