@@ -85,8 +85,7 @@ def runnable(kernel):
 
 
 def _safe(kernel):
-    # (a Python launcher, as ``reduce.sums_mc``, passes its own kernel through runnable)
-    if not getattr(kernel, "targetoptions", {}).get("parallel"):
+    if not kernel.targetoptions.get("parallel"):
         return kernel
     if _forked:
         return serial(kernel)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .. import _atomic, _pool
+from .. import _atomic
 from .._half import load, zero
 from . import llvm, vector
 from .elementwise import span_streamed
@@ -243,13 +243,7 @@ def _source(t, ntask, c_, shared):
 # The kernels call their run function by address (``llvm.call``): linked into a parallel
 # kernel, a run function's IR was optimized twice more (1.4 s of a 32x64x56x56 float32
 # first call). Below, the callables the driver takes, which look up that address.
-_CLAIMS, _INT = np.zeros(1, np.int64), np.int64(0)  # (for typing: claims, slot and limit)
-
-
-def _launch(kernel, run, run_args, *kernel_args):
-    """``kernel``, as this process may run it, on the address of ``run`` for
-    ``run_args`` (``llvm.address``) and ``kernel_args``."""
-    _pool.runnable(kernel)(llvm.address(run, run_args), *kernel_args)
+_CLAIMS, _INT = np.zeros(1, np.int64), llvm.INT  # (for typing: claims, slot and limit)
 
 
 def _forward_channels(streamed):
@@ -268,7 +262,7 @@ def _forward_channels(streamed):
         mean, biased variance and invstd out in ``stats``; ``params`` gets the
         constants."""
         run_args = (x3, _CLAIMS, _INT, _INT, weight, bias, eps, params, stats, y3)
-        _launch(forward_channels, run, run_args, x3, weight, bias, eps, params, stats, ntask, y3)
+        llvm.launch(forward_channels, run, run_args, x3, weight, bias, eps, params, stats, ntask, y3)
 
     return launch
 
@@ -293,7 +287,7 @@ def _backward_channels(streamed, training):
         (dweight, dbias) and ``params`` the dx constants."""
         run_args = (dy3, x3, _CLAIMS, _INT, _INT, mean, invstd, weight, params, grads, dx3)
         per_channel = (mean, invstd, weight, params, grads)
-        _launch(backward_channels, run, run_args, dy3, x3, *per_channel, ntask, dx3)
+        llvm.launch(backward_channels, run, run_args, dy3, x3, *per_channel, ntask, dx3)
 
     return launch
 

@@ -20,12 +20,14 @@ the cache on this package's sources (``tests/conftest.py``); by hand, delete
 from __future__ import annotations
 
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .. import _pool
 from .._half import bf16_narrow_ir, bf16_widen_ir
 from . import formulas
 
@@ -147,6 +149,15 @@ def address(function, args) -> int:
         found = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
         _ADDRESSES[key] = found
     return found
+
+
+INT = np.int64(0)  # (an int64 argument, for typing a function's arguments by example)
+
+
+def launch(kernel, run, run_args, *kernel_args) -> None:
+    """Parallel ``kernel``, as this process may run it (``_pool.runnable``), on the
+    address of ``run`` for ``run_args`` and on ``kernel_args``."""
+    _pool.runnable(kernel)(address(run, run_args), *kernel_args)
 
 
 # --- IR helpers ------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .. import _pool
 from .._half import load
 from . import llvm, pieces
 from .formulas import EXACT, PAR, SUM, load_at, moments, plane, row
@@ -179,7 +178,7 @@ def _sums_ncl(address, g3, x3, centre, nrun, nseg, ntask, part, out):
         _finish_moments(out, shift, n_ * l_)
 
 
-_SHIFT, _INT = np.empty(0), np.int64(0)  # (for typing the tasks' shift and indices)
+_SHIFT, _INT = np.empty(0), llvm.INT  # (for typing the tasks' shift and indices)
 
 
 def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
@@ -193,8 +192,8 @@ def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
     the same either way. The tasks are called by address (``llvm.call``)."""
     task, ntask = (_sweep_task, nrun) if sweep else (_segment_task, nrun * x3.shape[1] * nseg)
     shift = _SHIFT if g3 is None else centre
-    address = llvm.address(task, (g3, x3, shift, _INT, _INT, _INT, part))
-    _pool.runnable(_sums_ncl)(address, g3, x3, centre, nrun, nseg, ntask, part, out)
+    run_args = (g3, x3, shift, _INT, _INT, _INT, part)
+    llvm.launch(_sums_ncl, task, run_args, g3, x3, centre, nrun, nseg, ntask, part, out)
 
 
 # rows_sums_mc inlined into the chunk, with the same flags (docs/performance.md: faster so)
@@ -215,7 +214,7 @@ def _mc_chunk(g2, x2, shift, t, nchunk, part):
 
 @njit(**PAR)
 def _sums_mc(address, g2, x2, centre, l, nchunk, part, out):
-    m, cols = x2.shape
+    m = x2.shape[0]
     if g2 is None:
         first = pieces.firsts(x2[0], l)
     else:
@@ -233,5 +232,5 @@ def sums_mc(g2, x2, centre, l, nchunk, part, out):
     part[t, :, j] over row chunk t of column j (:func:`_mc_chunk`, called by address,
     ``llvm.call``), then added in chunk order and over the ``l`` columns of each channel
     (flat rows of NCL samples; ``l == 1`` for true channels)."""
-    address = llvm.address(_mc_chunk, (g2, x2, _SHIFT, _INT, _INT, part))
-    _pool.runnable(_sums_mc)(address, g2, x2, centre, l, nchunk, part, out)
+    run_args = (g2, x2, _SHIFT, _INT, _INT, part)
+    llvm.launch(_sums_mc, _mc_chunk, run_args, g2, x2, centre, l, nchunk, part, out)
