@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 from numba import types
-from numba.extending import overload, register_jitable
+from numba.extending import intrinsic, overload, register_jitable
 
 _F64 = np.dtype(np.float64)
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -46,12 +46,41 @@ def grad_input(g, x, hi, lo, k2, mdy, k1):
 
 def relu(v, zero):
     """max(v, 0), NaN kept (as torch.relu)."""
-    return zero if v < zero else v
+    return select(v < zero, zero, v)
 
 
 def relu_grad(g, y, zero):
     """The gradient through a ReLU from its output y: g where y > 0, else 0."""
-    return g if y > zero else zero
+    return select(y > zero, g, zero)
+
+
+def select(cond, a, b):
+    """``a if cond else b``; compiled (njit and CUDA), one LLVM ``select``: the branch of
+    a conditional expression, called from the CPU kernels' loops, kept LLVM from
+    vectorizing them."""
+    return a if cond else b
+
+
+@intrinsic
+def _select_ir(typingctx, cond, a, b):
+    if not isinstance(cond, types.Boolean):
+        return None
+    common = typingctx.unify_pairs(a, b)
+    if common is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        c, x, y = args
+        x = context.cast(builder, x, sig.args[1], common)
+        y = context.cast(builder, y, sig.args[2], common)
+        return builder.select(c, x, y)
+
+    return common(cond, a, b), codegen
+
+
+@overload(select, inline="always")
+def _select(cond, a, b):
+    return lambda cond, a, b: _select_ir(cond, a, b)
 
 
 # --- scalar formulas, one source for host code, CPU kernels and CUDA kernels ----------

@@ -95,39 +95,57 @@ def test_forward_statistics_do_not_depend_on_split_or_output(shape, dtype):
     assert_close(y0, reference.batch_norm_forward(x, weight, bias)[0], dtype, factor=2)
 
 
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
+# (through a ReLU, eval mode for float32 only: each case compiles its own kernels)
+GRADIENTS = [(d, t, False) for d in DTYPES for t in (True, False)] + [
+    (d, t, True) for d in DTYPES for t in (True, False) if t or d == np.float32
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,training,relu", GRADIENTS,
+    ids=[f"{np.dtype(d).name}-{'train' if t else 'eval'}{'-relu' if r else ''}" for d, t, r in GRADIENTS],
+)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_backward_sums_do_not_depend_on_split_or_output(shape, dtype, training):
+def test_backward_sums_do_not_depend_on_split_or_output(shape, dtype, training, relu):
+    """Also through a ReLU (the gradient a masked pair (dy, y)), where the sums' loop
+    writes dresidual, the masked dy, exactly."""
     rng = np.random.default_rng(sum(shape) + training)
     c = shape[1]
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
+    y = np.maximum(rng.standard_normal(shape), 0).astype(dtype)  # a ReLU's output
     _, mean, invstd = reference.batch_norm_forward(x)
     weight = rng.uniform(0.5, 1.5, c)
     ctype = _ctype(dtype)
+    g = (_bits(dy), _bits(y)) if relu else _bits(dy)
     results = []
     for ntask in _splits(c):
         for streamed in (False, True):
             for offset, dx in _outputs(shape, dtype):
                 params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
+                dr = np.full(shape, np.nan, dtype) if relu else None
                 fused.backward_channels[streamed, training](
-                    _bits(dy), _bits(x), mean, invstd, weight, params, grads, ntask, _bits(dx)
+                    g, _bits(x), mean, invstd, weight, params, grads, ntask,
+                    None if dr is None else _bits(dr), _bits(dx),
                 )
-                results.append(((ntask, streamed, offset), grads.copy(), dx.copy()))
+                results.append(((ntask, streamed, offset), grads.copy(), dx.copy(), dr))
     params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
     dx = np.empty(shape, dtype)
+    dr = np.full(shape, np.nan, dtype) if relu else None
     small.backward_ncl(
-        _bits(dy), _bits(x), mean, invstd, weight, training, params, grads, _bits(dx)
+        g, _bits(x), mean, invstd, weight, training, params, grads,
+        None if dr is None else _bits(dr), _bits(dx),
     )
-    results.append(("small", grads, dx))
-    _, grads0, dx0 = results[0]
-    for how, g, d in results[1:]:
-        np.testing.assert_array_equal(g, grads0, err_msg=f"dweight, dbias of {how}")
+    results.append(("small", grads, dx, dr))
+    _, grads0, dx0, _ = results[0]
+    for how, gr, d, _ in results[1:]:
+        np.testing.assert_array_equal(gr, grads0, err_msg=f"dweight, dbias of {how}")
         np.testing.assert_array_equal(d, dx0, err_msg=f"dx of {how}")
-    dxref, dwref, dbref = reference.batch_norm_backward(dy, x, mean, invstd, weight, 1, training)
+    gref = np.where(y > 0, dy, 0).astype(dtype) if relu else dy
+    for how, _, _, r in results if relu else ():
+        np.testing.assert_array_equal(_bits(r), _bits(gref), err_msg=f"dresidual of {how}")
+    dxref, dwref, dbref = reference.batch_norm_backward(gref, x, mean, invstd, weight, 1, training)
     count = shape[0] * shape[2]
-    ctype = _ctype(dtype)  # the dtype of dweight and dbias
     assert_close(grads0[1], dbref, ctype, scale=np.sqrt(count))
     assert_close(grads0[0], dwref, ctype, scale=np.sqrt(count))
     assert_close(dx0, dxref, dtype, factor=4)

@@ -208,18 +208,23 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
     """Gradients (dx, dweight, dbias); see the API contract for the formulas. ``y``:
     the output of a forward with a ReLU, which ``dy`` goes through first (a masked
     operand of the passes); ``residual_grad``: also return dresidual, that gradient,
-    written once and then read as the ``dy`` of the plain backward."""
-    if residual_grad:
-        dr = np.copy(dy) if y is None else _through_relu(dy, y, chk.layout)
-        return (*backward(dr, x, chk, mean, invstd, weight, training), dr)
+    which the fused and single-thread passes write in their first loop (the others
+    write it first, then read it as the ``dy`` of the plain backward)."""
     layout = chk.layout
-    if layout.count * layout.c == 0:  # eval with N = 0, or no channels
+    empty = layout.count * layout.c == 0  # eval with N = 0, or no channels
+    p = None if empty else _plan(layout, _threads(), x.itemsize)
+    one_pass = not empty and (
+        p.small or (p.fuse_backward if y is None else p.fuse_backward_relu)
+    )
+    if residual_grad and not one_pass:
+        dr = np.copy(dy) if y is None else _through_relu(dy, y, layout)
+        return (*backward(dr, x, chk, mean, invstd, weight, training), dr)
+    if empty:
         zeros = np.zeros(layout.c, stats_dtype(x.dtype))
         return arrays.nothing(x, layout, None), zeros, zeros.copy()
     mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
-    (dy, dyv), (x, xv) = arrays.ordered(dy, layout), arrays.ordered(x, layout)
-    p = _plan(layout, _threads(), x.itemsize)
-    if y is not None or not (p.small or p.fuse_backward):
+    dy, x = arrays.ordered(dy, layout)[0], arrays.ordered(x, layout)[0]
+    if not one_pass:
         sums = local_grad_sums(dy, x, chk, mean64, p, y)
         return grad_input(
             dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, p, y
@@ -227,17 +232,19 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
     c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = arrays.output(None, x, layout)
+    dr, drv = arrays.empty(layout, dy) if residual_grad else (None, None)
     grads = np.empty((2, c), ctype)
     k = arrays.kernel_array
+    g, xv = arrays.operand(k, _gradient(dy, y, layout)), k(arrays.view(x, layout))
     per_channel = (mean64, invstd64, as64(weight, c, 1.0))
     params = np.empty((5, c), ctype)
     if p.small:
         small_backward = _run(KERNELS[layout.kind].small_backward)
-        small_backward(k(dyv), k(xv), *per_channel, training, params, grads, k(dxv))
+        small_backward(g, xv, *per_channel, training, params, grads, arrays.operand(k, drv), k(dxv))
     else:
         kernel = fused.backward_channels[plan.streamed(dxv, layout), training]
-        kernel(k(dyv), k(xv), *per_channel, params, grads, p.runs, k(dxv))
-    return dx, grads[0], grads[1]
+        kernel(g, xv, *per_channel, params, grads, p.runs, arrays.operand(k, drv), k(dxv))
+    return (dx, grads[0], grads[1], dr) if residual_grad else (dx, grads[0], grads[1])
 
 
 # --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
@@ -269,11 +276,11 @@ def _gradient(dy, y, layout: Layout):
 
 def _through_relu(dy, y, layout: Layout) -> np.ndarray:
     """A new array of dy where y > 0, else 0: normalize of the masked operand with the
-    identity's constants (0, 0, 1, 0)."""
+    identity's constants (``formulas.IDENTITY``)."""
     dr, drv = arrays.empty(layout, dy)
     if layout.count * layout.c:
-        params = np.zeros((4, layout.c), stats_dtype(dy.dtype))
-        params[2] = 1.0
+        params = np.empty((4, layout.c), stats_dtype(dy.dtype))
+        params[:] = np.array(formulas.IDENTITY)[:, None]
         p = _plan(layout, _threads(), dy.itemsize)
         _elementwise(None, _gradient(dy, y, layout), params, drv, layout, p)
     return dr

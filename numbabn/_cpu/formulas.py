@@ -48,10 +48,10 @@ PAR = {"parallel": True, **EXACT}
 
 _normalize = njit(inline="always")(normalize)
 _grad_input = njit(inline="always")(grad_input)
-# (called, not inlined in numba's IR: inlined, their conditional expressions broke
-# numba's variable scopes in float16 kernels; LLVM inlines them)
-_relu = njit(cache=True)(relu)
-_relu_grad = njit(cache=True)(relu_grad)
+# (the ReLU's are one select each, ``_channel.select``: called, or as a conditional
+# expression, they kept LLVM from vectorizing the loops around them)
+_relu = njit(inline="always")(relu)
+_relu_grad = njit(inline="always")(relu_grad)
 
 
 def at(p, i):
@@ -122,6 +122,22 @@ def _value(g, x, k, i, j):
         load_at(g, i), load_at(x, i), at(k[0], j), at(k[1], j), at(k[2], j), at(k[3], j),
         at(k[4], j),
     )
+
+
+# Normalize's constants (hi, lo, a, b) that give each value back exactly (a -0.0 too:
+# adding -0.0 changes no value, adding 0.0 turns -0.0 into 0.0): dresidual as a pass.
+IDENTITY = (0.0, 0.0, 1.0, -0.0)
+
+
+def identity(a):
+    """:data:`IDENTITY` in the compute type of array ``a``'s elements."""
+
+
+@overload(identity, inline="always")
+def _identity(a):
+    ct = np.float64 if a.dtype == types.float64 else np.float32
+    k = tuple(ct(v) for v in IDENTITY)
+    return lambda a: k
 
 
 def consts(g, params, j):

@@ -23,10 +23,22 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _atomic
-from .._half import load, zero
+from .._half import load
 from . import llvm, vector
 from .elementwise import span_streamed
-from .formulas import ELEM, EXACT, PAR, consts, data, moments, norm_params, plain, plane
+from .formulas import (
+    ELEM,
+    EXACT,
+    PAR,
+    consts,
+    data,
+    identity,
+    load_at,
+    moments,
+    norm_params,
+    plain,
+    plane,
+)
 from .formulas import channel_grad_params as grad_params
 
 
@@ -62,7 +74,7 @@ def _moments_tail(zr, k, i0, t1, t2):
 @njit(inline="always", **ELEM)
 def _grads_tail(gr, zr, mu, i0, t1, t2):
     for i in range(i0, zr.size):
-        g = np.float64(load(gr[i]))
+        g = np.float64(load_at(gr, i))
         t1 += g
         t2 = llvm.fma(g, np.float64(load(zr[i])) - mu, t2)
     return t1, t2
@@ -89,6 +101,24 @@ def _row_moments(xr, yr, k, streamed, zr, shift, acc, t1, t2, pn):
     return _moments_tail(zr, shift, nsum * block, t1, t2)
 
 
+@njit(inline="always", **ELEM)
+def _row_grads(xr, yr, k, streamed, gr, zr, shift, acc, t1, t2, pn):
+    """:func:`_row_moments` for the gradient sums of row ``gr`` (g and g * (z - shift),
+    ``zr`` the row of x) in the same loop as the stores (of ``gr`` itself: dresidual;
+    or none)."""
+    block = _block(yr)
+    nsum = zr.size // block
+    if streamed:
+        s, nstore = llvm.line_blocks(yr)
+        vector.fused_grads_nt(xr, yr, s, nstore, k, gr, zr, shift, nsum, acc, pn)
+    else:
+        s, nstore = 0, yr.size // block
+        vector.fused_grads_plain(xr, yr, s, nstore, k, gr, zr, shift, nsum, acc, pn)
+    plain(None, xr, k, yr, 0, s)
+    plain(None, xr, k, yr, s + nstore * block, yr.size)
+    return _grads_tail(gr, zr, shift, nsum * block, t1, t2)
+
+
 @njit(inline="always")
 def _pnext(x3, n):
     """Elements from row (n, c) of C-contiguous ``x3`` to row (n + 1, c); 0 for the last n."""
@@ -96,25 +126,25 @@ def _pnext(x3, n):
 
 
 @njit(**ELEM)
-def _channel_sums(g3, x3, c, shift, acc):
-    """Channel c's sums in the order of the fused rows, nothing written: ``g3`` None,
-    the moments' (d and d^2, d = x - shift); else the gradient sums (g and g * d)."""
+def _channel_sums(g3, x3, c, shift, acc, streamed, r3):
+    """Channel c's sums in the order of the fused rows: ``g3`` None, the moments' (d
+    and d^2, d = x - shift); else the gradient sums (g and g * d), and with ``r3`` an
+    array, g written into it in the same loops (dresidual; ``streamed`` stores)."""
     acc.fill(0.0)
     t1 = 0.0
     t2 = 0.0
-    z, block = zero(x3), _block(x3)
-    k = (z, z, z, z)  # (no output row: the loops only sum)
+    l_ = x3.shape[2]
     for n in range(x3.shape[0]):
         row, none, pn = x3[n, c], x3[n, c, :0], _pnext(x3, n)
-        nsum = row.size // block
-        if g3 is None:
-            vector.fused_moments_plain(none, none, 0, 0, k, row, shift, nsum, acc, pn)
-            t1, t2 = _moments_tail(row, shift, nsum * block, t1, t2)
+        if g3 is None:  # (no output row: the loops only sum)
+            t1, t2 = _row_moments(none, none, identity(x3), False, row, shift, acc, t1, t2, pn)
+        elif r3 is None:
+            g = plane(g3, n, c, 0, l_)
+            t1, t2 = _row_grads(none, none, identity(x3), False, g, row, shift, acc, t1, t2, pn)
         else:
-            g = g3[n, c]
-            vector.fused_grads_plain(none, none, 0, 0, k, g, row, shift, nsum, acc, pn)
-            t1, t2 = _grads_tail(g, row, shift, nsum * block, t1, t2)
-    return _acc_total(acc, block, t1, t2)
+            g = plane(g3, n, c, 0, l_)
+            t1, t2 = _row_grads(g, r3[n, c], identity(x3), streamed, g, row, shift, acc, t1, t2, pn)
+    return _acc_total(acc, _block(x3), t1, t2)
 
 
 @njit(**EXACT)
@@ -122,7 +152,7 @@ def channel_moments(x3, c):
     """float64 mean and biased variance of channel c, shifted by its first value."""
     n_, _, l_ = x3.shape
     shift = np.float64(load(x3[0, c, 0]))
-    s1, s2 = _channel_sums(None, x3, c, shift, np.empty(vector.ACC_SIZE))
+    s1, s2 = _channel_sums(None, x3, c, shift, np.empty(vector.ACC_SIZE), False, None)
     return moments(s1, s2, shift, n_ * l_)
 
 
@@ -147,7 +177,7 @@ def _forward_run(streamed):
             return
         acc = np.empty(vector.ACC_SIZE)
         shift = np.float64(load(xd[0, c, 0]))
-        s1, s2 = _channel_sums(None, xd, c, shift, acc)
+        s1, s2 = _channel_sums(None, xd, c, shift, acc, False, None)
         while c >= 0:
             mean, var = moments(s1, s2, shift, n_ * l_)
             norm_params(c, mean, var, weight, bias, eps, params, stats)
@@ -176,38 +206,42 @@ forward_plain, forward_streamed = _forward_run(False), _forward_run(True)
 
 
 @njit(inline="always")
-def _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc):
+def _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc, streamed, r3):
     """Channel c's gradient sums, turned into its dweight and dbias (``grads``) and its
-    dx constants (``params``)."""
+    dx constants (``params``); dresidual written into ``r3`` if an array."""
     n_, _, l_ = x3.shape
-    s1, s2 = _channel_sums(dy3, x3, c, mean[c], acc)
+    s1, s2 = _channel_sums(dy3, x3, c, mean[c], acc, streamed, r3)
     grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
 
 
 def _backward_run(streamed, training):
     @njit(**ELEM)
-    def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, dx3):
+    def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, r3, dx3):
         """Backward of the channels this task takes: each channel's gradient sums, its
-        rows in order, then its dx (eval: normalize of dy with rows (0, 0, k1, 0));
-        streamed, the rows in reverse order: those summed last are the likeliest to be
-        in the core's cache still."""
+        rows in order (dresidual written in the same loops if ``r3`` is an array), then
+        its dx (eval: normalize of dy with rows (0, 0, k1, 0)); streamed, the rows in
+        reverse order: those summed last are the likeliest to be in the core's cache
+        still. ``dy3`` may be a masked pair (a ReLU's gradient)."""
         n_, c_, l_ = x3.shape
         acc = np.empty(vector.ACC_SIZE)
         c = _take(claims, slot, limit)
         while c >= 0:
-            _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc)
+            _channel_grads(
+                dy3, x3, c, mean, invstd, weight, training, params, grads, acc, streamed, r3
+            )
             kg, kn = consts(dy3, params, c), consts(None, params, c)
             for i in range(n_):  # (the row loops inlined: called, short rows cost more)
                 n = n_ - 1 - i if streamed else i
+                g = plane(dy3, n, c, 0, l_)
                 if streamed:
                     if training:
-                        span_streamed(dy3[n, c], x3[n, c], kg, dx3[n, c])
+                        span_streamed(g, x3[n, c], kg, dx3[n, c])
                     else:
-                        span_streamed(None, dy3[n, c], kn, dx3[n, c])
+                        span_streamed(None, g, kn, dx3[n, c])
                 elif training:
-                    plain(dy3[n, c], x3[n, c], kg, dx3[n, c], 0, l_)
+                    plain(g, x3[n, c], kg, dx3[n, c], 0, l_)
                 else:
-                    plain(None, dy3[n, c], kn, dx3[n, c], 0, l_)
+                    plain(None, g, kn, dx3[n, c], 0, l_)
             c = _take(claims, slot, limit)
         if streamed:
             llvm.fence()
@@ -274,20 +308,21 @@ def _backward_channels(streamed, training):
     }[streamed, training]
 
     @njit(**PAR)
-    def backward_channels(address, dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
+    def backward_channels(address, dy3, x3, mean, invstd, weight, params, grads, ntask, r3, dx3):
         c_ = x3.shape[1]
         claims = _claims(ntask, c_, streamed)
         for t in prange(ntask):
             slot, limit = _source(t, ntask, c_, streamed)
-            args = (dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, dx3)
+            args = (dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, r3, dx3)
             llvm.call(address, args)
 
-    def launch(dy3, x3, mean, invstd, weight, params, grads, ntask, dx3):
+    def launch(dy3, x3, mean, invstd, weight, params, grads, ntask, r3, dx3):
         """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
-        (dweight, dbias) and ``params`` the dx constants."""
-        run_args = (dy3, x3, _CLAIMS, _INT, _INT, mean, invstd, weight, params, grads, dx3)
+        (dweight, dbias), ``params`` the dx constants, ``r3`` (an array, or None)
+        dresidual: the gradient ``dy3`` (a masked pair through a ReLU)."""
         per_channel = (mean, invstd, weight, params, grads)
-        llvm.launch(backward_channels, run, run_args, dy3, x3, *per_channel, ntask, dx3)
+        run_args = (dy3, x3, _CLAIMS, _INT, _INT, *per_channel, r3, dx3)
+        llvm.launch(backward_channels, run, run_args, dy3, x3, *per_channel, ntask, r3, dx3)
 
     return launch
 

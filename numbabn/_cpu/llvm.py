@@ -349,7 +349,7 @@ def _relu(vec, v):
     return vec.builder.select(vec.builder.fcmp_ordered("<", v, zero), zero, v)
 
 
-def _load(vec, ty, val, i):
+def load_operand(vec, ty, val, i):
     """The vector at ``i`` of an operand: an array's, or of a pair (dy, y) the gradient
     through the ReLU whose output is y (``_channel.relu_grad``: g if y > zero else zero,
     which a NaN y masks)."""
@@ -374,12 +374,17 @@ def formula(vec, g, x, consts, i):
             v = vec.add(v, vec.load(zt, zv, i))
         return v if isinstance(rt, types.NoneType) else _relu(vec, v)
     k = [_Value(vec, vec.param(t, v, i)) for t, v in consts]
-    xv = _Value(vec, _load(vec, xty, xval, i))
+    xv = _Value(vec, load_operand(vec, xty, xval, i))
     if g is None:
         return formulas.normalize(xv, *k).v
-    return formulas.grad_input(_Value(vec, _load(vec, *g, i)), xv, *k).v
+    return formulas.grad_input(_Value(vec, load_operand(vec, *g, i)), xv, *k).v
 
 
 def unpack(builder, tty, tval):
     """The (type, value) pairs of a tuple argument's members."""
     return [(t, builder.extract_value(tval, r)) for r, t in enumerate(tty.types)]
+
+
+def arrays_of(builder, ty, val):
+    """The (type, value) pairs of an operand's arrays: the array, or a tuple's members."""
+    return unpack(builder, ty, val) if isinstance(ty, types.BaseTuple) else [(ty, val)]

@@ -75,13 +75,14 @@ def small(layout: Layout) -> bool:
 
 
 def fuse(layout: Layout, itemsize: int, which: str) -> bool:
-    """Use the fused per-channel pass ``which`` ("forward", "backward"): NCL planes too
-    long for the flat passes, channels that share out evenly among ``plan_threads``, a
-    channel's slab (of every array the pass reads) that stays in cache (train forward:
-    or rows long enough), and either long rows or a tensor the cache holds."""
+    """Use the fused per-channel pass ``which`` ("forward", "backward", "backward_relu":
+    through a ReLU, y read too): NCL planes too long for the flat passes, channels that
+    share out evenly among ``plan_threads``, a channel's slab (of every array the pass
+    reads) that stays in cache (train forward: or rows long enough), and either long
+    rows or a tensor the cache holds."""
     t = _t()
     balanced = layout.c % t.plan_threads == 0 or layout.c >= sum_tasks()
-    arrays = 1 if which == "forward" else 2  # x; dy and x
+    arrays = {"forward": 1, "backward": 2, "backward_relu": 3}[which]  # x; dy, x; dy, y, x
     row = layout.l * itemsize  # of one array
     wide = row * arrays  # of all the arrays the pass reads
     x_bytes = layout.c * layout.n * row
@@ -109,6 +110,7 @@ class Plan(NamedTuple):
     small: bool  # the single-thread kernels
     fuse_forward: bool  # the fused per-channel passes
     fuse_backward: bool
+    fuse_backward_relu: bool
     runs: int  # tasks of the fused passes
     elem: Layout  # the view of the elementwise passes: the layout, or its flat rows
     elem_work: tuple  # ncl: (segments per plane, runs); mc: (l, span, chunks)
@@ -183,6 +185,7 @@ def make(layout: Layout, threads: int, itemsize: int) -> Plan:
         small(layout),
         fuse(layout, itemsize, "forward"),
         fuse(layout, itemsize, "backward"),
+        fuse(layout, itemsize, "backward_relu"),
         max(1, min(threads, layout.c)),
         elem, elem_work, plane_work, sums, sums_work, sums_tasks,
         tuple(routes),

@@ -18,6 +18,7 @@ from .formulas import (
     channel_params,
     consts,
     data,
+    identity,
     moments,
     plain,
     plane,
@@ -34,9 +35,9 @@ def forward_ncl(x3, weight, bias, eps, params, stats, y3):
 
 
 @njit(**EXACT)
-def backward_ncl(dy3, x3, mean, invstd, weight, training, params, grads, dx3):
+def backward_ncl(dy3, x3, mean, invstd, weight, training, params, grads, r3, dx3):
     claims = np.zeros(1, np.int64)
-    args = (dy3, x3, claims, 0, x3.shape[1], mean, invstd, weight, params, grads, dx3)
+    args = (dy3, x3, claims, 0, x3.shape[1], mean, invstd, weight, params, grads, r3, dx3)
     if training:
         fused.backward_plain_train(*args)
     else:
@@ -89,11 +90,15 @@ def forward_mc(x2, weight, bias, eps, params, stats, y2):
 
 
 @njit(**ELEM)
-def backward_mc(dy2, x2, mean, invstd, weight, training, params, grads, dx2):
+def backward_mc(dy2, x2, mean, invstd, weight, training, params, grads, r2, dx2):
+    """``dy2`` may be a masked pair; dresidual (that gradient) into ``r2`` if an array."""
     m, c_ = x2.shape
     s1 = np.zeros(c_)
     s2 = np.zeros(c_)
     rows_sums_mc(dy2, x2, 0, m, mean, s1, s2)
+    if r2 is not None:
+        for r in range(m):
+            plain(None, row(dy2, r), identity(x2), r2[r], 0, c_)
     for c in range(c_):
         channel_grad_params(c, s1[c], s2[c], m, mean, invstd, weight, training, params, grads)
     if training:

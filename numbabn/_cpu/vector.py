@@ -89,8 +89,8 @@ def span_nt(typingctx, g, x, y, start, stop, k):
 def _fused_row(sums, nt):
     """A fused-row intrinsic: normalize ``nstore`` blocks of ``x`` into ``y`` from ``s``
     (constants ``k``), and add into ``acc`` float64 ``sums`` over ``nsum`` blocks of
-    the next rows: "moments", d and d^2 with d = z - kshift; "grads", g and
-    g * (z - kshift) (rows g, z)."""
+    rows: "moments", d and d^2 with d = z - kshift; "grads", g and g * (z - kshift)
+    (rows g, z; g may be a masked pair). ``x`` may be any operand of ``formulas``."""
     nrows = 1 if sums == "moments" else 2
 
     def signature(args):
@@ -123,8 +123,10 @@ def _fused_row(sums, nt):
                     ((zt, zv),) = rows
                     d = builder.fsub(wide.load(zt, zv, i), kshift)
                     return [builder.fadd(accs[0], d), llvm.fma_ir(builder, d, d, accs[1])]
-                (gzt, gzv), (zt, zv) = rows
-                g = wide.load(gzt, gzv, i)
+                (gt, gv), (zt, zv) = rows
+                g = llvm.load_operand(vec, gt, gv, i)  # (masked in the compute type)
+                if vec.ct != wide.ct:
+                    g = builder.fpext(g, wide.vct)
                 d = builder.fsub(wide.load(zt, zv, i), kshift)
                 return [builder.fadd(accs[0], g), llvm.fma_ir(builder, g, d, accs[1])]
 
@@ -141,7 +143,8 @@ def _fused_row(sums, nt):
                 past = builder.icmp_signed(">=", off, nsum)
                 idx = builder.select(past, builder.add(idx, to_next), idx)
                 for aty, arr in rows:
-                    llvm.prefetch(vec, aty, arr, idx)
+                    for mty, m in llvm.arrays_of(builder, aty, arr):
+                        llvm.prefetch(vec, mty, m, idx)
 
             def sum_block(m, accs):
                 ahead(m)
@@ -190,10 +193,12 @@ def _fused_row(sums, nt):
 
 
 # fused_moments_*(x, y, s, nstore, k, z, kshift, nsum, acc, pn): the train forward.
-# fused_grads_plain(x, y, s, nstore, k, g, z, kshift, nsum, acc, pn): the backward takes a
-# channel's gradient sums alone (empty x and y), in the order of the fused rows.
+# fused_grads_*(x, y, s, nstore, k, g, z, kshift, nsum, acc, pn): the backward's gradient
+# sums of a channel's row, in the order of the fused rows; the stores write nothing
+# (empty x and y) or dresidual, the gradient g itself, from the same row (x is g).
 fused_moments_nt = _fused_row("moments", True)
 fused_moments_plain = _fused_row("moments", False)
+fused_grads_nt = _fused_row("grads", True)
 fused_grads_plain = _fused_row("grads", False)
 
 
