@@ -223,7 +223,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
         zeros = np.zeros(layout.c, stats_dtype(x.dtype))
         return arrays.nothing(x, layout, None), zeros, zeros.copy()
     mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
-    dy, x = arrays.ordered(dy, layout)[0], arrays.ordered(x, layout)[0]
+    (dy, dyv), (x, xv) = arrays.ordered(dy, layout), arrays.ordered(x, layout)
     if not one_pass:
         sums = local_grad_sums(dy, x, chk, mean64, p, y)
         return grad_input(
@@ -235,7 +235,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
     dr, drv = arrays.empty(layout, dy) if residual_grad else (None, None)
     grads = np.empty((2, c), ctype)
     k = arrays.kernel_array
-    g, xv = arrays.operand(k, _gradient(dy, y, layout)), k(arrays.view(x, layout))
+    g, xv = arrays.operand(k, _gradient(dyv, y, layout)), k(xv)
     per_channel = (mean64, invstd64, as64(weight, c, 1.0))
     params = np.empty((5, c), ctype)
     if p.small:
@@ -267,10 +267,9 @@ def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, p)[0]
 
 
-def _gradient(dy, y, layout: Layout):
-    """The gradient operand: dy's canonical view, or through the ReLU whose output is
-    ``y``, the pair of views (``formulas.load_at``)."""
-    dyv = arrays.view(dy, layout)
+def _gradient(dyv, y, layout: Layout):
+    """The gradient operand: ``dyv`` (dy's canonical view), or through the ReLU whose
+    output is ``y``, the pair of views (``formulas.load_at``)."""
     return dyv if y is None else (dyv, arrays.view(y, layout))
 
 
@@ -282,7 +281,7 @@ def _through_relu(dy, y, layout: Layout) -> np.ndarray:
         params = np.empty((4, layout.c), stats_dtype(dy.dtype))
         params[:] = np.array(formulas.IDENTITY)[:, None]
         p = _plan(layout, _threads(), dy.itemsize)
-        _elementwise(None, _gradient(dy, y, layout), params, drv, layout, p)
+        _elementwise(None, _gradient(arrays.view(dy, layout), y, layout), params, drv, layout, p)
     return dr
 
 
@@ -293,7 +292,7 @@ def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None, y=Non
     if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
     p = p or _plan(layout, _threads(), x.itemsize)
-    return _reduce(_gradient(dy, y, layout), arrays.view(x, layout), mean, layout, p)
+    return _reduce(_gradient(arrays.view(dy, layout), y, layout), arrays.view(x, layout), mean, layout, p)
 
 
 def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None, y=None):
@@ -307,7 +306,7 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
     params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
     formulas.grad_params(sums, count, mean, invstd, as64(weight, c, 1.0), training, params, grads)
     if layout.count * c:
-        g = _gradient(dy, y, layout)
+        g = _gradient(arrays.view(dy, layout), y, layout)
         p = p or _plan(layout, _threads(), x.itemsize)
         if training:
             _elementwise(g, arrays.view(x, layout), params, dxv, layout, p)
