@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _atomic
-from .._half import load
+from .._half import load, zero
 from . import llvm, vector
 from .elementwise import span_streamed
 from .formulas import (
@@ -104,8 +104,7 @@ def _row_moments(xr, yr, k, streamed, zr, shift, acc, t1, t2, pn):
 @njit(inline="always", **ELEM)
 def _row_grads(xr, yr, k, streamed, gr, zr, shift, acc, t1, t2, pn):
     """:func:`_row_moments` for the gradient sums of row ``gr`` (g and g * (z - shift),
-    ``zr`` the row of x) in the same loop as the stores (of ``gr`` itself: dresidual;
-    or none)."""
+    ``zr`` the row of x), in the same loop as the stores (``xr`` is ``gr``: dresidual)."""
     block = _block(yr)
     nsum = zr.size // block
     if streamed:
@@ -126,25 +125,46 @@ def _pnext(x3, n):
 
 
 @njit(**ELEM)
-def _channel_sums(g3, x3, c, shift, acc, streamed, r3):
-    """Channel c's sums in the order of the fused rows: ``g3`` None, the moments' (d
-    and d^2, d = x - shift); else the gradient sums (g and g * d), and with ``r3`` an
-    array, g written into it in the same loops (dresidual; ``streamed`` stores)."""
+def _channel_sums(g3, x3, c, shift, acc):
+    """Channel c's sums in the order of the fused rows, nothing written: ``g3`` None,
+    the moments' (d and d^2, d = x - shift); else the gradient sums (g and g * d)."""
     acc.fill(0.0)
     t1 = 0.0
     t2 = 0.0
-    l_ = x3.shape[2]
+    z, block = zero(x3), _block(x3)
+    k = (z, z, z, z)  # (no output row: the loops only sum)
     for n in range(x3.shape[0]):
         row, none, pn = x3[n, c], x3[n, c, :0], _pnext(x3, n)
-        if g3 is None:  # (no output row: the loops only sum)
-            t1, t2 = _row_moments(none, none, identity(x3), False, row, shift, acc, t1, t2, pn)
-        elif r3 is None:
-            g = plane(g3, n, c, 0, l_)
-            t1, t2 = _row_grads(none, none, identity(x3), False, g, row, shift, acc, t1, t2, pn)
+        nsum = row.size // block
+        if g3 is None:
+            vector.fused_moments_plain(none, none, 0, 0, k, row, shift, nsum, acc, pn)
+            t1, t2 = _moments_tail(row, shift, nsum * block, t1, t2)
         else:
-            g = plane(g3, n, c, 0, l_)
-            t1, t2 = _row_grads(g, r3[n, c], identity(x3), streamed, g, row, shift, acc, t1, t2, pn)
-    return _acc_total(acc, _block(x3), t1, t2)
+            g = plane(g3, n, c, 0, row.size)
+            vector.fused_grads_plain(none, none, 0, 0, k, g, row, shift, nsum, acc, pn)
+            t1, t2 = _grads_tail(g, row, shift, nsum * block, t1, t2)
+    return _acc_total(acc, block, t1, t2)
+
+
+def _written_sums(streamed):
+    @njit(**ELEM)
+    def written_sums(g3, x3, c, shift, acc, r3):
+        """The gradient sums of ``_channel_sums``, and the gradient written into ``r3``
+        from the same loads (dresidual)."""
+        acc.fill(0.0)
+        t1 = 0.0
+        t2 = 0.0
+        for n in range(x3.shape[0]):
+            row, g = x3[n, c], plane(g3, n, c, 0, x3.shape[2])
+            t1, t2 = _row_grads(g, r3[n, c], identity(x3), streamed, g, row, shift, acc, t1, t2,
+                                _pnext(x3, n))
+        return _acc_total(acc, _block(x3), t1, t2)
+
+    return written_sums
+
+
+# by store kind
+written_sums = {streamed: _written_sums(streamed) for streamed in (False, True)}
 
 
 @njit(**EXACT)
@@ -152,7 +172,7 @@ def channel_moments(x3, c):
     """float64 mean and biased variance of channel c, shifted by its first value."""
     n_, _, l_ = x3.shape
     shift = np.float64(load(x3[0, c, 0]))
-    s1, s2 = _channel_sums(None, x3, c, shift, np.empty(vector.ACC_SIZE), False, None)
+    s1, s2 = _channel_sums(None, x3, c, shift, np.empty(vector.ACC_SIZE))
     return moments(s1, s2, shift, n_ * l_)
 
 
@@ -177,7 +197,7 @@ def _forward_run(streamed):
             return
         acc = np.empty(vector.ACC_SIZE)
         shift = np.float64(load(xd[0, c, 0]))
-        s1, s2 = _channel_sums(None, xd, c, shift, acc, False, None)
+        s1, s2 = _channel_sums(None, xd, c, shift, acc)
         while c >= 0:
             mean, var = moments(s1, s2, shift, n_ * l_)
             norm_params(c, mean, var, weight, bias, eps, params, stats)
@@ -205,16 +225,9 @@ def _forward_run(streamed):
 forward_plain, forward_streamed = _forward_run(False), _forward_run(True)
 
 
-@njit(inline="always")
-def _channel_grads(dy3, x3, c, mean, invstd, weight, training, params, grads, acc, streamed, r3):
-    """Channel c's gradient sums, turned into its dweight and dbias (``grads``) and its
-    dx constants (``params``); dresidual written into ``r3`` if an array."""
-    n_, _, l_ = x3.shape
-    s1, s2 = _channel_sums(dy3, x3, c, mean[c], acc, streamed, r3)
-    grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
-
-
 def _backward_run(streamed, training):
+    writing = written_sums[streamed]
+
     @njit(**ELEM)
     def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, r3, dx3):
         """Backward of the channels this task takes: each channel's gradient sums, its
@@ -226,9 +239,11 @@ def _backward_run(streamed, training):
         acc = np.empty(vector.ACC_SIZE)
         c = _take(claims, slot, limit)
         while c >= 0:
-            _channel_grads(
-                dy3, x3, c, mean, invstd, weight, training, params, grads, acc, streamed, r3
-            )
+            if r3 is None:
+                s1, s2 = _channel_sums(dy3, x3, c, mean[c], acc)
+            else:
+                s1, s2 = writing(dy3, x3, c, mean[c], acc, r3)
+            grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
             kg, kn = consts(dy3, params, c), consts(None, params, c)
             for i in range(n_):  # (the row loops inlined: called, short rows cost more)
                 n = n_ - 1 - i if streamed else i
