@@ -6,7 +6,9 @@ once instead of twice.
 * The train forward normalizes a channel while, in the same loop, it sums the next
   channel it took (``vector.fused_moments_*``), so that the reads overlap the writes.
 * The backward sums a channel, then writes its dx; into a streamed output it walks the
-  rows from the last (those summed last are the likeliest still in cache).
+  rows from the last (those summed last are the likeliest still in cache). Through a
+  ReLU the gradient is the masked pair (dy, y), and dresidual (that gradient) is
+  written by the loop that sums it (``written_sums``).
 
 Channels come from a shared counter (``_atomic``) into streamed outputs (data out of
 cache: threads finish together), else from a run of each task's own (a channel's data
