@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _pool
-from .._channel import as64
+from .._channel import IDENTITY, as64
 from .._pool import threads as _threads
 from .._validate import Checked, Layout, stats_dtype
 from . import arrays, formulas, fused, plan, reduce, small
@@ -275,11 +275,11 @@ def _gradient(dyv, y, layout: Layout):
 
 def _through_relu(dy, y, layout: Layout) -> np.ndarray:
     """A new array of dy where y > 0, else 0: normalize of the masked operand with the
-    identity's constants (``formulas.IDENTITY``)."""
+    identity's constants (``_channel.IDENTITY``)."""
     dr, drv = arrays.empty(layout, dy)
     if layout.count * layout.c:
         params = np.empty((4, layout.c), stats_dtype(dy.dtype))
-        params[:] = np.array(formulas.IDENTITY)[:, None]
+        params[:] = np.array(IDENTITY)[:, None]
         p = _plan(layout, _threads(), dy.itemsize)
         _elementwise(None, _gradient(arrays.view(dy, layout), y, layout), params, drv, layout, p)
     return dr

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .._channel import finite_scale, grad_input, mean_lo, normalize, relu, relu_grad
+from .._channel import IDENTITY, finite_scale, grad_input, mean_lo, normalize, relu, relu_grad
 from .._half import load, store, zero
 
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
@@ -124,13 +124,8 @@ def _value(g, x, k, i, j):
     )
 
 
-# Normalize's constants (hi, lo, a, b) that give each value back exactly (a -0.0 too:
-# adding -0.0 changes no value, adding 0.0 turns -0.0 into 0.0): dresidual as a pass.
-IDENTITY = (0.0, 0.0, 1.0, -0.0)
-
-
 def identity(a):
-    """:data:`IDENTITY` in the compute type of array ``a``'s elements."""
+    """``_channel.IDENTITY`` in the compute type of array ``a``'s elements."""
 
 
 @overload(identity, inline="always")
