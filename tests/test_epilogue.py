@@ -118,6 +118,28 @@ def test_backward(shape_axis, dtype, training, residual_grad):
         np.testing.assert_array_equal(to_host(got[3]), want[3].astype(dtype))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_relu_backward_with_y_in_any_layout(layout):
+    """y in another memory order than dy and x (the passes read the three together):
+    the same gradients. Host: (3, 4, 3001) runs the fused per-channel pass."""
+    shape = (3, 4, 3001) if not ON_DEVICE else (3, 2, 67)
+    x, _, w, _ = _inputs(shape, 1, np.float32, 71)
+    dy = random_batch(shape, np.float32, seed=72)
+    y = np.maximum(random_batch(shape, np.float32, seed=73, loc=0.0, scale=1.0), 0)
+    _, mean, invstd = ref.batch_norm_forward(x, w, None, 1e-5, 1)
+    mean, invstd = mean.astype(np.float32), invstd.astype(np.float32)
+    got = numbabn.batch_norm_backward(
+        to_side(dy), to_side(x), to_side(mean), to_side(invstd), to_side(w),
+        activation="relu", y=on_side(y, 1, layout), residual_grad=True,
+    )
+    want = ref.batch_norm_backward(dy, x, mean, invstd, w, 1, True, activation="relu", y=y,
+                                   residual_grad=True)
+    assert_close(got[0], want[0], np.float32, factor=4)
+    for g, r in zip(got[1:3], want[1:3]):
+        assert_close(g, r, np.float32, scale=np.sqrt(x.size / 4), factor=2)
+    np.testing.assert_array_equal(to_host(got[3]), want[3].astype(np.float32))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_backward_residual_without_activation(training):
     """dresidual of a plain residual add is dy itself, in a new array."""
