@@ -269,9 +269,10 @@ def normalize_global(x, chk: Checked, mean, var, weight, bias, out):
     return _normalize(x, xv, layout, mean, var, chk.eps, weight, bias, out, p)[0]
 
 
-def _gradient(dyv, y, layout: Layout):
-    """The gradient operand: ``dyv`` (dy's canonical view), or through the ReLU whose
-    output is ``y``, the pair of views (``formulas.load_at``)."""
+def _gradient(dy, y, layout: Layout):
+    """The gradient operand: dy's canonical view, or through the ReLU whose output is
+    ``y``, the pair of views (``formulas.load_at``)."""
+    dyv = arrays.view(dy, layout)
     return dyv if y is None else (dyv, arrays.view(y, layout))
 
 
@@ -283,7 +284,7 @@ def _through_relu(dy, y, layout: Layout) -> np.ndarray:
         params = np.empty((4, layout.c), stats_dtype(dy.dtype))
         params[:] = np.array(IDENTITY)[:, None]
         p = _plan(layout, _threads(), dy.itemsize)
-        _elementwise(None, _gradient(arrays.view(dy, layout), y, layout), params, drv, layout, p)
+        _elementwise(None, _gradient(dy, y, layout), params, drv, layout, p)
     return dr
 
 
@@ -294,7 +295,7 @@ def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None, y=Non
     if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
     p = p or _plan(layout, _threads(), x.itemsize)
-    return _reduce(_gradient(arrays.view(dy, layout), y, layout), arrays.view(x, layout), mean, layout, p)
+    return _reduce(_gradient(dy, y, layout), arrays.view(x, layout), mean, layout, p)
 
 
 def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None, y=None):
@@ -308,7 +309,7 @@ def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training,
     params, grads = np.empty((5, c), ctype), np.empty((2, c), ctype)
     formulas.grad_params(sums, count, mean, invstd, as64(weight, c, 1.0), training, params, grads)
     if layout.count * c:
-        g = _gradient(arrays.view(dy, layout), y, layout)
+        g = _gradient(dy, y, layout)
         p = p or _plan(layout, _threads(), x.itemsize)
         if training:
             _elementwise(g, arrays.view(x, layout), params, dxv, layout, p)

@@ -338,11 +338,6 @@ class _Value:
         return _Value(self.vec, self.vec.mul(self.v, other.v))
 
 
-def _members(vec, ty, val):
-    """The (type, value) pairs of a tuple operand's members."""
-    return [(t, vec.builder.extract_value(val, r)) for r, t in enumerate(ty.types)]
-
-
 def _relu(vec, v):
     """``_channel.relu`` (zero if v < zero else v: NaN kept) on a vector."""
     zero = ir.Constant(vec.vct, None)
@@ -355,7 +350,7 @@ def load_operand(vec, ty, val, i):
     which a NaN y masks)."""
     if not isinstance(ty, types.BaseTuple):
         return vec.load(ty, val, i)
-    (gt, gv), (yt, yv) = _members(vec, ty, val)
+    (gt, gv), (yt, yv) = unpack(vec.builder, ty, val)
     zero = ir.Constant(vec.vct, None)
     positive = vec.builder.fcmp_ordered(">", vec.load(yt, yv, i), zero)
     return vec.builder.select(positive, vec.load(gt, gv, i), zero)
@@ -368,7 +363,7 @@ def formula(vec, g, x, consts, i):
     pairs as :meth:`Vectors.param` takes them."""
     xty, xval = x
     if isinstance(xty, types.BaseTuple) and len(xty) == 3:  # (x, residual, zero)
-        (xt, xv), (zt, zv), (rt, _) = _members(vec, xty, xval)
+        (xt, xv), (zt, zv), (rt, _) = unpack(vec.builder, xty, xval)
         v = formula(vec, g, (xt, xv), consts, i)
         if not isinstance(zt, types.NoneType):
             v = vec.add(v, vec.load(zt, zv, i))
