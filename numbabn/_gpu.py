@@ -34,6 +34,7 @@ from ._gpu_arrays import (
     output_view,
 )
 from ._gpu_launch import launcher, numba_stream
+from ._gpu_reduce import eval_params
 from ._validate import Checked, Layout, describe, stats_dtype
 
 # Reduction blocks per SM. H100, float32, 32x64x56x56 and 256x256x14x14, both layouts:
@@ -245,7 +246,7 @@ def _eval_constants(running_mean, running_var, weight, bias, eps, dtype, stream,
     fresh = _chan(c, dtype, stream, like)
     chan = fresh[1]
     blocks = -(-c // K.BLOCK)
-    launcher(K.eval_params, blocks, K.BLOCK, stream)(
+    launcher(eval_params, blocks, K.BLOCK, stream)(
         *[_vector(a) for a in (running_mean, running_var, weight, bias)], _flags(weight, bias),
         eps, chan,
     )
@@ -259,68 +260,64 @@ def running_invstd(running_var, eps: float, stream=None):
     return as_result(fresh, running_var, 1)
 
 
-def _grad_sums(dy, x, chk: Checked, mean, invstd, weight, training, stream, like=None,
-               chan_dtype=None):
-    """Launch the gradient reduction; returns (chan, as ``allocate`` gives it: rows
-    dweight, dbias and the dx constants; the kernel views of dy and x)."""
-    layout = chk.layout
-    xv = input_view(x, "x", layout, stream)
-    dyv = input_view(dy, "dy", layout, stream)
+def _grad_sums(dyv, xv, layout: Layout, mean, invstd, weight, training, stream, like=None,
+               chan_dtype=None, yv=None, drv=None):
+    """Launch the gradient reduction over the kernel views of dy and x; returns chan, as
+    ``allocate`` gives it (rows dweight, dbias and the dx constants). With ``yv``, of
+    the gradient through the ReLU whose output it is; ``drv`` receives that gradient
+    (dy itself without ``yv``)."""
     grid, block = _reduce_grid(layout)
     counters, partials = _counters_and_partials(layout.c, grid[1], stream)
     fresh = _chan(layout.c, xv.dtype, stream, like, chan_dtype)
-    chan = fresh[1]
-    kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
-    launcher(kernel, grid, block, stream)(
-        *kernel_args((dyv, xv), layout), *[_vector(a) for a in (mean, invstd, weight)],
-        _flags(weight, training=training),
-        partials, counters, chan,
-    )
-    return fresh, dyv, xv
+    tail = (*[_vector(a) for a in (mean, invstd, weight)], _flags(weight, training=training),
+            partials, counters, fresh[1])
+    if yv is None and drv is None:
+        kernel = K.grad_sums_ncl if layout.kind == "ncl" else K.grad_sums_mc
+        launcher(kernel, grid, block, stream)(*kernel_args((dyv, xv), layout), *tail)
+        return fresh
+    mode = (0 if yv is None else K.MASKED) | (0 if drv is None else K.WRITE)
+    views = (dyv, xv, dyv if yv is None else yv, dyv if drv is None else drv)
+    kernel = K.grad_sums_relu_ncl if layout.kind == "ncl" else K.grad_sums_relu_mc
+    launcher(kernel, grid, block, stream)(*kernel_args(views, layout), *tail, mode)
+    return fresh
 
 
-def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream):
-    """dx from the packed constants: the gradient kernel, or in eval mode dy * k1."""
+def _grad_elementwise(dyv, xv, layout: Layout, chan, training, like, stream, yv=None):
+    """dx from the packed constants: the gradient kernel, or in eval mode dy * k1; of
+    the gradient through the ReLU whose output ``yv`` is, if given."""
+    if yv is not None:
+        if training:
+            return _elementwise("grad_input_relu", (dyv, xv, yv), layout, chan, None, like, stream)
+        return _elementwise("epilogue", (dyv, yv), layout, chan, None, like, stream, K.MASKED)
     if training:
         return _elementwise("grad_input", (dyv, xv), layout, chan, None, like, stream)
     return _elementwise("normalize", (dyv,), layout, chan, None, like, stream)
 
 
-def _identity(layout: Layout, dy, y, stream):
-    """A new array of dy (``y`` None) or of dy where y > 0, else 0: normalize with the
-    identity's constants (0, 0, 1, 0), of the masked operand."""
-    sd = stats_dtype(describe(dy, "dy").dtype)
-    chan = np.zeros((K.ROWS, layout.c), sd)
-    chan[K.A] = 1.0
-    chan = cuda.to_device(chan, stream=stream)
-    dyv = input_view(dy, "dy", layout, stream)
-    if y is None:
-        return _elementwise("normalize", (dyv,), layout, chan, None, dy, stream)
-    yv = input_view(y, "y", layout, stream)
-    return _elementwise("epilogue", (dyv, yv), layout, chan, None, dy, stream, K.MASKED)
-
-
 def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, stream=None,
              y=None, residual_grad=False):
     """Gradients (dx, dweight, dbias), through the ReLU whose output is ``y`` if given;
-    ``residual_grad``: and dresidual. The ReLU's gradient (dresidual) is written first,
-    then read as the dy of the plain backward."""
-    if y is not None or residual_grad:
-        dr = dy
-        if chk.layout.count * chk.layout.c:
-            dr = _identity(chk.layout, dy, y, numba_stream(stream))
-        elif residual_grad:
-            dr = _nothing(dy, chk.layout, None, numba_stream(stream))
-        grads = backward(dr, x, chk, mean, invstd, weight, training, stream)
-        return (*grads, dr) if residual_grad else grads
+    ``residual_grad``: and dresidual, the gradient through the ReLU, which the reduction
+    stores as it sums it and the dx pass reads (without it the dx pass masks dy again:
+    no array of the tensor's size is written but dx)."""
     stream = numba_stream(stream)
     layout = chk.layout
     if layout.count * layout.c == 0:  # eval with N = 0, or no channels
         zeros = np.zeros(layout.c, stats_dtype(describe(x, "x").dtype))
-        return _nothing(x, layout, None, stream), from_host(zeros, x), from_host(zeros, x)
-    fresh, dyv, xv = _grad_sums(dy, x, chk, mean, invstd, weight, training, stream, x)
-    dx = _grad_elementwise(dyv, xv, chk.layout, fresh[1], training, x, stream)
-    return dx, as_result(fresh, x, 0), as_result(fresh, x, 1)
+        grads = (_nothing(x, layout, None, stream), from_host(zeros, x), from_host(zeros, x))
+        return (*grads, _nothing(dy, layout, None, stream)) if residual_grad else grads
+    xv, dyv = input_view(x, "x", layout, stream), input_view(dy, "dy", layout, stream)
+    yv = None if y is None else input_view(y, "y", layout, stream)
+    dr = drv = None
+    if residual_grad:
+        fresh = empty(layout, dyv.dtype, stream, dy)
+        dr, drv = as_result(fresh, dy), kernel_view(fresh[1], "dresidual", layout)
+    fresh = _grad_sums(dyv, xv, layout, mean, invstd, weight, training, stream, x, None, yv, drv)
+    if dr is not None:
+        dyv, yv = drv, None
+    dx = _grad_elementwise(dyv, xv, layout, fresh[1], training, x, stream, yv)
+    grads = (dx, as_result(fresh, x, 0), as_result(fresh, x, 1))
+    return (*grads, dr) if residual_grad else grads
 
 
 # --- the pieces ``numbabn.distributed`` assembles around its exchanges ---------------
@@ -375,9 +372,10 @@ def local_grad_sums(dy, x, chk: Checked, mean, stream=None):
     if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
     ones = cuda.to_device(np.ones(layout.c))  # dweight = sum dy * (x - mean) * 1
-    fresh, _, _ = _grad_sums(
-        dy, x, chk, cuda.to_device(mean), ones, None, True, numba_stream(stream), None, np.float64
-    )
+    stream = numba_stream(stream)
+    xv, dyv = input_view(x, "x", layout, stream), input_view(dy, "dy", layout, stream)
+    fresh = _grad_sums(dyv, xv, layout, cuda.to_device(mean), ones, None, True, stream, None,
+                       np.float64)
     dweight, dbias = fresh[1].copy_to_host()[:2]
     return np.stack([dbias, dweight])
 

@@ -25,8 +25,8 @@ import math
 import numpy as np
 from numba import config, cuda
 
-from . import _gpu_kernels as K
 from ._gpu_launch import launcher
+from ._gpu_reduce import BLOCK
 from ._validate import BF16, Layout, cuda_interface, describe, torch_dtype
 
 _SIM = bool(config.ENABLE_CUDASIM)
@@ -258,6 +258,20 @@ def _compress(shape, *strides):
     return merged
 
 
+@cuda.jit
+def copy_4d(src, dst):
+    """dst[...] = src[...] for two 4-D arrays of one shape and any strides."""
+    n0, n1, n2, n3 = dst.shape
+    total = n0 * n1 * n2 * n3
+    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
+        i3 = i % n3
+        r = i // n3
+        i2 = r % n2
+        r //= n2
+        i1 = r % n1
+        dst[r // n1, i1, i2, i3] = src[r // n1, i1, i2, i3]
+
+
 def copy_strided(src, dst, stream) -> None:
     """dst[...] = src[...] on the device, any strides (numba device arrays)."""
     axes = _compress(src.shape, src.strides, dst.strides)
@@ -270,8 +284,8 @@ def copy_strided(src, dst, stream) -> None:
     total = math.prod(shape)
     if total == 0:
         return
-    blocks = max(1, min(-(-total // K.BLOCK), 65535))
-    launcher(K.copy_4d, blocks, K.BLOCK, stream)(
+    blocks = max(1, min(-(-total // BLOCK), 65535))
+    launcher(copy_4d, blocks, BLOCK, stream)(
         strided(src, shape, tuple(a[1] for a in axes)),
         strided(dst, shape, tuple(a[2] for a in axes)),
     )

@@ -25,8 +25,6 @@ float64.
 
 from __future__ import annotations
 
-import math
-
 from numba import cuda, float64, int32, uint64
 
 from ._channel import grad_input, normalize, relu, relu_grad
@@ -53,7 +51,6 @@ from ._gpu_reduce import (  # noqa: F401 (launch constants, read by _gpu as K.*)
     is_last,
     load,
     merge_block,
-    norm_constants,
     store,
     tree_sum2,
 )
@@ -107,26 +104,30 @@ _grad_input = cuda.jit(device=True)(grad_input)
 _relu = cuda.jit(device=True)(relu)
 _relu_grad = cuda.jit(device=True)(relu_grad)
 
-# Bits of an elementwise mode above the formula's (0 normalize, 1 grad_input): the
-# epilogue of normalize, ``+ e`` then the ReLU; or its operand masked by e > 0 (the
-# gradient through a ReLU whose output is e).
+# Bits of a mode above the formula's (0 normalize or statistics, 1 grad_input or the
+# gradient's sums): the epilogue of normalize, ``+ e`` then the ReLU; the operand of
+# either formula masked by e > 0 (the gradient through a ReLU whose output is e); and,
+# in the sums, that operand stored into a fourth array (dresidual).
 RESIDUAL = 2
 RELU = 4
 MASKED = 8
+WRITE = 16
 
 
 @cuda.jit(device=True)
 def _value(mode, g, v, e, ct, k, o):
     """One output value for array ``o`` (``_channel``'s formulas; ``ct``, a zero of the
     compute type, widens float16): grad_input of g and v (mode bit 1), else normalize
-    of v (g unused), with the bits above. k: ``_constants``."""
+    of v (g unused), with the bits above (MASKED: of g, or v, through the ReLU).
+    k: ``_constants``."""
     hi, lo, p, q, k1 = k
+    u = load(g) + ct if mode & 1 else load(v) + ct
+    if mode & MASKED:
+        u = _relu_grad(u, load(e) + ct, ct)
     if mode & 1:
-        r = _grad_input(load(g) + ct, load(v) + ct, hi, lo, p, q, k1)
-    elif mode & MASKED:
-        r = _normalize(_relu_grad(load(v) + ct, load(e) + ct, ct), hi, lo, p, q)
+        r = _grad_input(u, load(v) + ct, hi, lo, p, q, k1)
     else:
-        r = _normalize(load(v) + ct, hi, lo, p, q)
+        r = _normalize(u, hi, lo, p, q)
     if mode & RESIDUAL:
         r = r + (load(e) + ct)
     if mode & RELU:
@@ -155,39 +156,65 @@ def _at(o):
 
 
 @cuda.jit(device=True)
-def _ncl_sums(a1, sa, b1, sb, nl, c, k, mode, tid):
-    """This thread's two sums over its block's share of channel c.
+def _operand(a, e, mode):
+    """An element of the summed operand in float64: a, or (mode bit MASKED) the gradient
+    a through the ReLU whose output is e."""
+    g = float64(load(a))
+    if mode & MASKED:
+        g = _relu_grad(g, float64(load(e)), 0.0)
+    return g
 
-    mode 0: (sum d, sum d^2) with d = a - k; mode 1: (sum a, sum a * (b - k)).
-    """
+
+@cuda.jit(device=True)
+def _ncl_sums(a1, sa, b1, sb, e1, se, r1, sr, nl, c, k, mode, tid):
+    """This thread's two sums over its block's share of channel c, of g = ``_operand``
+    (a, or a through the ReLU whose output is e) and b: mode 0, (sum d, sum d^2) with
+    d = g - k; mode bit 1, (sum g, sum g * (b - k)); bit WRITE also stores g into r.
+    Arrays the mode does not use (e, r) may be any of the shape (dead code)."""
     n_, l_ = nl
     j0, j1 = _span(n_ * l_)
     j = j0 + tid
     n, l, dn, dl = _start(j, l_)
     oa, da, wa = _offsets(sa, c, n, l, dn, dl, l_)
     ob, db, wb = _offsets(sb, c, n, l, dn, dl, l_)
+    oe, de, we = _offsets(se, c, n, l, dn, dl, l_)
+    or_, dr, wr = _offsets(sr, c, n, l, dn, dl, l_)
     s1 = 0.0
     s2 = 0.0
     while j + (U - 1) * BLOCK < j1:
         l, w = _wraps(l, dl, l_)
         oa1, ob1 = _next(oa, da, wa, w), _next(ob, db, wb, w)
+        oe1, or1 = _next(oe, de, we, w), _next(or_, dr, wr, w)
         l, w = _wraps(l, dl, l_)
         oa2, ob2 = _next(oa1, da, wa, w), _next(ob1, db, wb, w)
+        oe2, or2 = _next(oe1, de, we, w), _next(or1, dr, wr, w)
         l, w = _wraps(l, dl, l_)
         oa3, ob3 = _next(oa2, da, wa, w), _next(ob2, db, wb, w)
+        oe3, or3 = _next(oe2, de, we, w), _next(or2, dr, wr, w)
         a0, a1_, a2, a3 = a1[_at(oa)], a1[_at(oa1)], a1[_at(oa2)], a1[_at(oa3)]
         b0, b1_, b2, b3 = b1[_at(ob)], b1[_at(ob1)], b1[_at(ob2)], b1[_at(ob3)]
-        s1, s2 = accumulate(s1, s2, a0, b0, k, mode)
-        s1, s2 = accumulate(s1, s2, a1_, b1_, k, mode)
-        s1, s2 = accumulate(s1, s2, a2, b2, k, mode)
-        s1, s2 = accumulate(s1, s2, a3, b3, k, mode)
+        e0, e1_, e2, e3 = e1[_at(oe)], e1[_at(oe1)], e1[_at(oe2)], e1[_at(oe3)]
+        g0, g1 = _operand(a0, e0, mode), _operand(a1_, e1_, mode)
+        g2, g3 = _operand(a2, e2, mode), _operand(a3, e3, mode)
+        if mode & WRITE:
+            r1[_at(or_)], r1[_at(or1)] = store(g0, r1), store(g1, r1)
+            r1[_at(or2)], r1[_at(or3)] = store(g2, r1), store(g3, r1)
+        s1, s2 = accumulate(s1, s2, g0, b0, k, mode)
+        s1, s2 = accumulate(s1, s2, g1, b1_, k, mode)
+        s1, s2 = accumulate(s1, s2, g2, b2, k, mode)
+        s1, s2 = accumulate(s1, s2, g3, b3, k, mode)
         l, w = _wraps(l, dl, l_)
         oa, ob = _next(oa3, da, wa, w), _next(ob3, db, wb, w)
+        oe, or_ = _next(oe3, de, we, w), _next(or3, dr, wr, w)
         j += U * BLOCK
     while j < j1:
-        s1, s2 = accumulate(s1, s2, a1[_at(oa)], b1[_at(ob)], k, mode)
+        g = _operand(a1[_at(oa)], e1[_at(oe)], mode)
+        if mode & WRITE:
+            r1[_at(or_)] = store(g, r1)
+        s1, s2 = accumulate(s1, s2, g, b1[_at(ob)], k, mode)
         l, w = _wraps(l, dl, l_)
         oa, ob = _next(oa, da, wa, w), _next(ob, db, wb, w)
+        oe, or_ = _next(oe, de, we, w), _next(or_, dr, wr, w)
         j += BLOCK
     return s1, s2
 
@@ -201,7 +228,7 @@ def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, cha
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     k = float64(load(x1[_at(c * xs[1])]))
-    s1, s2 = _ncl_sums(x1, xs, x1, xs, nl, c, k, 0, tid)
+    s1, s2 = _ncl_sums(x1, xs, x1, xs, x1, xs, x1, xs, nl, c, k, 0, tid)
     last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
         s1, s2 = gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
@@ -210,21 +237,40 @@ def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, cha
             finish_stats(s1, s2, c, k, count, w, b, rm, rv, flags, eps, momentum, chan)
 
 
-@cuda.jit
-def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, chan):
-    """sum(dy) and sum(dy * (x - mean)) of channel blockIdx.x; the last block finishes."""
+@cuda.jit(device=True)
+def _grad_sums_ncl(dy1, dys, x1, xs, y1, ys, r1, rs, nl, mean, invstd, w, flags, part, counter,
+                   chan, mode):
+    """The gradient's sums of channel blockIdx.x (``_ncl_sums`` with ``mode``); the
+    last block finishes the channel."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
     flag = cuda.shared.array(1, int32)
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    s1, s2 = _ncl_sums(dy1, dys, x1, xs, nl, c, float64(load(mean[c])), 1, tid)
+    k = float64(load(mean[c]))
+    s1, s2 = _ncl_sums(dy1, dys, x1, xs, y1, ys, r1, rs, nl, c, k, mode, tid)
     last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
         s1, s2 = gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
         if tid == 0:
             count = float64(nl[0] * nl[1])
             finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan)
+
+
+@cuda.jit
+def grad_sums_ncl(dy1, dys, x1, xs, nl, mean, invstd, w, flags, part, counter, chan):
+    """sum(dy) and sum(dy * (x - mean)) of channel blockIdx.x; the last block finishes."""
+    _grad_sums_ncl(dy1, dys, x1, xs, dy1, dys, dy1, dys, nl, mean, invstd, w, flags, part, counter,
+                   chan, 1)
+
+
+@cuda.jit
+def grad_sums_relu_ncl(dy1, dys, x1, xs, y1, ys, dr1, drs, nl, mean, invstd, w, flags, part,
+                       counter, chan, mode):
+    """``grad_sums_ncl`` of the gradient dr through the ReLU whose output is y (mode bit
+    MASKED; without it dr = dy), storing dr (bit WRITE)."""
+    _grad_sums_ncl(dy1, dys, x1, xs, y1, ys, dr1, drs, nl, mean, invstd, w, flags, part, counter,
+                   chan, 1 | mode)
 
 
 @cuda.jit(device=True)
@@ -285,6 +331,12 @@ def grad_input_ncl(dy1, dys, x1, xs, nl, chan, ct, dx1, dxs):
 
 
 @cuda.jit
+def grad_input_relu_ncl(dy1, dys, x1, xs, y1, ys, nl, chan, ct, dx1, dxs):
+    """``grad_input_ncl`` of the gradient through the ReLU whose output is y."""
+    _elementwise_ncl(dy1, dys, x1, xs, y1, ys, dx1, dxs, nl, chan, ct, 1 | MASKED)
+
+
+@cuda.jit
 def epilogue_ncl(x1, xs, e1, es, nl, chan, ct, y1, ys, mode):
     """Normalize with the bits of ``mode`` (RESIDUAL and RELU: y = relu(bn(x) + e);
     MASKED: normalize of x where e > 0, else of 0)."""
@@ -295,26 +347,34 @@ def epilogue_ncl(x1, xs, e1, es, nl, chan, ct, y1, ys, mode):
 
 
 @cuda.jit(device=True)
-def _mc_sums(a2, b2, c, k, mode, ty):
-    """This thread's sums over rows ty, ty + R, ... of its block's rows (R = TY * S),
-    U rows loaded at a time."""
+def _mc_sums(a2, b2, e2, r2, c, k, mode, ty):
+    """This thread's sums (``_ncl_sums``'s) over rows ty, ty + R, ... of its block's
+    rows (R = TY * S), U rows loaded at a time."""
     m = a2.shape[0]
     step = TY * cuda.gridDim.y
     r = cuda.blockIdx.y * TY + ty
     s1 = 0.0
     s2 = 0.0
     while r + (U - 1) * step < m:
-        a0, a1 = a2[_at(r), _at(c)], a2[_at(r + step), _at(c)]
-        a2_, a3 = a2[_at(r + 2 * step), _at(c)], a2[_at(r + 3 * step), _at(c)]
-        b0, b1 = b2[_at(r), _at(c)], b2[_at(r + step), _at(c)]
-        b2_, b3 = b2[_at(r + 2 * step), _at(c)], b2[_at(r + 3 * step), _at(c)]
-        s1, s2 = accumulate(s1, s2, a0, b0, k, mode)
-        s1, s2 = accumulate(s1, s2, a1, b1, k, mode)
-        s1, s2 = accumulate(s1, s2, a2_, b2_, k, mode)
-        s1, s2 = accumulate(s1, s2, a3, b3, k, mode)
+        r0, r1, r2_, r3 = _at(r), _at(r + step), _at(r + 2 * step), _at(r + 3 * step)
+        a0, a1, a2_, a3 = a2[r0, _at(c)], a2[r1, _at(c)], a2[r2_, _at(c)], a2[r3, _at(c)]
+        b0, b1, b2_, b3 = b2[r0, _at(c)], b2[r1, _at(c)], b2[r2_, _at(c)], b2[r3, _at(c)]
+        e0, e1, e2_, e3 = e2[r0, _at(c)], e2[r1, _at(c)], e2[r2_, _at(c)], e2[r3, _at(c)]
+        g0, g1 = _operand(a0, e0, mode), _operand(a1, e1, mode)
+        g2, g3 = _operand(a2_, e2_, mode), _operand(a3, e3, mode)
+        if mode & WRITE:
+            r2[r0, _at(c)], r2[r1, _at(c)] = store(g0, r2), store(g1, r2)
+            r2[r2_, _at(c)], r2[r3, _at(c)] = store(g2, r2), store(g3, r2)
+        s1, s2 = accumulate(s1, s2, g0, b0, k, mode)
+        s1, s2 = accumulate(s1, s2, g1, b1, k, mode)
+        s1, s2 = accumulate(s1, s2, g2, b2_, k, mode)
+        s1, s2 = accumulate(s1, s2, g3, b3, k, mode)
         r += U * step
     while r < m:
-        s1, s2 = accumulate(s1, s2, a2[_at(r), _at(c)], b2[_at(r), _at(c)], k, mode)
+        g = _operand(a2[_at(r), _at(c)], e2[_at(r), _at(c)], mode)
+        if mode & WRITE:
+            r2[_at(r), _at(c)] = store(g, r2)
+        s1, s2 = accumulate(s1, s2, g, b2[_at(r), _at(c)], k, mode)
         r += step
     return s1, s2
 
@@ -334,7 +394,7 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
     s1 = 0.0
     s2 = 0.0
     if active:
-        s1, s2 = _mc_sums(x2, x2, c, k, 0, ty)
+        s1, s2 = _mc_sums(x2, x2, x2, x2, c, k, 0, ty)
     write = ty == 0 and active
     last = merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last:
@@ -343,9 +403,10 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
             finish_stats(s1, s2, c, k, float64(x2.shape[0]), w, b, rm, rv, flags, eps, momentum, chan)
 
 
-@cuda.jit
-def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
-    """sum(dy) and sum(dy * (x - mean)) for TX channels; the last block finishes them."""
+@cuda.jit(device=True)
+def _grad_sums_mc(dy2, x2, y2, r2, mean, invstd, w, flags, part, counter, chan, mode):
+    """The gradient's sums (``_mc_sums`` with ``mode``) for TX channels; the last block
+    finishes them."""
     sh1 = cuda.shared.array(BLOCK, float64)
     sh2 = cuda.shared.array(BLOCK, float64)
     flag = cuda.shared.array(1, int32)
@@ -357,13 +418,25 @@ def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
     s1 = 0.0
     s2 = 0.0
     if active:
-        s1, s2 = _mc_sums(dy2, x2, c, float64(load(mean[c])), 1, ty)
+        s1, s2 = _mc_sums(dy2, x2, y2, r2, c, float64(load(mean[c])), mode, ty)
     write = ty == 0 and active
     last = merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last:
         s1, s2 = gather(part, c, sh1, sh2, tid, TX, TY, ty, active)
         if write:
             finish_grad(s1, s2, c, float64(x2.shape[0]), mean, invstd, w, flags, chan)
+
+
+@cuda.jit
+def grad_sums_mc(dy2, x2, mean, invstd, w, flags, part, counter, chan):
+    """sum(dy) and sum(dy * (x - mean)) for TX channels; the last block finishes them."""
+    _grad_sums_mc(dy2, x2, dy2, dy2, mean, invstd, w, flags, part, counter, chan, 1)
+
+
+@cuda.jit
+def grad_sums_relu_mc(dy2, x2, y2, dr2, mean, invstd, w, flags, part, counter, chan, mode):
+    """``grad_sums_relu_ncl`` for TX channels per block column."""
+    _grad_sums_mc(dy2, x2, y2, dr2, mean, invstd, w, flags, part, counter, chan, 1 | mode)
 
 
 @cuda.jit(device=True)
@@ -408,40 +481,12 @@ def grad_input_mc(dy2, x2, chan, ct, dx2):
 
 
 @cuda.jit
+def grad_input_relu_mc(dy2, x2, y2, chan, ct, dx2):
+    """``grad_input_relu_ncl`` for TX channels per block column."""
+    _elementwise_mc(dy2, x2, y2, dx2, chan, ct, 1 | MASKED)
+
+
+@cuda.jit
 def epilogue_mc(x2, e2, chan, ct, y2, mode):
     """``epilogue_ncl`` for TX channels per block column."""
     _elementwise_mc(x2, x2, e2, y2, chan, ct, mode)
-
-
-# --- eval constants -----------------------------------------------------------------
-
-
-@cuda.jit
-def eval_params(rm, rv, w, b, flags, eps, chan):
-    """Normalize constants from the running statistics (one thread per channel); rows
-    0 and 1 receive the mean and invstd."""
-    c = cuda.grid(1)
-    if c >= rm.shape[0]:
-        return
-    mean = float64(load(rm[c]))
-    invstd = 1.0 / math.sqrt(float64(load(rv[c])) + eps)
-    chan[0, c] = mean
-    chan[1, c] = invstd
-    norm_constants(chan, c, mean, invstd, w, b, flags)
-
-
-# --- copies ---------------------------------------------------------------------------
-
-
-@cuda.jit
-def copy_4d(src, dst):
-    """dst[...] = src[...] for two 4-D arrays of one shape and any strides."""
-    n0, n1, n2, n3 = dst.shape
-    total = n0 * n1 * n2 * n3
-    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
-        i3 = i % n3
-        r = i // n3
-        i2 = r % n2
-        r //= n2
-        i1 = r % n1
-        dst[r // n1, i1, i2, i3] = src[r // n1, i1, i2, i3]

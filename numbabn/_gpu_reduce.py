@@ -1,7 +1,8 @@
 """The GPU kernels' launch constants and their per-channel reduction: a block's
 shared-memory tree, the merge of block partials by the channel's last block (in a fixed
 order: bitwise reproducible), and the finishing steps that turn sums into what an
-operation returns and the elementwise constants (see ``_gpu_kernels``)."""
+operation returns and the elementwise constants (see ``_gpu_kernels``), and the eval
+constants' kernel."""
 
 from __future__ import annotations
 
@@ -61,13 +62,13 @@ def is_last(counter, c, nblocks, flag, tid):
 
 @cuda.jit(device=True)
 def accumulate(s1, s2, a, b, k, mode):
-    """One value into a thread's two sums. mode 0 (statistics): d = a - k adds
-    (d, d^2); mode 1 (gradient): adds (a, a * (b - k)) with a = dy, b = x, k = mean."""
-    if mode == 0:
-        d = float64(load(a)) - k
-        return s1 + d, s2 + d * d
-    g = float64(load(a))
-    return s1 + g, s2 + g * (float64(load(b)) - k)
+    """One value into a thread's two sums; ``a`` is float64, ``b`` an element. mode 0
+    (statistics): d = a - k adds (d, d^2); mode bit 1 (gradient): adds (a, a * (b - k))
+    with a = dy, b = x, k = mean."""
+    if mode & 1:
+        return s1 + a, s2 + a * (float64(load(b)) - k)
+    d = a - k
+    return s1 + d, s2 + d * d
 
 
 @cuda.jit(device=True)
@@ -180,3 +181,15 @@ def finish_grad(s1, s2, c, count, mean, invstd, w, flags, chan):
     chan[K1, c] = k1
 
 
+@cuda.jit
+def eval_params(rm, rv, w, b, flags, eps, chan):
+    """Normalize constants from the running statistics (one thread per channel); rows
+    0 and 1 receive the mean and invstd."""
+    c = cuda.grid(1)
+    if c >= rm.shape[0]:
+        return
+    mean = float64(load(rm[c]))
+    invstd = 1.0 / math.sqrt(float64(load(rv[c])) + eps)
+    chan[0, c] = mean
+    chan[1, c] = invstd
+    norm_constants(chan, c, mean, invstd, w, b, flags)

@@ -12,7 +12,8 @@
 3. Times of train forward, eval forward and backward, float32, float16 and bfloat16, NCHW and
    channels-last, at 32x64x56x56 and 256x256x14x14, against PyTorch (cuDNN) and a
    device-to-device copy of the same bytes; one table of times and ratios.
-   Floors: train forward 3 passes, eval 2, backward 5, at the copy's bandwidth.
+   Floors: train forward 3 passes, eval 2, backward 5, at the copy's bandwidth; the
+   fused relu(bn(x) + z) forward 4 and its backward with dresidual 7.
 
 Two times per call: "gpu" is the device time of a call, measured with events
 around calls queued behind a sleeping kernel (so the host's launch overhead is
@@ -435,6 +436,10 @@ def bench(shape, layout, dtype):
     xg = x.clone().requires_grad_(True)
     wt, bt = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     yt = torch.nn.functional.batch_norm(xg, None, None, wt, bt, True)
+    z = _batch(shape, layout, dtype, seed=2)
+    zg = z.clone().requires_grad_(True)
+    y = numbabn.batch_norm(x, None, None, w, b, True, residual=z, activation="relu")
+    yr = torch.relu(torch.nn.functional.batch_norm(xg, None, None, wt, bt, True) + zg)
     copy, _ = _gpu(lambda: buf.copy_(x))
     ops = {
         "train fwd": (lambda: numbabn.batch_norm(x, rm, rv, w, b, True),
@@ -443,6 +448,14 @@ def bench(shape, layout, dtype):
                      lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b), 1.0),
         "backward": (lambda: numbabn.batch_norm_backward(dy, x, mean, invstd, w),
                      lambda: torch.autograd.grad(yt, (xg, wt, bt), dy, retain_graph=True), 2.5),
+        # relu(bn(x) + z): reads x twice and z, writes y; its backward with dresidual
+        # reads dy, y, x and writes dresidual, then reads it and x and writes dx.
+        "fused fwd": (lambda: numbabn.batch_norm(x, rm, rv, w, b, True, residual=z, activation="relu"),
+                      lambda: torch.relu(torch.nn.functional.batch_norm(x, rm, rv, w, b, True) + z),
+                      2.0),
+        "fused bwd": (lambda: numbabn.batch_norm_backward(dy, x, mean, invstd, w, activation="relu",
+                                                          y=y, residual_grad=True),
+                      lambda: torch.autograd.grad(yr, (xg, wt, bt, zg), dy, retain_graph=True), 3.5),
     }
     for op, (nb, tt, passes) in ops.items():
         g_nb, hid_nb = _gpu(nb)

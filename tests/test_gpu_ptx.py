@@ -40,14 +40,19 @@ def _signatures(data, vec):
         "stats_mc": (_arr(data, 2), v, v, v, v, i, f, f, part, counter, red),
         "grad_sums_ncl": (flat, st, flat, st, nl, v, v, v, i, part, counter, red),
         "grad_sums_mc": (_arr(data, 2), _arr(data, 2), v, v, v, i, part, counter, red),
+        "grad_sums_relu_ncl": (flat, st, flat, st, flat, st, flat, st, nl, v, v, v, i, part,
+                               counter, red, i),
+        "grad_sums_relu_mc": (*[_arr(data, 2)] * 4, v, v, v, i, part, counter, red, i),
         "normalize_ncl": (flat, st, nl, chan, stat, flat, st),
         "normalize_mc": (_arr(data, 2), chan, stat, _arr(data, 2)),
         "grad_input_ncl": (flat, st, flat, st, nl, chan, stat, flat, st),
         "grad_input_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2)),
+        "grad_input_relu_ncl": (flat, st, flat, st, flat, st, nl, chan, stat, flat, st),
+        "grad_input_relu_mc": (*[_arr(data, 2)] * 3, chan, stat, _arr(data, 2)),
         "epilogue_ncl": (flat, st, flat, st, nl, chan, stat, flat, st, i),
         "epilogue_mc": (_arr(data, 2), _arr(data, 2), chan, stat, _arr(data, 2), i),
-        "eval_params": (v, v, v, v, i, f, chan),
-        "copy_4d": (_arr(data, 4), _arr(data, 4)),
+        "eval_params": (v, v, v, v, i, f, chan),  # _gpu_reduce
+        "copy_4d": (_arr(data, 4), _arr(data, 4)),  # _gpu_arrays
         "fold_scale": (_arr(data, 1), _arr(types.float64, 1), i, i, _arr(data, 1)),  # _gpu_fold
     }
 
@@ -80,17 +85,17 @@ def _id(v):
 def test_kernel_compiles_to_ptx(name, data, vec, cc, monkeypatch):
     from numba.cuda import dispatcher
 
-    from numbabn import _gpu_kernels
+    from numbabn import _gpu_arrays, _gpu_fold, _gpu_kernels, _gpu_reduce
 
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Target(cc))
-    for fn in vars(_gpu_kernels).values():  # device functions: compile afresh for this cc
+    functions = {**vars(_gpu_reduce), **vars(_gpu_kernels)}.values()
+    for fn in functions:  # device functions: compile afresh for this cc
         if isinstance(fn, dispatcher.CUDADispatcher) and fn.targetoptions.get("device"):
             monkeypatch.setattr(fn, "overloads", {})
 
     sig = _signatures(DATA[data], vec)[name]
-    from numbabn import _gpu_fold
-
-    kernel = _gpu_fold._scale if name == "fold_scale" else getattr(_gpu_kernels, name)
+    kernel = {"fold_scale": _gpu_fold._scale, "eval_params": _gpu_reduce.eval_params,
+              "copy_4d": _gpu_arrays.copy_4d}.get(name) or getattr(_gpu_kernels, name)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ".entry" in ptx
