@@ -166,11 +166,11 @@ def _operand(a, e, mode):
 
 
 @cuda.jit(device=True)
-def _ncl_sums(a1, sa, b1, sb, e1, se, r1, sr, nl, c, k, mode, tid):
+def _ncl_sums(a1, sa, b1, sb, e1, se, o1, so, nl, c, k, mode, tid):
     """This thread's two sums over its block's share of channel c, of g = ``_operand``
     (a, or a through the ReLU whose output is e) and b: mode 0, (sum d, sum d^2) with
-    d = g - k; mode bit 1, (sum g, sum g * (b - k)); bit WRITE also stores g into r.
-    Arrays the mode does not use (e, r) may be any of the shape (dead code)."""
+    d = g - k; mode bit 1, (sum g, sum g * (b - k)); bit WRITE also stores g into o.
+    Arrays the mode does not use (e, o) may be any of the shape (dead code)."""
     n_, l_ = nl
     j0, j1 = _span(n_ * l_)
     j = j0 + tid
@@ -178,43 +178,43 @@ def _ncl_sums(a1, sa, b1, sb, e1, se, r1, sr, nl, c, k, mode, tid):
     oa, da, wa = _offsets(sa, c, n, l, dn, dl, l_)
     ob, db, wb = _offsets(sb, c, n, l, dn, dl, l_)
     oe, de, we = _offsets(se, c, n, l, dn, dl, l_)
-    or_, dr, wr = _offsets(sr, c, n, l, dn, dl, l_)
+    oz, dz, wz = _offsets(so, c, n, l, dn, dl, l_)
     s1 = 0.0
     s2 = 0.0
     while j + (U - 1) * BLOCK < j1:
         l, w = _wraps(l, dl, l_)
         oa1, ob1 = _next(oa, da, wa, w), _next(ob, db, wb, w)
-        oe1, or1 = _next(oe, de, we, w), _next(or_, dr, wr, w)
+        oe1, oz1 = _next(oe, de, we, w), _next(oz, dz, wz, w)
         l, w = _wraps(l, dl, l_)
         oa2, ob2 = _next(oa1, da, wa, w), _next(ob1, db, wb, w)
-        oe2, or2 = _next(oe1, de, we, w), _next(or1, dr, wr, w)
+        oe2, oz2 = _next(oe1, de, we, w), _next(oz1, dz, wz, w)
         l, w = _wraps(l, dl, l_)
         oa3, ob3 = _next(oa2, da, wa, w), _next(ob2, db, wb, w)
-        oe3, or3 = _next(oe2, de, we, w), _next(or2, dr, wr, w)
+        oe3, oz3 = _next(oe2, de, we, w), _next(oz2, dz, wz, w)
         a0, a1_, a2, a3 = a1[_at(oa)], a1[_at(oa1)], a1[_at(oa2)], a1[_at(oa3)]
         b0, b1_, b2, b3 = b1[_at(ob)], b1[_at(ob1)], b1[_at(ob2)], b1[_at(ob3)]
         e0, e1_, e2, e3 = e1[_at(oe)], e1[_at(oe1)], e1[_at(oe2)], e1[_at(oe3)]
         g0, g1 = _operand(a0, e0, mode), _operand(a1_, e1_, mode)
         g2, g3 = _operand(a2, e2, mode), _operand(a3, e3, mode)
         if mode & WRITE:
-            r1[_at(or_)], r1[_at(or1)] = store(g0, r1), store(g1, r1)
-            r1[_at(or2)], r1[_at(or3)] = store(g2, r1), store(g3, r1)
+            o1[_at(oz)], o1[_at(oz1)] = store(g0, o1), store(g1, o1)
+            o1[_at(oz2)], o1[_at(oz3)] = store(g2, o1), store(g3, o1)
         s1, s2 = accumulate(s1, s2, g0, b0, k, mode)
         s1, s2 = accumulate(s1, s2, g1, b1_, k, mode)
         s1, s2 = accumulate(s1, s2, g2, b2, k, mode)
         s1, s2 = accumulate(s1, s2, g3, b3, k, mode)
         l, w = _wraps(l, dl, l_)
         oa, ob = _next(oa3, da, wa, w), _next(ob3, db, wb, w)
-        oe, or_ = _next(oe3, de, we, w), _next(or3, dr, wr, w)
+        oe, oz = _next(oe3, de, we, w), _next(oz3, dz, wz, w)
         j += U * BLOCK
     while j < j1:
         g = _operand(a1[_at(oa)], e1[_at(oe)], mode)
         if mode & WRITE:
-            r1[_at(or_)] = store(g, r1)
+            o1[_at(oz)] = store(g, o1)
         s1, s2 = accumulate(s1, s2, g, b1[_at(ob)], k, mode)
         l, w = _wraps(l, dl, l_)
         oa, ob = _next(oa, da, wa, w), _next(ob, db, wb, w)
-        oe, or_ = _next(oe, de, we, w), _next(or_, dr, wr, w)
+        oe, oz = _next(oe, de, we, w), _next(oz, dz, wz, w)
         j += BLOCK
     return s1, s2
 
@@ -238,7 +238,7 @@ def stats_ncl(x1, xs, nl, w, b, rm, rv, flags, eps, momentum, part, counter, cha
 
 
 @cuda.jit(device=True)
-def _grad_sums_ncl(dy1, dys, x1, xs, y1, ys, r1, rs, nl, mean, invstd, w, flags, part, counter,
+def _grad_sums_ncl(dy1, dys, x1, xs, y1, ys, dr1, drs, nl, mean, invstd, w, flags, part, counter,
                    chan, mode):
     """The gradient's sums of channel blockIdx.x (``_ncl_sums`` with ``mode``); the
     last block finishes the channel."""
@@ -248,7 +248,7 @@ def _grad_sums_ncl(dy1, dys, x1, xs, y1, ys, r1, rs, nl, mean, invstd, w, flags,
     c = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     k = float64(load(mean[c]))
-    s1, s2 = _ncl_sums(dy1, dys, x1, xs, y1, ys, r1, rs, nl, c, k, mode, tid)
+    s1, s2 = _ncl_sums(dy1, dys, x1, xs, y1, ys, dr1, drs, nl, c, k, mode, tid)
     last = merge_block(s1, s2, sh1, sh2, tid, 1, BLOCK, part, c, tid == 0, counter, c, flag)
     if last:
         s1, s2 = gather(part, c, sh1, sh2, tid, 1, BLOCK, tid, True)
@@ -347,7 +347,7 @@ def epilogue_ncl(x1, xs, e1, es, nl, chan, ct, y1, ys, mode):
 
 
 @cuda.jit(device=True)
-def _mc_sums(a2, b2, e2, r2, c, k, mode, ty):
+def _mc_sums(a2, b2, e2, o2, c, k, mode, ty):
     """This thread's sums (``_ncl_sums``'s) over rows ty, ty + R, ... of its block's
     rows (R = TY * S), U rows loaded at a time."""
     m = a2.shape[0]
@@ -356,15 +356,15 @@ def _mc_sums(a2, b2, e2, r2, c, k, mode, ty):
     s1 = 0.0
     s2 = 0.0
     while r + (U - 1) * step < m:
-        r0, r1, r2_, r3 = _at(r), _at(r + step), _at(r + 2 * step), _at(r + 3 * step)
-        a0, a1, a2_, a3 = a2[r0, _at(c)], a2[r1, _at(c)], a2[r2_, _at(c)], a2[r3, _at(c)]
-        b0, b1, b2_, b3 = b2[r0, _at(c)], b2[r1, _at(c)], b2[r2_, _at(c)], b2[r3, _at(c)]
-        e0, e1, e2_, e3 = e2[r0, _at(c)], e2[r1, _at(c)], e2[r2_, _at(c)], e2[r3, _at(c)]
+        r0, r1, r2, r3 = _at(r), _at(r + step), _at(r + 2 * step), _at(r + 3 * step)
+        a0, a1, a2_, a3 = a2[r0, _at(c)], a2[r1, _at(c)], a2[r2, _at(c)], a2[r3, _at(c)]
+        b0, b1, b2_, b3 = b2[r0, _at(c)], b2[r1, _at(c)], b2[r2, _at(c)], b2[r3, _at(c)]
+        e0, e1, e2_, e3 = e2[r0, _at(c)], e2[r1, _at(c)], e2[r2, _at(c)], e2[r3, _at(c)]
         g0, g1 = _operand(a0, e0, mode), _operand(a1, e1, mode)
         g2, g3 = _operand(a2_, e2_, mode), _operand(a3, e3, mode)
         if mode & WRITE:
-            r2[r0, _at(c)], r2[r1, _at(c)] = store(g0, r2), store(g1, r2)
-            r2[r2_, _at(c)], r2[r3, _at(c)] = store(g2, r2), store(g3, r2)
+            o2[r0, _at(c)], o2[r1, _at(c)] = store(g0, o2), store(g1, o2)
+            o2[r2, _at(c)], o2[r3, _at(c)] = store(g2, o2), store(g3, o2)
         s1, s2 = accumulate(s1, s2, g0, b0, k, mode)
         s1, s2 = accumulate(s1, s2, g1, b1, k, mode)
         s1, s2 = accumulate(s1, s2, g2, b2_, k, mode)
@@ -373,7 +373,7 @@ def _mc_sums(a2, b2, e2, r2, c, k, mode, ty):
     while r < m:
         g = _operand(a2[_at(r), _at(c)], e2[_at(r), _at(c)], mode)
         if mode & WRITE:
-            r2[_at(r), _at(c)] = store(g, r2)
+            o2[_at(r), _at(c)] = store(g, o2)
         s1, s2 = accumulate(s1, s2, g, b2[_at(r), _at(c)], k, mode)
         r += step
     return s1, s2
@@ -404,7 +404,7 @@ def stats_mc(x2, w, b, rm, rv, flags, eps, momentum, part, counter, chan):
 
 
 @cuda.jit(device=True)
-def _grad_sums_mc(dy2, x2, y2, r2, mean, invstd, w, flags, part, counter, chan, mode):
+def _grad_sums_mc(dy2, x2, y2, dr2, mean, invstd, w, flags, part, counter, chan, mode):
     """The gradient's sums (``_mc_sums`` with ``mode``) for TX channels; the last block
     finishes them."""
     sh1 = cuda.shared.array(BLOCK, float64)
@@ -418,7 +418,7 @@ def _grad_sums_mc(dy2, x2, y2, r2, mean, invstd, w, flags, part, counter, chan, 
     s1 = 0.0
     s2 = 0.0
     if active:
-        s1, s2 = _mc_sums(dy2, x2, y2, r2, c, float64(load(mean[c])), mode, ty)
+        s1, s2 = _mc_sums(dy2, x2, y2, dr2, c, float64(load(mean[c])), mode, ty)
     write = ty == 0 and active
     last = merge_block(s1, s2, sh1, sh2, tid, TX, TY, part, c, write, counter, cuda.blockIdx.x, flag)
     if last:
