@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,46 @@ pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels")
 def test_precompile_runs_every_case_in_workers():
     seconds = numbabn.precompile(dtypes=("float32",), processes=2, progress=False)
     assert seconds > 0
+
+
+# Runs the precompile cases, then prints the numbabn kernels this process compiled.
+_COMPILED_BY_CASES = """
+from numba.core import event
+compiled = set()
+
+class Listener(event.Listener):
+    def on_start(self, ev):  # (a compile, not a load from the cache)
+        py_func = ev.data["dispatcher"].py_func
+        if py_func.__module__.startswith("numbabn"):
+            compiled.add(py_func.__qualname__)
+
+    def on_end(self, ev):
+        pass
+
+event.register("numba:compile", Listener())
+from numbabn import _precompile
+_precompile.run_cases("float32")
+print(sorted(compiled))
+"""
+
+
+def test_a_filled_cache_serves_a_new_process_without_compiling():
+    """After ``precompile``, a new process running its cases compiles no kernel: each
+    loads from numba's cache. (A kernel whose cache key changes from one process to the
+    next, as it does with a dispatcher in the kernel's closure, compiled on every first
+    call.)"""
+    from numbabn import _precompile
+
+    numbabn.precompile(dtypes=("float32",), processes=2, progress=False)
+    for streamed in (False, True):
+        env = dict(os.environ)
+        if streamed:
+            env["NUMBABN_LLC_BYTES"] = str(_precompile._STREAM_LLC_BYTES)
+        run = subprocess.run(
+            [sys.executable, "-c", _COMPILED_BY_CASES], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.splitlines()[-1] == "[]", (streamed, run.stdout)
 
 
 def test_precompile_reports_a_failed_worker(monkeypatch):

@@ -8,7 +8,7 @@ once instead of twice.
 * The backward sums a channel, then writes its dx; into a streamed output it walks the
   rows from the last (those summed last are the likeliest still in cache). Through a
   ReLU the gradient is the masked pair (dy, y), and dresidual (that gradient) is
-  written by the loop that sums it (``written_sums``).
+  written by the loop that sums it (``written_plain``, ``written_streamed``).
 
 Channels come from a shared counter (``_atomic``) into streamed outputs (data out of
 cache: threads finish together), else from a run of each task's own (a channel's data
@@ -165,8 +165,9 @@ def _written_sums(streamed):
     return written_sums
 
 
-# by store kind
-written_sums = {streamed: _written_sums(streamed) for streamed in (False, True)}
+# By store kind, as module globals: held in a kernel's closure, a dispatcher would key
+# numba's disk cache on its identity in this process, so the kernel compiled again in each.
+written_plain, written_streamed = _written_sums(False), _written_sums(True)
 
 
 @njit(**EXACT)
@@ -228,8 +229,6 @@ forward_plain, forward_streamed = _forward_run(False), _forward_run(True)
 
 
 def _backward_run(streamed, training):
-    writing = written_sums[streamed]
-
     @njit(**ELEM)
     def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, r3, dx3):
         """Backward of the channels this task takes: each channel's gradient sums, its
@@ -243,8 +242,10 @@ def _backward_run(streamed, training):
         while c >= 0:
             if r3 is None:
                 s1, s2 = _channel_sums(dy3, x3, c, mean[c], acc)
+            elif streamed:
+                s1, s2 = written_streamed(dy3, x3, c, mean[c], acc, r3)
             else:
-                s1, s2 = writing(dy3, x3, c, mean[c], acc, r3)
+                s1, s2 = written_plain(dy3, x3, c, mean[c], acc, r3)
             grad_params(c, s1, s2, n_ * l_, mean, invstd, weight, training, params, grads)
             kg, kn = consts(dy3, params, c), consts(None, params, c)
             for i in range(n_):  # (the row loops inlined: called, short rows cost more)
