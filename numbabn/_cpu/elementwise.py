@@ -35,7 +35,7 @@ from numba.extending import overload
 
 from .._half import store
 from . import llvm, pieces, vector
-from .formulas import ELEM, PAR, consts, flat, piece, plain, plane, value
+from .formulas import ELEM, INLINED, PAR, consts, flat, piece, plain, plane, value
 from .tuning import COMPILED
 
 
@@ -43,7 +43,7 @@ def columns(g, params, i0, i1):
     """The formula's constants as arrays: columns [i0, i1) of packed rows ``params``."""
 
 
-@overload(columns, inline="always")
+@overload(columns, jit_options=INLINED)
 def _columns(g, params, i0, i1):
     if isinstance(g, types.NoneType):
         return lambda g, params, i0, i1: (
@@ -59,7 +59,7 @@ def at_column(k, i):
     """A tuple of constant arrays read at ``i``: one column's scalars."""
 
 
-@overload(at_column, inline="always")
+@overload(at_column, jit_options=INLINED)
 def _at_column(k, i):
     if len(k) == 4:
         return lambda k, i: (k[0][i], k[1][i], k[2][i], k[3][i])
@@ -74,7 +74,7 @@ def block_spans(g):
     """Spans of one blocked step: more for normalize, whose loop holds fewer arrays."""
 
 
-@overload(block_spans, inline="always")
+@overload(block_spans, jit_options=INLINED)
 def _block_spans(g):
     n = _BLOCK_NORMALIZE if isinstance(g, types.NoneType) else _BLOCK_GRAD
     return lambda g: n
