@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _pool
-from .._channel import IDENTITY, as64
+from .._channel import as64
 from .._pool import threads as _threads
 from .._validate import Checked, Layout, stats_dtype
 from . import arrays, formulas, fused, plan, reduce, small
@@ -56,17 +56,17 @@ KERNELS = {
 _run = _pool.runnable  # (each kernel as this process may run it)
 
 
-def _reduce(g, x, centre, layout: Layout, p: plan.Plan) -> np.ndarray:
+def _reduce(g, x, centre, layout: Layout, p: plan.Plan, r=None) -> np.ndarray:
     """The (2, C) float64 per-channel sums of canonical view ``x``: ``g`` None, its mean
-    and biased variance; else (sum g, sum g * (x - centre))."""
+    and biased variance; else (sum g, sum g * (x - centre)), and with ``r`` (a canonical
+    view) each g stored there as it is summed."""
     view, k = p.sums, arrays.kernel_array
     if view != layout:  # flat rows: one column per value of a sample
-        x = x.reshape(view.n, view.c)
-        g = arrays.operand(lambda a: a.reshape(view.n, view.c), g)
+        x, g, r = (arrays.operand(lambda a: a.reshape(view.n, view.c), a) for a in (x, g, r))
     part = np.empty((p.sums_tasks, 2, view.c))
     out = np.empty((2, layout.c))
     sums = KERNELS[view.kind].sums  # (a launcher: it runs its kernel as ``_pool`` allows)
-    sums(arrays.operand(k, g), k(x), centre, *p.sums_work, part, out)
+    sums(arrays.operand(k, g), k(x), centre, *p.sums_work, part, out, arrays.operand(k, r))
     return out
 
 
@@ -208,27 +208,23 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
     """Gradients (dx, dweight, dbias); see the API contract for the formulas. ``y``:
     the output of a forward with a ReLU, which ``dy`` goes through first (a masked
     operand of the passes); ``residual_grad``: also return dresidual, that gradient,
-    which the fused and single-thread passes write in their first loop (the others
-    write it first, then read it as the ``dy`` of the plain backward)."""
+    which every path writes in the loop that first sums it (the two-pass path then
+    reads it as the ``dy`` of its dx pass)."""
     layout = chk.layout
-    empty = layout.count * layout.c == 0  # eval with N = 0, or no channels
-    p = None if empty else _plan(layout, _threads(), x.itemsize)
-    one_pass = not empty and (
-        p.small or (p.fuse_backward if y is None else p.fuse_backward_relu)
-    )
-    if residual_grad and not one_pass:
-        dr = np.copy(dy) if y is None else _through_relu(dy, y, layout)
-        return (*backward(dr, x, chk, mean, invstd, weight, training), dr)
-    if empty:
+    if layout.count * layout.c == 0:  # eval with N = 0, or no channels
         zeros = np.zeros(layout.c, stats_dtype(x.dtype))
-        return arrays.nothing(x, layout, None), zeros, zeros.copy()
+        none = (arrays.nothing(x, layout, None), zeros, zeros.copy())
+        return (*none, arrays.empty(layout, dy)[0]) if residual_grad else none
+    p = _plan(layout, _threads(), x.itemsize)
     mean64, invstd64 = np.asarray(mean, dtype=np.float64), np.asarray(invstd, dtype=np.float64)
     (dy, dyv), (x, xv) = arrays.ordered(dy, layout), arrays.ordered(x, layout)
-    if not one_pass:
-        sums = local_grad_sums(dy, x, chk, mean64, p, y)
-        return grad_input(
-            dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, p, y
-        )
+    if not (p.small or (p.fuse_backward if y is None else p.fuse_backward_relu)):
+        dr, drv = arrays.empty(layout, dy) if residual_grad else (None, None)
+        sums = local_grad_sums(dy, x, chk, mean64, p, y, drv)
+        if dr is not None:  # (dx then reads one array where the masked pair was two)
+            dy, y = dr, None
+        grads = grad_input(dy, x, chk, mean64, invstd64, weight, sums, layout.count, training, p, y)
+        return (*grads, dr) if residual_grad else grads
     c = layout.c
     ctype = stats_dtype(x.dtype)  # also the dtype of dweight and dbias
     dx, dxv = arrays.output(None, x, layout)
@@ -276,26 +272,17 @@ def _gradient(dy, y, layout: Layout):
     return dyv if y is None else (dyv, arrays.view(y, layout))
 
 
-def _through_relu(dy, y, layout: Layout) -> np.ndarray:
-    """A new array of dy where y > 0, else 0: normalize of the masked operand with the
-    identity's constants (``_channel.IDENTITY``)."""
-    dr, drv = arrays.empty(layout, dy)
-    if layout.count * layout.c:
-        params = np.empty((4, layout.c), stats_dtype(dy.dtype))
-        params[:] = np.array(IDENTITY)[:, None]
-        p = _plan(layout, _threads(), dy.itemsize)
-        _elementwise(None, _gradient(dy, y, layout), params, drv, layout, p)
-    return dr
-
-
-def local_grad_sums(dy, x, chk: Checked, mean, p: plan.Plan | None = None, y=None) -> np.ndarray:
+def local_grad_sums(
+    dy, x, chk: Checked, mean, p: plan.Plan | None = None, y=None, drv=None
+) -> np.ndarray:
     """float64 (sum dy, sum dy * (x - mean)) per channel, shape (2, C) (``plan``: the
-    caller's :func:`_plan`, made here if not given; ``y``: as for :func:`backward`)."""
+    caller's :func:`_plan`, made here if not given; ``y``: as for :func:`backward`;
+    ``drv``: a canonical view that the gradient is stored into, dresidual)."""
     layout = chk.layout
     if layout.count * layout.c == 0:
         return np.zeros((2, layout.c))
     p = p or _plan(layout, _threads(), x.itemsize)
-    return _reduce(_gradient(dy, y, layout), arrays.view(x, layout), mean, layout, p)
+    return _reduce(_gradient(dy, y, layout), arrays.view(x, layout), mean, layout, p, drv)
 
 
 def grad_input(dy, x, chk: Checked, mean, invstd, weight, sums, count, training, p=None, y=None):

@@ -23,16 +23,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._half import load
+from .._half import load, store
 from . import llvm, pieces
 from .formulas import EXACT, PAR, SUM, load_at, moments, plane, row
 
 
 @njit(**SUM)
-def _row_sums(gr, xr, k):
+def _row_sums(gr, xr, k, rr):
     """A contiguous row's (sum d, sum d^2), d = x - k (``gr`` None: the moments'), or
     (sum g, sum g * (x - k)) with gradient row ``gr`` (an array, or a ReLU-masked pair,
-``formulas.load_at``)."""
+    ``formulas.load_at``), each g also stored into ``rr`` if an array (dresidual)."""
     s1 = 0.0
     s2 = 0.0
     if gr is None:
@@ -42,17 +42,21 @@ def _row_sums(gr, xr, k):
             s2 += d * d
     else:
         for i in range(xr.size):
-            g = np.float64(load_at(gr, i))
+            v = load_at(gr, i)
+            if rr is not None:
+                rr[i] = store(v, rr)
+            g = np.float64(v)
             s1 += g
             s2 += g * (np.float64(load(xr[i])) - k)
     return s1, s2
 
 
 @njit(**SUM)
-def rows_sums_mc(g2, x2, lo, hi, shift, s1, s2):
+def rows_sums_mc(g2, x2, lo, hi, shift, s1, s2, r2):
     """Rows [lo, hi) of (M, C) ``x2`` added into per-column sums ``s1``, ``s2`` as
-    :func:`_row_sums` (columns shifted by ``shift``), two rows at a time: the sums and
-    the shift are then loaded and stored once for two values."""
+    :func:`_row_sums` (columns shifted by ``shift``, the gradient stored into rows of
+    ``r2`` if an array), two rows at a time: the sums and the shift are then loaded and
+    stored once for two values."""
     r = lo
     if g2 is None:
         while r + 2 <= hi:
@@ -73,8 +77,12 @@ def rows_sums_mc(g2, x2, lo, hi, shift, s1, s2):
     while r + 2 <= hi:
         ga, gb, xa, xb = row(g2, r), row(g2, r + 1), x2[r], x2[r + 1]
         for c in range(xa.size):
-            g1 = np.float64(load_at(ga, c))
-            g2_ = np.float64(load_at(gb, c))
+            va, vb = load_at(ga, c), load_at(gb, c)
+            if r2 is not None:
+                r2[r, c] = store(va, r2)
+                r2[r + 1, c] = store(vb, r2)
+            g1 = np.float64(va)
+            g2_ = np.float64(vb)
             s1[c] += g1 + g2_
             d1 = np.float64(load(xa[c])) - shift[c]
             d2 = np.float64(load(xb[c])) - shift[c]
@@ -83,7 +91,10 @@ def rows_sums_mc(g2, x2, lo, hi, shift, s1, s2):
     if r < hi:
         gr, xr = row(g2, r), x2[r]
         for c in range(xr.size):
-            g = np.float64(load_at(gr, c))
+            v = load_at(gr, c)
+            if r2 is not None:
+                r2[r, c] = store(v, r2)
+            g = np.float64(v)
             s1[c] += g
             s2[c] += g * (np.float64(load(xr[c])) - shift[c])
 
@@ -132,7 +143,7 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
 
 
 @njit(**EXACT)
-def _sweep_task(g3, x3, shift, run, nrun, nseg, part):
+def _sweep_task(g3, x3, shift, run, nrun, nseg, part, r3):
     """Run ``run`` of ``nrun`` runs of samples, read in memory order (every channel's
     plane of a sample in turn): its partial row ``part[run]`` (``nseg``: 1)."""
     p = part[run]
@@ -143,13 +154,13 @@ def _sweep_task(g3, x3, shift, run, nrun, nseg, part):
     l_ = x3.shape[2]
     for n in range(n0, n1):
         for c in range(x3.shape[1]):
-            a, b = _row_sums(plane(g3, n, c, 0, l_), x3[n, c], shift[c])
+            a, b = _row_sums(plane(g3, n, c, 0, l_), x3[n, c], shift[c], plane(r3, n, c, 0, l_))
             p[0, c] += a
             p[1, c] += b
 
 
 @njit(**EXACT)
-def _segment_task(g3, x3, shift, task, nrun, nseg, part):
+def _segment_task(g3, x3, shift, task, nrun, nseg, part, r3):
     """Task ``task``'s run of samples over one segment of one channel's planes
     (:func:`_sum_task`): its partial sums ``part[row, :, c]``."""
     n_, c_, l_ = x3.shape
@@ -157,21 +168,21 @@ def _segment_task(g3, x3, shift, task, nrun, nseg, part):
     s1 = 0.0
     s2 = 0.0
     for n in range(n0, n1):
-        a, b = _row_sums(plane(g3, n, c, lo, hi), x3[n, c, lo:hi], shift[c])
+        a, b = _row_sums(plane(g3, n, c, lo, hi), x3[n, c, lo:hi], shift[c], plane(r3, n, c, lo, hi))
         s1 += a
         s2 += b
     part[row, 0, c], part[row, 1, c] = s1, s2
 
 
 @njit(**PAR)
-def _sums_ncl(address, g3, x3, centre, nrun, nseg, ntask, part, out):
+def _sums_ncl(address, g3, x3, centre, nrun, nseg, ntask, part, out, r3):
     n_, c_, l_ = x3.shape
     if g3 is None:
         shift = pieces.firsts(x3[0, :, 0], 1)
     else:
         shift = centre
     for t in prange(np.int64(ntask)):
-        args = (g3, x3, shift, np.int64(t), np.int64(nrun), np.int64(nseg), part)
+        args = (g3, x3, shift, np.int64(t), np.int64(nrun), np.int64(nseg), part, r3)
         llvm.call(address, args)
     _add_partials(part, 1, out)
     if g3 is None:
@@ -181,7 +192,7 @@ def _sums_ncl(address, g3, x3, centre, nrun, nseg, ntask, part, out):
 _SHIFT, _INT = np.empty(0), llvm.INT  # (for typing the tasks' shift and indices)
 
 
-def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
+def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out, r3=None):
     """Per-channel sums of (N, C, L) ``x3`` into ``out`` (2, C): ``g3`` None, the mean
     and biased variance, from sums shifted by each channel's first value; else
     (sum dy, sum dy * (x - centre[c])) with dy = ``g3``. Task partials
@@ -189,11 +200,12 @@ def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out):
     ``nrun`` runs of samples, then added in task order. ``sweep`` (whole planes, nseg
     1): one task per run, which reads its samples in memory order, all channels of a
     sample before the next; else a task per run, channel and segment. The additions are
-    the same either way. The tasks are called by address (``llvm.call``)."""
+    the same either way. ``r3`` an array: the gradient stored there as it is summed
+    (dresidual). The tasks are called by address (``llvm.call``)."""
     task, ntask = (_sweep_task, nrun) if sweep else (_segment_task, nrun * x3.shape[1] * nseg)
     shift = _SHIFT if g3 is None else centre
-    run_args = (g3, x3, shift, _INT, _INT, _INT, part)
-    llvm.launch(_sums_ncl, task, run_args, g3, x3, centre, nrun, nseg, ntask, part, out)
+    run_args = (g3, x3, shift, _INT, _INT, _INT, part, r3)
+    llvm.launch(_sums_ncl, task, run_args, g3, x3, centre, nrun, nseg, ntask, part, out, r3)
 
 
 # rows_sums_mc inlined into the chunk, with the same flags (docs/performance.md: faster so)
@@ -201,19 +213,19 @@ _rows_inline = njit(inline="always")(rows_sums_mc.py_func)
 
 
 @njit(**SUM)
-def _mc_chunk(g2, x2, shift, t, nchunk, part):
+def _mc_chunk(g2, x2, shift, t, nchunk, part, r2):
     """Row chunk t of ``nchunk`` of :func:`sums_mc` into ``part[t]``. Each chunk adds
     into its own fresh arrays: adding into ``part`` itself, two chunks' sums can share a
     cache line (``part`` is 16-byte aligned), which two threads then pass back and forth
     on every row (1.9x slower with 2 chunks on 2 threads)."""
     lo, hi = pieces.rows(t, nchunk, x2.shape[0])
     s1, s2 = np.zeros(x2.shape[1]), np.zeros(x2.shape[1])
-    _rows_inline(g2, x2, lo, hi, shift, s1, s2)
+    _rows_inline(g2, x2, lo, hi, shift, s1, s2, r2)
     _keep(part[t], s1, s2)
 
 
 @njit(**PAR)
-def _sums_mc(address, g2, x2, centre, l, nchunk, part, out):
+def _sums_mc(address, g2, x2, centre, l, nchunk, part, out, r2):
     m = x2.shape[0]
     if g2 is None:
         first = pieces.firsts(x2[0], l)
@@ -221,16 +233,17 @@ def _sums_mc(address, g2, x2, centre, l, nchunk, part, out):
         first = centre
     shift = pieces.columns(first, l)
     for t in prange(np.int64(nchunk)):
-        llvm.call(address, (g2, x2, shift, np.int64(t), np.int64(nchunk), part))
+        llvm.call(address, (g2, x2, shift, np.int64(t), np.int64(nchunk), part, r2))
     _add_partials(part, l, out)
     if g2 is None:
         _finish_moments(out, first, m * l)
 
 
-def sums_mc(g2, x2, centre, l, nchunk, part, out):
+def sums_mc(g2, x2, centre, l, nchunk, part, out, r2=None):
     """Per-channel sums of (M, C) ``x2`` into ``out`` (2, C), as :func:`sums_ncl`:
     part[t, :, j] over row chunk t of column j (:func:`_mc_chunk`, called by address,
     ``llvm.call``), then added in chunk order and over the ``l`` columns of each channel
-    (flat rows of NCL samples; ``l == 1`` for true channels)."""
-    run_args = (g2, x2, _SHIFT, _INT, _INT, part)
-    llvm.launch(_sums_mc, _mc_chunk, run_args, g2, x2, centre, l, nchunk, part, out)
+    (flat rows of NCL samples; ``l == 1`` for true channels); ``r2``: as for
+    :func:`sums_ncl`."""
+    run_args = (g2, x2, _SHIFT, _INT, _INT, part, r2)
+    llvm.launch(_sums_mc, _mc_chunk, run_args, g2, x2, centre, l, nchunk, part, out, r2)

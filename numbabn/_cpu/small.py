@@ -18,7 +18,6 @@ from .formulas import (
     channel_params,
     consts,
     data,
-    identity,
     moments,
     plain,
     plane,
@@ -72,7 +71,7 @@ def stats_mc(x2, stats):
         shift[c] = load(x2[0, c])
     s1 = np.zeros(c_)
     s2 = np.zeros(c_)
-    rows_sums_mc(None, x2, 0, m, shift, s1, s2)
+    rows_sums_mc(None, x2, 0, m, shift, s1, s2, None)
     for c in range(c_):
         stats[0, c], stats[1, c] = moments(s1[c], s2[c], shift[c], m)
 
@@ -95,14 +94,12 @@ def forward_mc(x2, weight, bias, eps, params, stats, y2):
 
 @njit(**ELEM)
 def backward_mc(dy2, x2, mean, invstd, weight, training, params, grads, r2, dx2):
-    """``dy2`` may be a masked pair; dresidual (that gradient) into ``r2`` if an array."""
+    """``dy2`` may be a masked pair; dresidual (that gradient) into ``r2`` if an array,
+    as it is summed."""
     m, c_ = x2.shape
     s1 = np.zeros(c_)
     s2 = np.zeros(c_)
-    rows_sums_mc(dy2, x2, 0, m, mean, s1, s2)
-    if r2 is not None:
-        for r in range(m):
-            plain(None, row(dy2, r), identity(x2), r2[r], 0, c_)
+    rows_sums_mc(dy2, x2, 0, m, mean, s1, s2, r2)
     for c in range(c_):
         channel_grad_params(c, s1[c], s2[c], m, mean, invstd, weight, training, params, grads)
     if training:
