@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from ._validate import BF16
 
@@ -133,16 +133,3 @@ def sim_store(value, like):
     if like.dtype != np.int16:
         return value
     return np.asarray(value).astype(BF16).view(np.int16)[()]
-
-
-def zero(a):
-    """0 in the compute type of array ``a``'s elements (float32 or float64)."""
-
-
-@overload(zero, inline="always")
-def _zero(a):
-    if a.dtype in (types.uint16, types.int16, types.float32):
-        return lambda a: types.float32(0.0)
-    if a.dtype == types.float64:
-        return lambda a: 0.0
-    return None

@@ -31,7 +31,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .._channel import IDENTITY, finite_scale, grad_input, mean_lo, normalize, relu, relu_grad
-from .._half import load, store, zero
+from .._half import load, store
 
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
 # (x - hi) - lo into x - (hi + lo); each row helper is compiled with its own flags.
@@ -56,6 +56,19 @@ _grad_input = njit(inline="always")(grad_input)
 # expression, they kept LLVM from vectorizing the loops around them)
 _relu = njit(inline="always")(relu)
 _relu_grad = njit(inline="always")(relu_grad)
+
+
+def zero(a):
+    """0 in the compute type of array ``a``'s elements (float32 or float64)."""
+
+
+@overload(zero, jit_options=INLINED)
+def _zero(a):
+    if a.dtype in (types.uint16, types.int16, types.float32):
+        return lambda a: types.float32(0.0)
+    if a.dtype == types.float64:
+        return lambda a: 0.0
+    return None
 
 
 def at(p, i):

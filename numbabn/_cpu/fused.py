@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _atomic
-from .._half import load, zero
+from .._half import load
 from . import llvm, vector
 from .elementwise import span_streamed
 from .formulas import (
@@ -40,6 +40,7 @@ from .formulas import (
     norm_params,
     plain,
     plane,
+    zero,
 )
 from .formulas import channel_grad_params as grad_params
 

@@ -40,7 +40,7 @@ def item_bytes(a):
     read at run time, and dividing by it costs a division instruction per use)."""
 
 
-@overload(item_bytes, inline="always")
+@overload(item_bytes, jit_options=formulas.INLINED)
 def _item_bytes(a):
     size = a.dtype.bitwidth // 8
     return lambda a: size
