@@ -41,7 +41,8 @@ def grad_input(g, x, hi, lo, k2, mdy, k1):
 
 
 # Normalize's constants (hi, lo, a, b) that give each value back exactly (a -0.0 too:
-# adding -0.0 changes no value, adding 0.0 turns -0.0 into 0.0): dresidual as a pass.
+# adding -0.0 changes no value, adding 0.0 turns -0.0 into 0.0): the fused CPU passes write
+# dresidual with them from the row loops that sum the gradient.
 IDENTITY = (0.0, 0.0, 1.0, -0.0)
 
 
