@@ -70,12 +70,20 @@ def _jobs(dtypes) -> list[tuple[str, bool]]:
     return [(d, streamed) for d in dtypes for streamed in (False, True)]
 
 
-def _start(dtype: str, streamed: bool) -> subprocess.Popen:
+def worker_env(streamed: bool) -> dict:
+    """The environment of a worker: this process's, with a cache share that makes even
+    the small cases stream when ``streamed``."""
     env = dict(os.environ)
     if streamed:
         env["NUMBABN_LLC_BYTES"] = str(_STREAM_LLC_BYTES)
+    return env
+
+
+def _start(dtype: str, streamed: bool) -> subprocess.Popen:
     code = f"from numbabn import _precompile; _precompile.run_cases({dtype!r})"
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=worker_env(streamed), stderr=subprocess.PIPE, text=True
+    )
 
 
 def _bar(done: int, total: int, seconds: float, stream) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 
@@ -51,11 +50,9 @@ def test_a_filled_cache_serves_a_new_process_without_compiling():
 
     numbabn.precompile(dtypes=("float32",), processes=2, progress=False)
     for streamed in (False, True):
-        env = dict(os.environ)
-        if streamed:
-            env["NUMBABN_LLC_BYTES"] = str(_precompile._STREAM_LLC_BYTES)
         run = subprocess.run(
-            [sys.executable, "-c", _COMPILED_BY_CASES], env=env, capture_output=True, text=True
+            [sys.executable, "-c", _COMPILED_BY_CASES], env=_precompile.worker_env(streamed),
+            capture_output=True, text=True,
         )
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.splitlines()[-1] == "[]", (streamed, run.stdout)
