@@ -3,16 +3,18 @@
 numba's threading layers each fail one way: GNU OpenMP (``omp``, numba's choice where
 no TBB is installed) kills a child process forked after a parallel call as soon as
 the child runs one (PyTorch DataLoader workers and ``multiprocessing`` fork), and the
-``workqueue`` layer aborts when two Python threads run parallel kernels at once. So
-``runnable`` gives each parallel kernel in the form that is safe here: in a child
-forked from a process whose GNU OpenMP pool had started, a serial twin compiled from
-the same source (the same loops and additions, so the same results, bitwise); under
-``workqueue``, the kernel behind a process-wide lock; else the kernel itself. TBB
-(``NUMBA_THREADING_LAYER=tbb``, with the ``tbb`` package) is safe both ways.
+``workqueue`` layer aborts when two Python threads run parallel kernels at once. So a
+parallel kernel (the CPU passes' one loop, ``_cpu.tasks``; ``runnable`` for any other)
+runs in the form that is safe here: in a child forked from a process whose GNU OpenMP
+pool had started, a serial twin compiled from the same source (the same loops and
+additions, so the same results, bitwise); under ``workqueue``, behind a process-wide
+lock (``exclusive``); else as it is. TBB (``NUMBA_THREADING_LAYER=tbb``, with the
+``tbb`` package) is safe both ways.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -84,8 +86,17 @@ def runnable(kernel):
     return found
 
 
+NO_LOCK = contextlib.nullcontext()
+
+
+def exclusive():
+    """The context to run a parallel loop in: under ``workqueue``, the process-wide lock
+    (see the module's docstring)."""
+    return _lock if _layer() == "workqueue" else NO_LOCK
+
+
 def _safe(kernel):
-    if not kernel.targetoptions.get("parallel"):
+    if not getattr(kernel, "targetoptions", {}).get("parallel"):  # (or a launcher)
         return kernel
     if _forked:
         return serial(kernel)

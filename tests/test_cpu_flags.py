@@ -23,11 +23,11 @@ if not ON_DEVICE:
     from numba.core.registry import CPUDispatcher
 
     from numbabn import _bench
-    from numbabn._cpu import elementwise, formulas, fused, llvm, pieces, reduce, small
+    from numbabn._cpu import elementwise, formulas, fused, llvm, pieces, reduce, small, tasks
 
     MODULES = {
         m.__name__.rsplit(".", 1)[-1]: m
-        for m in (_bench, elementwise, formulas, fused, llvm, pieces, reduce, small)
+        for m in (_bench, elementwise, formulas, fused, llvm, pieces, reduce, small, tasks)
     }
 
 
@@ -39,7 +39,7 @@ def _dispatchers(module):
 
 
 @pytest.mark.parametrize(
-    "module", ["_bench", "elementwise", "formulas", "fused", "llvm", "pieces", "reduce", "small"]
+    "module", ["_bench", "elementwise", "formulas", "fused", "llvm", "pieces", "reduce", "small", "tasks"]
 )
 def test_functions_not_inlined_state_their_fastmath_flags(module):
     found = _dispatchers(MODULES[module])

@@ -236,38 +236,3 @@ def test_cache_share():
     assert tuning.cache_share(32 << 20, 2, per_cpu) == 32 << 20
     assert tuning.cache_share(300 << 20, 64, per_cpu) == 300 << 20
     assert tuning.TUNING.llc_bytes <= per_cpu * (os.cpu_count() or 1)
-
-
-def test_calls_by_address():
-    """The fused kernels call their run functions through ``llvm.call`` at the address
-    ``llvm.address`` gives for the arguments' types: each layout of an array its own
-    machine code (a strided view must not run the contiguous code), tuples and None
-    passed through, in a parallel loop; a function whose result the call would drop is
-    refused."""
-    from numba import njit, prange
-
-    @njit
-    def scaled_sum(out, pair, scale, none):
-        a, b = pair
-        for i in range(out.size):
-            out[i] = (a[i] + b[i]) * scale
-
-    @njit(parallel=True)
-    def kernel(address, out, pair, scale):
-        for _ in prange(2):
-            llvm.call(address, (out, pair, scale, None))
-
-    a, b = np.arange(12.0), np.arange(12.0) ** 2
-    for out, pair in (
-        (np.empty(12), (a, b)),
-        (np.empty(24)[::2], (a, b)),
-        (np.empty(6), (a[::2], b[1::2])),
-    ):
-        args = (out, pair, 3.0, None)
-        kernel(llvm.address(scaled_sum, args), out, pair, 3.0)
-        np.testing.assert_array_equal(out, (pair[0] + pair[1]) * 3.0)
-    contiguous = llvm.address(scaled_sum, (np.empty(6), (a, b), 3.0, None))
-    strided = llvm.address(scaled_sum, (np.empty(12)[::2], (a, b), 3.0, None))
-    assert contiguous != strided
-    with pytest.raises(TypeError, match="returns a value"):
-        llvm.address(njit(lambda a: a[0]), (a,))

@@ -30,12 +30,12 @@ run-time flag in its loop ran 0.77x as fast).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
 
 from .._half import store
-from . import llvm, pieces, vector
-from .formulas import ELEM, INLINED, PAR, consts, flat, piece, plain, plane, value
+from . import llvm, pieces, tasks, vector
+from .formulas import ELEM, EXACT, INLINED, consts, flat, piece, plain, plane, value
 from .tuning import COMPILED
 
 
@@ -106,10 +106,11 @@ def span_streamed(g, x, k, y):
 
 
 @njit(**ELEM)
-def _segments_plain(g3, x3, params, first, end, nseg, y3):
-    """Tasks [first, end) of :func:`ncl_segments` with plain stores (the row loops
-    inlined: a call per segment cost more than the work of a short plane)."""
+def _segments_plain(t, g3, x3, params, nseg, nchunk, y3):
+    """Chunk ``t`` of :func:`ncl_segments` with plain stores (the row loops inlined: a
+    call per segment cost more than the work of a short plane)."""
     n_, c_, l_ = y3.shape
+    first, end = pieces.rows(t, nchunk, np.int64(n_ * c_ * nseg))
     n, c, s, i0, i1 = pieces.segment(first, nseg, c_, l_)
     for _ in range(first, end):
         k = consts(g3, params, c)
@@ -118,9 +119,10 @@ def _segments_plain(g3, x3, params, first, end, nseg, y3):
 
 
 @njit(**ELEM)
-def _segments_streamed(g3, x3, params, first, end, nseg, y3):
-    """Tasks [first, end) of :func:`ncl_segments` into a streamed output, then a fence."""
+def _segments_streamed(t, g3, x3, params, nseg, nchunk, y3):
+    """Chunk ``t`` of :func:`ncl_segments` into a streamed output, then a fence."""
     n_, c_, l_ = y3.shape
+    first, end = pieces.rows(t, nchunk, np.int64(n_ * c_ * nseg))
     n, c, s, i0, i1 = pieces.segment(first, nseg, c_, l_)
     for _ in range(first, end):
         k = consts(g3, params, c)
@@ -130,16 +132,11 @@ def _segments_streamed(g3, x3, params, first, end, nseg, y3):
 
 
 def _ncl_segments(streamed):
-    @njit(**PAR)
+    task = _segments_streamed if streamed else _segments_plain
+
     def ncl_segments(g3, x3, params, nseg, nchunk, y3):
-        n_, c_, l_ = y3.shape
-        ntasks = np.int64(n_ * c_ * nseg)
-        for t in prange(np.int64(nchunk)):
-            first, end = pieces.rows(np.int64(t), nchunk, ntasks)
-            if streamed:
-                _segments_streamed(g3, x3, params, first, end, nseg, y3)
-            else:
-                _segments_plain(g3, x3, params, first, end, nseg, y3)
+        """(N, C, L) planes cut into ``N * C * nseg`` segments, in ``nchunk`` runs."""
+        tasks.parallel(task, nchunk, g3, x3, params, nseg, nchunk, y3)
 
     return ncl_segments
 
@@ -164,40 +161,57 @@ def _block(gf, xf, yf, k, p, w):
 
 
 def _mc_spans(streamed):
-    @njit(**PAR)
-    def mc_spans(g2, x2, params, l, w, wb, nchunk, y2):
+    @njit(**EXACT)
+    def spans_task(t, g2, x2, tiled, h, w, wb, nchunk, y2):
+        """Chunk ``t`` of :func:`mc_spans` (after its first ``h`` values)."""
+        c_ = y2.shape[1]
+        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        end = h + pieces.cut(t + 1, nchunk, yf.size - h)
+        start = h + pieces.cut(t, nchunk, yf.size - h)
+        if wb:
+            ph = start % c_
+            kb = columns(gf, tiled, ph, ph + wb)
+            while start + block_spans(gf) * wb <= end:
+                _block(gf, xf, yf, kb, start, wb)
+                start += block_spans(gf) * wb
+        for p in range(start, end, w):
+            q = min(p + w, end)
+            ph = p % c_
+            k = columns(gf, tiled, ph, ph + q - p)
+            if streamed:
+                span_streamed(piece(gf, p, q), piece(xf, p, q), k, yf[p:q])
+            else:
+                span_plain(piece(gf, p, q), piece(xf, p, q), k, yf[p:q])
+        if streamed:
+            llvm.fence()
+
+    @njit(**EXACT)
+    def mc_spans(go, g2, x2, params, l, w, wb, nchunk, y2):
         """Flat spans of ``w`` values (``wb`` > 0: whole-row spans of ``wb`` values,
         blocked, plain stores); streamed pieces start on vector boundaries of the output
         (the few values before the first are written first). ``l`` > 1: NCL planes as
         flat rows."""
-        c_ = y2.shape[1]
         gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
-        total = y2.size
         w = max(w, wb)
-        tiled = pieces.tile(params, l, w + c_ - 1)
+        tiled = pieces.tile(params, l, w + y2.shape[1] - 1)
         h = pieces.head(yf, streamed)
         span_plain(piece(gf, 0, h), piece(xf, 0, h), columns(gf, tiled, 0, h), yf[:h])
-        for t in prange(np.int64(nchunk)):
-            end = h + pieces.cut(t + 1, nchunk, total - h)
-            start = h + pieces.cut(t, nchunk, total - h)
-            if wb:
-                ph = start % c_
-                kb = columns(gf, tiled, ph, ph + wb)
-                while start + block_spans(gf) * wb <= end:
-                    _block(gf, xf, yf, kb, start, wb)
-                    start += block_spans(gf) * wb
-            for p in range(start, end, w):
-                q = min(p + w, end)
-                ph = p % c_
-                k = columns(gf, tiled, ph, ph + q - p)
-                if streamed:
-                    span_streamed(piece(gf, p, q), piece(xf, p, q), k, yf[p:q])
-                else:
-                    span_plain(piece(gf, p, q), piece(xf, p, q), k, yf[p:q])
-            if streamed:
-                llvm.fence()
+        args = (g2, x2, tiled, np.int64(h), np.int64(w), np.int64(wb), np.int64(nchunk), y2)
+        tasks.run(go, nchunk, args)
 
-    return mc_spans
+    def launch(g2, x2, params, l, w, wb, nchunk, y2):
+        task_args = (g2, x2, _tiled(params), 0, 0, 0, 0, y2)
+        tasks.launch(mc_spans, spans_task, task_args, g2, x2, params, l, w, wb, nchunk, y2)
+
+    return launch
+
+
+_TILED = {np.dtype(t): np.empty((0, 0), t) for t in (np.float32, np.float64)}
+
+
+def _tiled(params):
+    """An array of the type of ``pieces.tile(params, ...)`` (for typing a task)."""
+    return _TILED[params.dtype]
 
 
 mc_spans = _store_kinds(_mc_spans)
@@ -212,18 +226,22 @@ def band_task(task, nb, nrc, m, c_):
     return r0, r1, pieces.cut(b, nb, c_), pieces.cut(b + 1, nb, c_)
 
 
-@njit(**PAR)
+@njit(**EXACT)
+def _band_task(t, g2, x2, params, l, nb, nrc, y2):
+    """Band and run ``t`` of :func:`mc_bands`."""
+    m, c_ = y2.shape
+    gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+    r0, r1, c0, c1 = band_task(t, nb, nrc, m, c_)
+    wp = c1 - c0
+    k = columns(gf, pieces.band(params, l, c0, c1), 0, wp)
+    for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
+        span_plain(piece(gf, p, p + wp), piece(xf, p, p + wp), k, yf[p : p + wp])
+
+
 def mc_bands(g2, x2, params, l, nb, nrc, y2):
     """Rows cut into ``nb`` bands of columns and ``nrc`` runs of rows, a task per band
     and run, which builds its band's constants once (plain stores)."""
-    m, c_ = y2.shape
-    gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
-    for task in prange(np.int64(nb * nrc)):
-        r0, r1, c0, c1 = band_task(np.int64(task), nb, nrc, m, c_)
-        wp = c1 - c0
-        k = columns(gf, pieces.band(params, l, c0, c1), 0, wp)
-        for p in range(r0 * c_ + c0, r1 * c_ + c0, c_):
-            span_plain(piece(gf, p, p + wp), piece(xf, p, p + wp), k, yf[p : p + wp])
+    tasks.parallel(_band_task, nb * nrc, g2, x2, params, l, nb, nrc, y2)
 
 
 # --- lines of columns ----------------------------------------------------------------------
@@ -245,8 +263,18 @@ def _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed):
 
 
 def _mc_lines(streamed):
-    @njit(**PAR)
-    def mc_lines(g2, x2, params, l, sweep_bytes, nchunk, y2):
+    @njit(**EXACT)
+    def lines_task(t, g2, x2, tiled, s, rows, full, nchunk, y2):
+        """Chunk ``t`` of the shifted rows of :func:`mc_lines`."""
+        c_ = y2.shape[1]
+        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        per = llvm.LINE_BYTES // llvm.item_bytes(yf)
+        k = columns(gf, tiled, 0, c_ + per)
+        r0, r1 = pieces.rows(t, nchunk, full)
+        _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
+
+    @njit(**EXACT)
+    def mc_lines(go, g2, x2, params, l, sweep_bytes, nchunk, y2):
         """Rows of whole cache lines, a line of columns at a time down ``sweep_bytes``
         of rows. An output that does not start on a line is walked in rows shifted to
         start on one (wrapping into the next row, constants tiled a line past the row);
@@ -259,17 +287,19 @@ def _mc_lines(streamed):
         rows = max(1, sweep_bytes // (c_ * item))
         full = m - (s > 0)
         tiled = pieces.tile(params, l, c_ + per)
-        k = columns(gf, tiled, 0, c_ + per)
-        for t in prange(np.int64(nchunk)):
-            r0, r1 = pieces.rows(np.int64(t), nchunk, full)
-            _line_task(gf, xf, yf, k, s, per, rows, r0, r1, c_, streamed)
+        args = (g2, x2, tiled, np.int64(s), np.int64(rows), np.int64(full), np.int64(nchunk), y2)
+        tasks.run(go, nchunk, args)
         e = full * c_ + s
         span_plain(piece(gf, 0, s), piece(xf, 0, s), columns(gf, tiled, 0, s), yf[:s])
         size = yf.size
         h = s + size - e
         span_plain(piece(gf, e, size), piece(xf, e, size), columns(gf, tiled, s, h), yf[e:])
 
-    return mc_lines
+    def launch(g2, x2, params, l, sweep_bytes, nchunk, y2):
+        task_args = (g2, x2, _tiled(params), 0, 0, 0, 0, y2)
+        tasks.launch(mc_lines, lines_task, task_args, g2, x2, params, l, sweep_bytes, nchunk, y2)
+
+    return launch
 
 
 mc_lines = _store_kinds(_mc_lines)
@@ -315,15 +345,22 @@ def planes(gf, xf, yf, params, l, i0, i1, streamed):
     _by_channel(gf, xf, yf, k, l, cl, e, i1)
 
 
+_planes_inline = njit(inline="always")(planes.py_func)  # (compiled into each task)
+
+
 def _mc_planes(streamed):
-    @njit(**PAR)
-    def mc_planes(g2, x2, params, l, nchunk, y2):
+    @njit(**ELEM)
+    def planes_task(t, g2, x2, params, l, nchunk, y2):
+        """Chunk ``t`` of :func:`mc_planes`."""
         gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
-        for t in prange(np.int64(nchunk)):
-            i0, i1 = pieces.cut(t, nchunk, y2.size), pieces.cut(t + 1, nchunk, y2.size)
-            planes(gf, xf, yf, params, l, i0, i1, streamed)
-            if streamed:
-                llvm.fence()
+        i0, i1 = pieces.cut(t, nchunk, y2.size), pieces.cut(t + 1, nchunk, y2.size)
+        _planes_inline(gf, xf, yf, params, l, i0, i1, streamed)
+        if streamed:
+            llvm.fence()
+
+    def mc_planes(g2, x2, params, l, nchunk, y2):
+        """Flat rows of short NCL planes, ``nchunk`` chunks (:func:`planes`)."""
+        tasks.parallel(planes_task, nchunk, g2, x2, params, l, nchunk, y2)
 
     return mc_planes
 

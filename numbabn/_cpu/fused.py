@@ -22,16 +22,15 @@ run the same loops. The run functions are compiled with the elementwise flags
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .. import _atomic
 from .._half import load
-from . import llvm, vector
+from . import llvm, tasks, vector
 from .elementwise import span_streamed
 from .formulas import (
     ELEM,
     EXACT,
-    PAR,
     consts,
     data,
     identity,
@@ -190,12 +189,13 @@ def _take(counters, slot, limit):
 
 def _forward_run(streamed):
     @njit(**ELEM)
-    def forward_run(x3, claims, slot, limit, weight, bias, eps, params, stats, y3):
-        """Train forward of the channels this task takes from ``claims`` (counter
-        ``slot``, up to ``limit``): each channel is normalized while the next one taken
-        is summed. ``x3`` may be normalize's epilogue triple (``formulas``)."""
+    def forward_run(t, x3, claims, ntask, weight, bias, eps, params, stats, y3):
+        """Train forward of the channels task ``t`` of ``ntask`` takes from ``claims``
+        (``_source``): each channel is normalized while the next one taken is summed.
+        ``x3`` may be normalize's epilogue triple (``formulas``)."""
         xd = data(x3)
         n_, c_, l_ = xd.shape
+        slot, limit = _source(t, ntask, c_, streamed)
         c = _take(claims, slot, limit)
         if c < 0:
             return
@@ -231,13 +231,14 @@ forward_plain, forward_streamed = _forward_run(False), _forward_run(True)
 
 def _backward_run(streamed, training):
     @njit(**ELEM)
-    def backward_run(dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, r3, dx3):
-        """Backward of the channels this task takes: each channel's gradient sums, its
+    def backward_run(t, dy3, x3, claims, ntask, mean, invstd, weight, params, grads, r3, dx3):
+        """Backward of the channels task ``t`` takes: each channel's gradient sums, its
         rows in order (dresidual written in the same loops if ``r3`` is an array), then
         its dx (eval: normalize of dy with rows (0, 0, k1, 0)); streamed, the rows in
         reverse order: those summed last are the likeliest to be in the core's cache
         still. ``dy3`` may be a masked pair (a ReLU's gradient)."""
         n_, c_, l_ = x3.shape
+        slot, limit = _source(t, ntask, c_, streamed)
         acc = np.empty(vector.ACC_SIZE)
         c = _take(claims, slot, limit)
         while c >= 0:
@@ -287,35 +288,30 @@ def _claims(ntask, c_, shared):
 @njit(inline="always")
 def _source(t, ntask, c_, shared):
     """(counter, limit) of task t (``_claims``)."""
-    t = np.int64(t)  # a prange index may be unsigned: unified with 0 it became a float
     if shared:
         return np.int64(0), c_
     return t, (t + 1) * c_ // ntask
 
 
-# The kernels call their run function by address (``llvm.call``): linked into a parallel
-# kernel, a run function's IR was optimized twice more (1.4 s of a 32x64x56x56 float32
-# first call). Below, the callables the driver takes, which look up that address.
-_CLAIMS, _INT = np.zeros(1, np.int64), llvm.INT  # (for typing: claims, slot and limit)
+# The passes run their run functions through ``tasks`` (linked into a parallel kernel, a
+# run function's IR was optimized twice more: 1.4 s of a 32x64x56x56 float32 first call).
+_CLAIMS, _INT = np.zeros(1, np.int64), np.int64(0)  # (for typing: claims and counts)
 
 
 def _forward_channels(streamed):
     run = forward_streamed if streamed else forward_plain
 
-    @njit(**PAR)
-    def forward_channels(address, x3, weight, bias, eps, params, stats, ntask, y3):
-        c_ = y3.shape[1]
-        claims = _claims(ntask, c_, streamed)
-        for t in prange(ntask):
-            slot, limit = _source(t, ntask, c_, streamed)
-            llvm.call(address, (x3, claims, slot, limit, weight, bias, eps, params, stats, y3))
+    @njit(**EXACT)
+    def forward_channels(go, x3, weight, bias, eps, params, stats, ntask, y3):
+        claims = _claims(ntask, y3.shape[1], streamed)
+        tasks.run(go, ntask, (x3, claims, np.int64(ntask), weight, bias, eps, params, stats, y3))
 
     def launch(x3, weight, bias, eps, params, stats, ntask, y3):
         """Fused train forward, ``ntask`` tasks: float64 weight and bias in; float64
         mean, biased variance and invstd out in ``stats``; ``params`` gets the
         constants."""
-        run_args = (x3, _CLAIMS, _INT, _INT, weight, bias, eps, params, stats, y3)
-        llvm.launch(forward_channels, run, run_args, x3, weight, bias, eps, params, stats, ntask, y3)
+        task_args = (x3, _CLAIMS, _INT, weight, bias, eps, params, stats, y3)
+        tasks.launch(forward_channels, run, task_args, x3, weight, bias, eps, params, stats, ntask, y3)
 
     return launch
 
@@ -326,22 +322,19 @@ def _backward_channels(streamed, training):
         (True, False): backward_streamed_eval, (True, True): backward_streamed_train,
     }[streamed, training]
 
-    @njit(**PAR)
-    def backward_channels(address, dy3, x3, mean, invstd, weight, params, grads, ntask, r3, dx3):
-        c_ = x3.shape[1]
-        claims = _claims(ntask, c_, streamed)
-        for t in prange(ntask):
-            slot, limit = _source(t, ntask, c_, streamed)
-            args = (dy3, x3, claims, slot, limit, mean, invstd, weight, params, grads, r3, dx3)
-            llvm.call(address, args)
+    @njit(**EXACT)
+    def backward_channels(go, dy3, x3, mean, invstd, weight, params, grads, ntask, r3, dx3):
+        claims = _claims(ntask, x3.shape[1], streamed)
+        per_channel = (mean, invstd, weight, params, grads)
+        tasks.run(go, ntask, (dy3, x3, claims, np.int64(ntask), *per_channel, r3, dx3))
 
     def launch(dy3, x3, mean, invstd, weight, params, grads, ntask, r3, dx3):
         """Fused backward, ``ntask`` tasks: float64 per-channel inputs; ``grads`` gets
         (dweight, dbias), ``params`` the dx constants, ``r3`` (an array, or None)
         dresidual: the gradient ``dy3`` (a masked pair through a ReLU)."""
         per_channel = (mean, invstd, weight, params, grads)
-        run_args = (dy3, x3, _CLAIMS, _INT, _INT, *per_channel, r3, dx3)
-        llvm.launch(backward_channels, run, run_args, dy3, x3, *per_channel, ntask, r3, dx3)
+        task_args = (dy3, x3, _CLAIMS, _INT, *per_channel, r3, dx3)
+        tasks.launch(backward_channels, run, task_args, dy3, x3, *per_channel, ntask, r3, dx3)
 
     return launch
 

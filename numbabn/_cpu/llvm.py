@@ -19,15 +19,11 @@ the cache on this package's sources (``tests/conftest.py``); by hand, delete
 
 from __future__ import annotations
 
-import numba
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .. import _pool
 from .._half import bf16_narrow_ir, bf16_widen_ir
 from . import formulas
 
@@ -103,61 +99,6 @@ def fence(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
-
-
-# --- calls by address -------------------------------------------------------------------
-# A parallel kernel that calls a compiled function directly links that function's IR into
-# its own module and into its parallel loop's, and optimizes it again in each: for the
-# fused per-channel passes, more time than compiling the function itself. Called through
-# its address (an argument of the kernel, so the kernel still caches on disk), the function
-# compiles once, alone, and loads from numba's cache as any other.
-
-
-@intrinsic
-def call(typingctx, address, args):
-    """Call the function at ``address`` (an integer from :func:`address`) on the tuple
-    ``args``, with numba's calling convention; its result, if any, is dropped."""
-    if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
-        return None
-
-    def codegen(context, builder, signature, llargs):
-        argtys = list(args.types)
-        values = [builder.extract_value(llargs[1], i) for i in range(len(argtys))]
-        fnty = context.call_conv.get_function_type(types.none, argtys)
-        callee = builder.inttoptr(llargs[0], fnty.as_pointer())
-        context.call_conv.call_function(builder, callee, types.none, argtys, values)
-        return context.get_dummy_value()
-
-    return types.none(address, args), codegen
-
-
-_ADDRESSES: dict = {}
-
-
-def address(function, args) -> int:
-    """The address of njit ``function``'s machine code for ``args`` (their types as numba
-    sees them, in a kernel too), compiled or loaded from the cache on first use. The
-    function must return None; ``call`` passes the same arguments."""
-    key = (function, compute_fingerprint(tuple(args)))  # (one call: 0.5 us, not 0.2 an argument)
-    found = _ADDRESSES.get(key)
-    if found is None:
-        sig = tuple(numba.typeof(a) for a in args)
-        function.compile(sig)
-        compiled = function.overloads[sig]
-        if compiled.signature.return_type != types.none:
-            raise TypeError(f"{function.__name__} returns a value: call drops it")
-        found = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
-        _ADDRESSES[key] = found
-    return found
-
-
-INT = np.int64(0)  # (an int64 argument, for typing a function's arguments by example)
-
-
-def launch(kernel, run, run_args, *kernel_args) -> None:
-    """Parallel ``kernel``, as this process may run it (``_pool.runnable``), on the
-    address of ``run`` for ``run_args`` and on ``kernel_args``."""
-    _pool.runnable(kernel)(address(run, run_args), *kernel_args)
 
 
 # --- IR helpers ------------------------------------------------------------------------

@@ -14,18 +14,19 @@ and Inf handling is untouched (no ``nnan``/``ninf``).
   (the sums and the constant then load and store once for two values); ``l`` > 1 for
   NCL planes viewed as flat rows (a channel is ``l`` adjacent columns).
 
-The parallel kernels call their tasks by address (``llvm.call``): each task function
-compiles once, alone, instead of again inside numba's parallel loop.
+The kernels run their task functions through ``tasks`` (each compiles once, alone, and
+the parallel loop once per process); before and after, the shifts and the partials'
+sum run serially on the calling thread.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .._half import load, store
-from . import llvm, pieces
-from .formulas import EXACT, PAR, SUM, load_at, moments, plane, row
+from . import pieces, tasks
+from .formulas import EXACT, SUM, load_at, moments, plane, row
 
 
 @njit(**SUM)
@@ -143,7 +144,7 @@ def _sum_task(task, nrun, nseg, n_, c_, l_):
 
 
 @njit(**EXACT)
-def _sweep_task(g3, x3, shift, run, nrun, nseg, part, r3):
+def _sweep_task(run, g3, x3, shift, nrun, nseg, part, r3):
     """Run ``run`` of ``nrun`` runs of samples, read in memory order (every channel's
     plane of a sample in turn): its partial row ``part[run]`` (``nseg``: 1)."""
     p = part[run]
@@ -160,7 +161,7 @@ def _sweep_task(g3, x3, shift, run, nrun, nseg, part, r3):
 
 
 @njit(**EXACT)
-def _segment_task(g3, x3, shift, task, nrun, nseg, part, r3):
+def _segment_task(task, g3, x3, shift, nrun, nseg, part, r3):
     """Task ``task``'s run of samples over one segment of one channel's planes
     (:func:`_sum_task`): its partial sums ``part[row, :, c]``."""
     n_, c_, l_ = x3.shape
@@ -174,22 +175,20 @@ def _segment_task(g3, x3, shift, task, nrun, nseg, part, r3):
     part[row, 0, c], part[row, 1, c] = s1, s2
 
 
-@njit(**PAR)
-def _sums_ncl(address, g3, x3, centre, nrun, nseg, ntask, part, out, r3):
+@njit(**EXACT)
+def _sums_ncl(go, g3, x3, centre, nrun, nseg, ntask, part, out, r3):
     n_, c_, l_ = x3.shape
     if g3 is None:
         shift = pieces.firsts(x3[0, :, 0], 1)
     else:
         shift = centre
-    for t in prange(np.int64(ntask)):
-        args = (g3, x3, shift, np.int64(t), np.int64(nrun), np.int64(nseg), part, r3)
-        llvm.call(address, args)
+    tasks.run(go, ntask, (g3, x3, shift, np.int64(nrun), np.int64(nseg), part, r3))
     _add_partials(part, 1, out)
     if g3 is None:
         _finish_moments(out, shift, n_ * l_)
 
 
-_SHIFT, _INT = np.empty(0), llvm.INT  # (for typing the tasks' shift and indices)
+_SHIFT, _INT = np.empty(0), np.int64(0)  # (for typing the tasks' shift and indices)
 
 
 def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out, r3=None):
@@ -201,11 +200,11 @@ def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out, r3=None):
     1): one task per run, which reads its samples in memory order, all channels of a
     sample before the next; else a task per run, channel and segment. The additions are
     the same either way. ``r3`` an array: the gradient stored there as it is summed
-    (dresidual). The tasks are called by address (``llvm.call``)."""
+    (dresidual). The tasks run through ``tasks``."""
     task, ntask = (_sweep_task, nrun) if sweep else (_segment_task, nrun * x3.shape[1] * nseg)
     shift = _SHIFT if g3 is None else centre
-    run_args = (g3, x3, shift, _INT, _INT, _INT, part, r3)
-    llvm.launch(_sums_ncl, task, run_args, g3, x3, centre, nrun, nseg, ntask, part, out, r3)
+    task_args = (g3, x3, shift, _INT, _INT, part, r3)
+    tasks.launch(_sums_ncl, task, task_args, g3, x3, centre, nrun, nseg, ntask, part, out, r3)
 
 
 # rows_sums_mc inlined into the chunk, with the same flags (docs/performance.md: faster so)
@@ -213,7 +212,7 @@ _rows_inline = njit(inline="always")(rows_sums_mc.py_func)
 
 
 @njit(**SUM)
-def _mc_chunk(g2, x2, shift, t, nchunk, part, r2):
+def _mc_chunk(t, g2, x2, shift, nchunk, part, r2):
     """Row chunk t of ``nchunk`` of :func:`sums_mc` into ``part[t]``. Each chunk adds
     into its own fresh arrays: adding into ``part`` itself, two chunks' sums can share a
     cache line (``part`` is 16-byte aligned), which two threads then pass back and forth
@@ -224,16 +223,15 @@ def _mc_chunk(g2, x2, shift, t, nchunk, part, r2):
     _keep(part[t], s1, s2)
 
 
-@njit(**PAR)
-def _sums_mc(address, g2, x2, centre, l, nchunk, part, out, r2):
+@njit(**EXACT)
+def _sums_mc(go, g2, x2, centre, l, nchunk, part, out, r2):
     m = x2.shape[0]
     if g2 is None:
         first = pieces.firsts(x2[0], l)
     else:
         first = centre
     shift = pieces.columns(first, l)
-    for t in prange(np.int64(nchunk)):
-        llvm.call(address, (g2, x2, shift, np.int64(t), np.int64(nchunk), part, r2))
+    tasks.run(go, nchunk, (g2, x2, shift, np.int64(nchunk), part, r2))
     _add_partials(part, l, out)
     if g2 is None:
         _finish_moments(out, first, m * l)
@@ -241,9 +239,9 @@ def _sums_mc(address, g2, x2, centre, l, nchunk, part, out, r2):
 
 def sums_mc(g2, x2, centre, l, nchunk, part, out, r2=None):
     """Per-channel sums of (M, C) ``x2`` into ``out`` (2, C), as :func:`sums_ncl`:
-    part[t, :, j] over row chunk t of column j (:func:`_mc_chunk`, called by address,
-    ``llvm.call``), then added in chunk order and over the ``l`` columns of each channel
+    part[t, :, j] over row chunk t of column j (:func:`_mc_chunk`, a task of
+    ``tasks``), then added in chunk order and over the ``l`` columns of each channel
     (flat rows of NCL samples; ``l == 1`` for true channels); ``r2``: as for
     :func:`sums_ncl`."""
-    run_args = (g2, x2, _SHIFT, _INT, _INT, part, r2)
-    llvm.launch(_sums_mc, _mc_chunk, run_args, g2, x2, centre, l, nchunk, part, out, r2)
+    task_args = (g2, x2, _SHIFT, _INT, part, r2)
+    tasks.launch(_sums_mc, _mc_chunk, task_args, g2, x2, centre, l, nchunk, part, out, r2)

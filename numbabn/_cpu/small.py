@@ -26,21 +26,21 @@ from .formulas import (
 from .fused import channel_moments
 from .reduce import rows_sums_mc
 
-# The counter slot as an int64 variable: a literal 0 would compile a run function of its
-# own, beside the one the parallel passes call (by address, with an int64).
-_SLOT = np.int64(0)
+# Task 0 of 1 as int64 variables: literals would compile run functions of their own,
+# beside those the parallel passes call (by address, with int64 values).
+_TASK, _ONE = np.int64(0), np.int64(1)
 
 
 @njit(**EXACT)
 def forward_ncl(x3, weight, bias, eps, params, stats, y3):
     claims = np.zeros(1, np.int64)  # one task: it takes the channels in order
-    fused.forward_plain(x3, claims, _SLOT, y3.shape[1], weight, bias, eps, params, stats, y3)
+    fused.forward_plain(_TASK, x3, claims, _ONE, weight, bias, eps, params, stats, y3)
 
 
 @njit(**EXACT)
 def backward_ncl(dy3, x3, mean, invstd, weight, training, params, grads, r3, dx3):
     claims = np.zeros(1, np.int64)
-    args = (dy3, x3, claims, _SLOT, x3.shape[1], mean, invstd, weight, params, grads, r3, dx3)
+    args = (_TASK, dy3, x3, claims, _ONE, mean, invstd, weight, params, grads, r3, dx3)
     if training:
         fused.backward_plain_train(*args)
     else:
