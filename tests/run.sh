@@ -38,13 +38,14 @@ finish() {
 }
 
 # The host suite is the longer: its streaming tests (which compile every streamed walk
-# for every dtype) run apart, started when the simulator suite frees its core.
-LATER=tests/test_streaming.py
-run host "$PY" -m pytest -q -p no:cacheprovider tests --ignore="$LATER"
+# for every dtype) and the PTX compilations of the GPU kernels (which share nothing with
+# the CPU kernels) run apart, started when the simulator suite frees its core.
+LATER=(tests/test_streaming.py tests/test_gpu_ptx.py)
+run host "$PY" -m pytest -q -p no:cacheprovider tests "${LATER[@]/#/--ignore=}"
 run simulator "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests
 wait "${PIDS[simulator]}"
-run host-streaming "$PY" -m pytest -q -p no:cacheprovider "$LATER"
-finish host simulator host-streaming
+run host-later "$PY" -m pytest -q -p no:cacheprovider "${LATER[@]}"
+finish host simulator host-later
 for n in 2 3; do
   run "mpi-$n-host" "$MPIEXEC" -n "$n" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
   run "mpi-$n-simulator" "$MPIEXEC" -n "$n" "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
