@@ -76,6 +76,12 @@ MATRIX = [(data, vec, CCS[-1]) for data in DATA for vec in VECTORS] + [
 ] + [("float32", types.float32, cc) for cc in CCS[:-1]]
 
 
+# The device functions' compilations by (function, compute capability): numba-cuda keys
+# them by signature alone, so each capability has its own (compiled afresh for every
+# test, they were most of this file's 160 s).
+_DEVICE_OVERLOADS: dict = {}
+
+
 def _id(v):
     return f"sm{v[0]}{v[1]}" if isinstance(v, tuple) else str(v)
 
@@ -89,9 +95,9 @@ def test_kernel_compiles_to_ptx(name, data, vec, cc, monkeypatch):
 
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Target(cc))
     functions = {**vars(_gpu_reduce), **vars(_gpu_kernels)}.values()
-    for fn in functions:  # device functions: compile afresh for this cc
+    for fn in functions:  # device functions: compiled for this cc, kept for its other tests
         if isinstance(fn, dispatcher.CUDADispatcher) and fn.targetoptions.get("device"):
-            monkeypatch.setattr(fn, "overloads", {})
+            monkeypatch.setattr(fn, "overloads", _DEVICE_OVERLOADS.setdefault((fn, cc), {}))
 
     sig = _signatures(DATA[data], vec)[name]
     kernel = {"fold_scale": _gpu_fold._scale, "eval_params": _gpu_reduce.eval_params,
