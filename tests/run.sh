@@ -38,9 +38,10 @@ finish() {
 }
 
 # The host suite is the longer: its streaming tests (which compile every streamed walk
-# for every dtype) and the PTX compilations of the GPU kernels (which share nothing with
-# the CPU kernels) run apart, started when the simulator suite frees its core.
-LATER=(tests/test_streaming.py tests/test_gpu_ptx.py)
+# for every dtype), the bfloat16 tests (bfloat16 kernels, few shared with other files)
+# and the PTX compilations of the GPU kernels (no CPU kernels) run apart, started when
+# the simulator suite frees its core.
+LATER=(tests/test_streaming.py tests/test_bfloat16.py tests/test_gpu_ptx.py)
 run host "$PY" -m pytest -q -p no:cacheprovider tests "${LATER[@]/#/--ignore=}"
 run simulator "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests
 wait "${PIDS[simulator]}"
