@@ -3,13 +3,12 @@
 numba's threading layers each fail one way: GNU OpenMP (``omp``, numba's choice where
 no TBB is installed) kills a child process forked after a parallel call as soon as
 the child runs one (PyTorch DataLoader workers and ``multiprocessing`` fork), and the
-``workqueue`` layer aborts when two Python threads run parallel kernels at once. So a
-parallel kernel (the CPU passes' one loop, ``_cpu.tasks``; ``runnable`` for any other)
-runs in the form that is safe here: in a child forked from a process whose GNU OpenMP
-pool had started, a serial twin compiled from the same source (the same loops and
-additions, so the same results, bitwise); under ``workqueue``, behind a process-wide
-lock (``exclusive``); else as it is. TBB (``NUMBA_THREADING_LAYER=tbb``, with the
-``tbb`` package) is safe both ways.
+``workqueue`` layer aborts when two Python threads run parallel kernels at once. So the
+CPU passes' one parallel loop (``_cpu.tasks``) runs in the form that is safe here: in a
+child forked from a process whose GNU OpenMP pool had started, a serial twin compiled
+from the same source (the same loops and additions, so the same results, bitwise);
+under ``workqueue``, behind a process-wide lock (``exclusive``); else as it is. TBB
+(``NUMBA_THREADING_LAYER=tbb``, with the ``tbb`` package) is safe both ways.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import numba
 _forked = False  # this process is a child forked after the OpenMP pool started
 _lock = threading.Lock()
 _serial_twins: dict = {}
-_resets = []  # caches of runnable kernels to empty in a forked child
+_resets = []  # caches to empty in a forked child (``on_fork_clear``)
 
 
 def _layer() -> str | None:
@@ -73,17 +72,10 @@ def forked() -> bool:
 
 
 def on_fork_clear(cache: dict) -> dict:
-    """Register a cache of ``runnable`` kernels to be emptied in a forked child."""
+    """Register a cache (of what a child forked after a parallel call must choose again)
+    to be emptied in that child."""
     _resets.append(cache)
     return cache
-
-
-def runnable(kernel):
-    """``kernel`` (a numba dispatcher) as this process can safely run it."""
-    found = _runnable.get(kernel)
-    if found is None:
-        found = _runnable[kernel] = _safe(kernel)
-    return found
 
 
 NO_LOCK = contextlib.nullcontext()
@@ -93,23 +85,6 @@ def exclusive():
     """The context to run a parallel loop in: under ``workqueue``, the process-wide lock
     (see the module's docstring)."""
     return _lock if _layer() == "workqueue" else NO_LOCK
-
-
-def _safe(kernel):
-    if not getattr(kernel, "targetoptions", {}).get("parallel"):  # (or a launcher)
-        return kernel
-    if _forked:
-        return serial(kernel)
-    if _layer() == "workqueue":
-        def locked(*args):
-            with _lock:
-                return kernel(*args)
-
-        return locked
-    return kernel
-
-
-_runnable: dict = on_fork_clear({})
 
 
 def serial(kernel):

@@ -6,8 +6,8 @@
 #   3. numbabn.distributed under MPI with 2 ranks and with 3 (one of them empty),
 #      on host arrays and under the simulator.
 # The suites spend most of their time compiling, one core each: 1 and 2 run side by
-# side (part of 1 starting when 2 ends), then the four MPI runs two at a time. Each
-# suite's output is shown when it ends.
+# side (part of 1 starting when 2 ends), and the four MPI runs, two at a time, once the
+# rest of 1 has ended. The outputs are shown at the end.
 set -uo pipefail
 PY=${1:-python3}
 cd "$(dirname "$0")/.."
@@ -37,19 +37,20 @@ finish() {
   done
 }
 
-# The host suite is the longer: its streaming tests (which compile every streamed walk
-# for every dtype), the bfloat16 tests (bfloat16 kernels, few shared with other files)
-# and the PTX compilations of the GPU kernels (no CPU kernels) run apart, started when
-# the simulator suite frees its core.
+# The files of the host suite that share few kernels with the rest (the streaming tests,
+# which compile every streamed walk for every dtype; the bfloat16 tests; the PTX
+# compilations of the GPU kernels) run apart, started when the simulator suite frees its
+# core; the MPI runs start when the rest of the host suite frees the other.
 LATER=(tests/test_streaming.py tests/test_bfloat16.py tests/test_gpu_ptx.py)
 run host "$PY" -m pytest -q -p no:cacheprovider tests "${LATER[@]/#/--ignore=}"
 run simulator "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests
 wait "${PIDS[simulator]}"
 run host-later "$PY" -m pytest -q -p no:cacheprovider "${LATER[@]}"
-finish host simulator host-later
+wait "${PIDS[host]}"
 for n in 2 3; do
   run "mpi-$n-host" "$MPIEXEC" -n "$n" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
   run "mpi-$n-simulator" "$MPIEXEC" -n "$n" "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
-  finish "mpi-$n-host" "mpi-$n-simulator"
+  wait "${PIDS[mpi-$n-host]}" "${PIDS[mpi-$n-simulator]}"
 done
+finish host simulator host-later mpi-2-host mpi-2-simulator mpi-3-host mpi-3-simulator
 exit $status

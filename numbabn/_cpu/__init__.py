@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import _pool
 from .._channel import as64
 from .._pool import threads as _threads
 from .._validate import Checked, Layout, stats_dtype
@@ -53,7 +52,6 @@ KERNELS = {
         small.elementwise_mc,
     ),
 }
-_run = _pool.runnable  # (each kernel as this process may run it)
 
 
 def _reduce(g, x, centre, layout: Layout, p: plan.Plan, r=None) -> np.ndarray:
@@ -65,7 +63,7 @@ def _reduce(g, x, centre, layout: Layout, p: plan.Plan, r=None) -> np.ndarray:
         x, g, r = (arrays.operand(lambda a: a.reshape(view.n, view.c), a) for a in (x, g, r))
     part = np.empty((p.sums_tasks, 2, view.c))
     out = np.empty((2, layout.c))
-    sums = KERNELS[view.kind].sums  # (a launcher: it runs its kernel as ``_pool`` allows)
+    sums = KERNELS[view.kind].sums  # (runs its tasks through ``tasks``)
     sums(arrays.operand(k, g), k(x), centre, *p.sums_work, part, out, arrays.operand(k, r))
     return out
 
@@ -76,21 +74,21 @@ def _elementwise(g, x, params: np.ndarray, result: np.ndarray, layout: Layout, p
     constants ``params``, as the plan routes it."""
     k = arrays.kernel_array
     if p.small:
-        kernel = _run(KERNELS[layout.kind].small_elementwise)
+        kernel = KERNELS[layout.kind].small_elementwise
         kernel(arrays.operand(k, g), arrays.operand(k, x), params, k(result))
         return
     kernel, view, work = plan.route(p, layout, result)
     if view != layout:  # flat rows of short planes
         result = result.reshape(view.n, view.c)
         g, x = (arrays.operand(lambda a: a.reshape(view.n, view.c), a) for a in (g, x))
-    _run(kernel)(arrays.operand(k, g), arrays.operand(k, x), params, *work, k(result))
+    kernel(arrays.operand(k, g), arrays.operand(k, x), params, *work, k(result))
 
 
 def _moments(v: np.ndarray, layout: Layout, p: plan.Plan) -> tuple[np.ndarray, np.ndarray]:
     """float64 mean and biased variance of each channel of a canonical view."""
     if p.small:
         stats = np.empty((2, layout.c))
-        _run(KERNELS[layout.kind].small_stats)(arrays.kernel_array(v), stats)
+        KERNELS[layout.kind].small_stats(arrays.kernel_array(v), stats)
         return stats[0], stats[1]
     moments = _reduce(None, v, None, layout, p)
     return moments[0], moments[1]
@@ -157,7 +155,7 @@ def forward_train(
             np.empty((4, c), stats_dtype(x.dtype)), stats,
         )
         if p.small:
-            _run(KERNELS[layout.kind].small_forward)(*args, arrays.kernel_array(yv))
+            KERNELS[layout.kind].small_forward(*args, arrays.kernel_array(yv))
         else:
             kernel = fused.forward_channels[plan.streamed(yv, layout)]
             kernel(*args, p.runs, arrays.kernel_array(yv))
@@ -237,7 +235,7 @@ def backward(dy, x, chk: Checked, mean, invstd, weight, training: bool, y=None, 
     per_channel = (mean64, invstd64, as64(weight, c, 1.0))
     params = np.empty((5, c), ctype)
     if p.small:
-        small_backward = _run(KERNELS[layout.kind].small_backward)
+        small_backward = KERNELS[layout.kind].small_backward
         small_backward(g, k(xv), *per_channel, training, params, grads, r, k(dxv))
     else:
         kernel = fused.backward_channels[plan.streamed(dxv, layout), training]

@@ -1,14 +1,15 @@
 """The CPU elementwise passes: one kernel per traversal, each for both formulas.
 
-Every kernel takes ``(g, x, params, <work>, y)``: ``g`` None computes normalize of ``x``
-(constant rows hi, lo, a, b), an array grad_input of ``g`` and ``x`` (rows hi, lo, k2,
-mdy, k1); see ``formulas``. The plan (``plan.route``) picks the kernel and its work;
-the kernels do not choose again. ``g`` and ``x`` may be operand tuples (masked
-gradients, the epilogue; see ``formulas``), which every walk cuts with ``piece``,
-``plane`` and ``flat``. Each kernel but ``mc_bands`` (plain stores only) is a
-dict by store kind (``_store_kinds``): ``[True]`` writes the aligned middle of each piece
-with non-temporal stores (``vector.span_nt`` and friends), the ends with plain ones, and
-ends each task with a fence; ``[False]`` stores plainly.
+Every kernel takes ``(g, x, params, <work>, y)`` and runs its tasks through ``tasks``:
+``g`` None computes normalize of ``x`` (constant rows hi, lo, a, b), an array
+grad_input of ``g`` and ``x`` (rows hi, lo, k2, mdy, k1); see ``formulas``. The plan
+(``plan.route``) picks the kernel and its work; the kernels do not choose again. ``g``
+and ``x`` may be operand tuples (masked gradients, the epilogue; see ``formulas``),
+which every walk cuts with ``piece``, ``plane`` and ``flat``. Each kernel but
+``mc_bands`` (plain stores only) is a dict by store kind (``_store_kinds``): ``[True]``
+writes the aligned middle of each piece with non-temporal stores (``vector.span_nt``
+and friends), the ends with plain ones, and ends each task with a fence; ``[False]``
+stores plainly.
 
 * :func:`ncl_segments`: (N, C, L) planes cut into ``N * C * nseg`` segments, dealt out
   in ``nchunk`` runs; one channel's scalar constants per segment.
