@@ -295,7 +295,7 @@ def _source(t, ntask, c_, shared):
 
 # The passes run their run functions through ``tasks`` (linked into a parallel kernel, a
 # run function's IR was optimized twice more: 1.4 s of a 32x64x56x56 float32 first call).
-_CLAIMS, _INT = np.zeros(1, np.int64), np.int64(0)  # (for typing: claims and counts)
+_CLAIMS, _INT = np.zeros(1, np.int64), tasks.INT  # (for typing: claims and counts)
 
 
 def _forward_channels(streamed):

@@ -188,7 +188,7 @@ def _sums_ncl(go, g3, x3, centre, nrun, nseg, ntask, part, out, r3):
         _finish_moments(out, shift, n_ * l_)
 
 
-_SHIFT, _INT = np.empty(0), np.int64(0)  # (for typing the tasks' shift and indices)
+_SHIFT, _INT = np.empty(0), tasks.INT  # (for typing the tasks' shift and indices)
 
 
 def sums_ncl(g3, x3, centre, nrun, nseg, sweep, part, out, r3=None):

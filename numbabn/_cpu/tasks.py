@@ -68,6 +68,14 @@ def _tag(tuple_type) -> int:
     return zlib.crc32(str(tuple_type).encode())
 
 
+def _call_at(context, builder, address, argtys, values):
+    """IR: call the function at integer ``address``, numba's calling convention, on
+    ``values`` of numba types ``argtys``; its result is dropped."""
+    fnty = context.call_conv.get_function_type(types.none, argtys)
+    callee = builder.inttoptr(address, fnty.as_pointer())
+    context.call_conv.call_function(builder, callee, types.none, argtys, values)
+
+
 @intrinsic
 def _run(typingctx, go, ntask, args):
     """Call the launcher in ``go`` on ``ntask`` and the address of a copy of the tuple
@@ -86,11 +94,8 @@ def _run(typingctx, go, ntask, args):
         slot = cgutils.alloca_once_value(builder, context.make_tuple(builder, packed, values))
         same = builder.icmp_signed("==", tag, ir.Constant(i64, expected))
         with builder.if_then(same):
-            loop = (types.int64,) * 3
-            fnty = context.call_conv.get_function_type(types.none, loop)
-            callee = builder.inttoptr(launcher, fnty.as_pointer())
             operands = [entry, builder.ptrtoint(slot, i64), llargs[1]]
-            context.call_conv.call_function(builder, callee, types.none, loop, operands)
+            _call_at(context, builder, launcher, (types.int64,) * 3, operands)
         return same
 
     return types.boolean(go, types.int64, args), codegen
@@ -127,9 +132,7 @@ def _call_packed(typingctx, t, argp, ref):
         members = [
             _uncounted(builder, ty, builder.extract_value(value, i)) for i, ty in enumerate(packed)
         ]
-        fnty = context.call_conv.get_function_type(types.none, argtys)
-        callee = builder.inttoptr(members[0], fnty.as_pointer())
-        context.call_conv.call_function(builder, callee, types.none, argtys, [llargs[0], *members[1:]])
+        _call_at(context, builder, members[0], argtys, [llargs[0], *members[1:]])
         return context.get_dummy_value()
 
     return types.none(t, argp, ref), codegen
@@ -140,11 +143,8 @@ def _call_entry(typingctx, entry, t, argp):
     """Call :func:`_entry` (its address) as task ``t`` on packed arguments."""
 
     def codegen(context, builder, signature, llargs):
-        fnty = context.call_conv.get_function_type(types.none, _ENTRY_ARGS)
-        callee = builder.inttoptr(llargs[0], fnty.as_pointer())
         ref = ir.Constant(context.get_value_type(_ENTRY_ARGS[2]), None)
-        values = [llargs[1], llargs[2], ref]
-        context.call_conv.call_function(builder, callee, types.none, _ENTRY_ARGS, values)
+        _call_at(context, builder, llargs[0], _ENTRY_ARGS, [llargs[1], llargs[2], ref])
         return context.get_dummy_value()
 
     return types.none(entry, t, argp), codegen
@@ -190,18 +190,18 @@ def _task(task, task_args) -> tuple:
     key = (task, compute_fingerprint(tuple(task_args)))
     found = _TASKS.get(key)
     if found is None:
-        where = address(task, (_INT, *task_args))
+        where = address(task, (INT, *task_args))
         packed = types.BaseTuple.from_types([types.int64, *map(numba.typeof, task_args)])
         entry = compiled_address(_entry, (types.int64, types.int64, types.TypeRef(packed)))
         loop = _pool.serial(_launcher) if _pool.forked() else _launcher
-        go = (address(loop, (_INT, _INT, _INT)), entry, where, _tag(packed))
+        go = (address(loop, (INT, INT, INT)), entry, where, _tag(packed))
         lock = _pool.exclusive()  # (after the launcher's compilation: the pool has started)
         found = _TASKS[key] = go, (None if lock is _pool.NO_LOCK else lock)
     return found
 
 
 _TASKS: dict = _pool.on_fork_clear({})  # (a forked child may need the serial launcher)
-_INT = np.int64(0)
+INT = np.int64(0)  # (an int64 argument, for typing a task's arguments by example)
 
 
 def launch(kernel, task, task_args, *kernel_args) -> None:
