@@ -177,12 +177,7 @@ def _each(go, ntask, *args):
 def parallel(task, ntask, *task_args) -> None:
     """Tasks 0 .. ``ntask`` - 1 of ``task`` on ``task_args``, in parallel (a pass with
     nothing to do before or after its tasks)."""
-    go, lock = _task(task, task_args)
-    if lock is None:
-        _each(go, ntask, *task_args)
-    else:
-        with lock:
-            _each(go, ntask, *task_args)
+    launch(_each, task, task_args, ntask, *task_args)
 
 
 def _task(task, task_args) -> tuple:
