@@ -223,6 +223,20 @@ def test_unaligned_arrays_are_not_streamed(shape, axis, monkeypatch):
     np.testing.assert_array_equal(out, (x - np.float32(0.5)) * np.float32(2) + np.float32(1))
 
 
+@pytest.mark.skipif(not ON_DEVICE and not tuning.STREAMING, reason="x86-64 only")
+@pytest.mark.parametrize("bits", [np.uint16, np.int16, np.float32, np.float64])
+def test_streamed_stores_are_non_temporal(bits):
+    """The streamed span's machine code stores with x86's non-temporal ``movnt*`` for
+    every element type the kernels see (float16 as uint16 bits, bfloat16 as int16 bits),
+    and the plain span's does not."""
+    k = (np.float64(0.5),) * 4 if bits == np.float64 else (np.float32(0.5),) * 4
+    x, y = np.zeros(64, bits), np.zeros(64, bits)
+    for kernel, streams in ((elementwise.span_streamed, True), (elementwise.span_plain, False)):
+        kernel(None, x, k, y)
+        asm = kernel.inspect_asm(kernel.signatures[-1])
+        assert ("movnt" in asm) is streams, (kernel, bits)
+
+
 def test_no_streaming_where_it_is_untested(monkeypatch):
     """On CPUs other than x86-64 (``tuning.STREAMING`` False) no pass streams, however
     large its output; results stay those of the plain stores."""

@@ -159,6 +159,8 @@ class Vectors:
     def store_nt(self, aty, arr, i, v):
         ptr, vec = self._pointer(aty, arr, i)
         v = self.narrow(aty, v, vec)
+        if _is_bf16(aty.dtype):  # (see _opaque)
+            v = _opaque(self.builder, v)
         st = self.builder.store(v, ptr, align=VECTOR_BYTES)
         st.set_metadata("nontemporal", self.builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
 
@@ -170,6 +172,13 @@ class Vectors:
 
     def add(self, a, b):
         return self.builder.fadd(a, b, flags=("contract",))
+
+
+def _opaque(builder, v):
+    """``v`` through an empty inline asm: x86 code generation folds bfloat16's narrowing
+    (a 32- to 16-bit truncation) and the store after it into one truncating store
+    (``vpmovdw`` to memory), which has no non-temporal form: the stores were plain."""
+    return builder.call(ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=x,0"), [v])
 
 
 def loop(builder, start, stop, step, inits, body):
