@@ -39,6 +39,12 @@ def _retype(value, element):
 
 def bf16_widen_ir(builder, bits):
     """bfloat16 bits (i16, or a vector of them) to float32: the top half of its bits."""
+    if isinstance(bits.type, ir.VectorType):  # each between zeros: one shuffle on x86
+        n = bits.type.count
+        picks = [k // 2 + (n if k % 2 else 0) for k in range(2 * n)]  # (little-endian)
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), 2 * n), picks)
+        pairs = builder.shuffle_vector(ir.Constant(bits.type, None), bits, mask)
+        return builder.bitcast(pairs, ir.VectorType(ir.FloatType(), n))
     wide = builder.zext(bits, _retype(bits, ir.IntType(32)))
     return builder.bitcast(builder.shl(wide, _like(wide, 32, 16)), _retype(bits, ir.FloatType()))
 

@@ -164,6 +164,27 @@ def test_float16_and_bfloat16_share_plans():
 
 
 @HOST_ONLY
+@pytest.mark.parametrize("dtype", [BF16, np.float16])
+def test_vector_loops_carry_every_value_exactly(dtype):
+    """The explicit vector loops' widening and narrowing (``vector.span_nt``, in the
+    streamed span), with the identity constants (``_channel.IDENTITY``), give back every
+    16-bit pattern bitwise, subnormals, infinities and signed zeros included; a NaN stays
+    a NaN of its sign."""
+    from numbabn._channel import IDENTITY
+    from numbabn._cpu import arrays, elementwise
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
+    x = np.concatenate([every, every[:61]])  # (a tail past the last whole vector)
+    y = arrays.aligned_empty(x.shape, dtype)
+    one = tuple(np.float32(v) for v in IDENTITY)
+    elementwise.span_streamed(None, arrays.kernel_array(x), one, arrays.kernel_array(y))
+    nan = np.isnan(x.astype(np.float32))
+    np.testing.assert_array_equal(y.view(np.uint16)[~nan], x.view(np.uint16)[~nan])
+    assert np.isnan(y.astype(np.float32)[nan]).all()
+    np.testing.assert_array_equal(np.signbit(y.astype(np.float32)), np.signbit(x.astype(np.float32)))
+
+
+@HOST_ONLY
 def test_conversions_round_once_as_numpy():
     """``_half.store`` of float32 and float64 values into bfloat16 and float16 bits equals
     NumPy's and ml_dtypes' ``astype`` (one rounding to nearest even, also from float64:
