@@ -230,6 +230,8 @@ def test_streamed_stores_are_non_temporal(bits):
     writes dresidual through a ReLU, stores with x86's non-temporal ``movnt*`` for every
     element type the kernels see (float16 as uint16 bits, bfloat16 as int16 bits); the
     plain ones do not. (LLVM dropped the hint of 16-bit stores: ``llvm._opaque``.)"""
+    import numba
+
     from numbabn._cpu import fused, vector
 
     k = (np.float64(0.5),) * 4 if bits == np.float64 else (np.float32(0.5),) * 4
@@ -243,7 +245,7 @@ def test_streamed_stores_are_non_temporal(bits):
     ]
     for kernel, streams, args in calls:
         kernel(*args)
-        asm = kernel.inspect_asm(kernel.signatures[-1])
+        asm = kernel.inspect_asm(tuple(numba.typeof(a) for a in args))
         assert ("movnt" in asm) is streams, (kernel, bits)
 
 

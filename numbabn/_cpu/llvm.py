@@ -26,6 +26,7 @@ from numba.extending import intrinsic, overload
 
 from .._half import bf16_narrow_ir, bf16_widen_ir
 from . import formulas
+from .tuning import X86_64
 
 VECTOR_BYTES = 32
 LINE_BYTES = 64
@@ -181,7 +182,10 @@ def _opaque(builder, v):
     stays one: x86 code generation folded bfloat16's narrowing (a 32- to 16-bit
     truncation) into a truncating store (``vpmovdw`` to memory, which has no non-temporal
     form), and stored float16 vectors that LLVM had simplified back to ``half`` (the
-    masked dresidual: no conversion left) with a plain ``vmovdqa``."""
+    masked dresidual: no conversion left) with a plain ``vmovdqa``. (x86 registers: on
+    other CPUs ``v`` as it is.)"""
+    if not X86_64:
+        return v
     return builder.call(ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=x,0"), [v])
 
 

@@ -62,8 +62,9 @@ def cache_share(llc: int, cpus: int, per_cpu: int) -> int:
     return min(llc, per_cpu * cpus)
 
 
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 # Streaming stores are measured on x86-64 only; elsewhere every store is plain.
-STREAMING = platform.machine().lower() in ("x86_64", "amd64")
+STREAMING = X86_64
 
 LLC_PER_CPU = 16 << 20  # cache counted per usable CPU at most (VMs show the socket's)
 
