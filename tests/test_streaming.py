@@ -244,8 +244,10 @@ def test_streamed_stores_are_non_temporal(bits):
         (fused.written_plain, False, ((x3, x3), x3, 0, 0.0, np.zeros(vector.ACC_SIZE), r3)),
     ]
     for kernel, streams, args in calls:
-        kernel(*args)
-        asm = kernel.inspect_asm(tuple(numba.typeof(a) for a in args))
+        # (compiled here, not loaded from the disk cache, whose machine code numba hides)
+        fresh = numba.njit(fastmath=kernel.targetoptions["fastmath"])(kernel.py_func)
+        fresh(*args)
+        asm = fresh.inspect_asm(fresh.signatures[0])
         assert ("movnt" in asm) is streams, (kernel, bits)
 
 
