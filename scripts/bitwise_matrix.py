@@ -7,9 +7,10 @@ fused per-channel passes, segments, spans, blocks, lines, planes, streamed store
 Usage:
     PYTHONPATH=. python scripts/bitwise_matrix.py record FILE    # digests of this tree
     PYTHONPATH=. python scripts/bitwise_matrix.py compare FILE   # exit 1 on any difference
+    (--dtypes bfloat16: that dtype's matrix; bfloat16 needs ml_dtypes)
 
 scripts/results/bitwise-7373b6e.json holds the digests of commit 7373b6e (before the
-CPU side became a package).
+CPU side became a package); bitwise-bfloat16-ffd72cd.json those of bfloat16 at ffd72cd.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ DTYPES = ["float16", "float32", "float64"]
 ALIGNS = ["fresh", "aligned", "shifted"]  # out=None; out= at a 64-byte boundary; one item past
 
 
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def _out(shape, dtype, how):
     if how == "fresh":
         return None
@@ -75,11 +84,11 @@ def _case(shape, axis, dtype, seed):
     return x, dy, w, b, rm, rv
 
 
-def matrix() -> dict[str, str]:
+def matrix(dtypes=DTYPES) -> dict[str, str]:
     out = {}
     for si, (shape, axis) in enumerate(SHAPES):
-        for di, dtype in enumerate(DTYPES):
-            x, dy, w, b, rm, rv = _case(shape, axis, dtype, 100 * si + di)
+        for di, dtype in enumerate(dtypes):
+            x, dy, w, b, rm, rv = _case(shape, axis, _dtype(dtype), 100 * si + di)
             key = f"{'x'.join(map(str, shape))}|{axis}|{dtype}"
             rm1, rv1 = rm.copy(), rv.copy()
             y, mean, invstd = numbabn.batch_norm_forward(
@@ -98,7 +107,7 @@ def matrix() -> dict[str, str]:
                     rm2, rv2 = rm.copy(), rv.copy()
                     y = numbabn.batch_norm(
                         x, rm2, rv2, w, b, training=training, axis=axis,
-                        out=_out(shape, dtype, how),
+                        out=_out(shape, _dtype(dtype), how),
                     )
                     out[f"{key}|norm-{training}-{how}|y"] = _digest(y)
                     out[f"{key}|norm-{training}-{how}|rm"] = _digest(rm2)
@@ -110,8 +119,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["record", "compare"])
     p.add_argument("file")
+    p.add_argument("--dtypes", default=",".join(DTYPES))
     args = p.parse_args()
-    got = matrix()
+    got = matrix(args.dtypes.split(","))
     if args.mode == "record":
         with open(args.file, "w") as f:
             json.dump(got, f, indent=0, sort_keys=True)
