@@ -88,7 +88,8 @@ def matrix(dtypes=DTYPES) -> dict[str, str]:
     out = {}
     for si, (shape, axis) in enumerate(SHAPES):
         for di, dtype in enumerate(dtypes):
-            x, dy, w, b, rm, rv = _case(shape, axis, _dtype(dtype), 100 * si + di)
+            dt = _dtype(dtype)
+            x, dy, w, b, rm, rv = _case(shape, axis, dt, 100 * si + di)
             key = f"{'x'.join(map(str, shape))}|{axis}|{dtype}"
             rm1, rv1 = rm.copy(), rv.copy()
             y, mean, invstd = numbabn.batch_norm_forward(
@@ -107,7 +108,7 @@ def matrix(dtypes=DTYPES) -> dict[str, str]:
                     rm2, rv2 = rm.copy(), rv.copy()
                     y = numbabn.batch_norm(
                         x, rm2, rv2, w, b, training=training, axis=axis,
-                        out=_out(shape, _dtype(dtype), how),
+                        out=_out(shape, dt, how),
                     )
                     out[f"{key}|norm-{training}-{how}|y"] = _digest(y)
                     out[f"{key}|norm-{training}-{how}|rm"] = _digest(rm2)

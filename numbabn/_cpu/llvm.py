@@ -160,10 +160,11 @@ class Vectors:
     def store_nt(self, aty, arr, i, v):
         ptr, vec = self._pointer(aty, arr, i)
         v = self.narrow(aty, v, vec)
-        if _is_bf16(aty.dtype) or _is_half(aty.dtype):  # 16-bit bits (see _opaque)
+        if _is_half(aty.dtype):  # (stored as its bits, as bfloat16's are)
             bits = ir.VectorType(ir.IntType(16), vec.count)
-            v = _opaque(self.builder, self.builder.bitcast(v, bits))
-            ptr = self.builder.bitcast(ptr, bits.as_pointer())
+            v, ptr = self.builder.bitcast(v, bits), self.builder.bitcast(ptr, bits.as_pointer())
+        if _is_half(aty.dtype) or _is_bf16(aty.dtype):
+            v = _opaque(self.builder, v)
         st = self.builder.store(v, ptr, align=VECTOR_BYTES)
         st.set_metadata("nontemporal", self.builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
 
@@ -178,12 +179,9 @@ class Vectors:
 
 
 def _opaque(builder, v):
-    """``v`` through an empty inline asm, so that a non-temporal store of 16-bit values
-    stays one: x86 code generation folded bfloat16's narrowing (a 32- to 16-bit
-    truncation) into a truncating store (``vpmovdw`` to memory, which has no non-temporal
-    form), and stored float16 vectors that LLVM had simplified back to ``half`` (the
-    masked dresidual: no conversion left) with a plain ``vmovdqa``. (x86 registers: on
-    other CPUs ``v`` as it is.)"""
+    """``v`` through an empty inline asm (x86 only): x86 code generation drops the
+    non-temporal hint of 16-bit vector stores it folds with a conversion or meets as
+    ``half`` (docs/performance.md, "Fused epilogue and bfloat16")."""
     if not X86_64:
         return v
     return builder.call(ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=x,0"), [v])
