@@ -36,6 +36,9 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     # them: at Python's default switch interval (5 ms) the poll holds the interpreter
     # for most of each wait at a barrier. 0.2 ms ran the simulator's tests 3x as fast.
     sys.setswitchinterval(2e-4)
+    import simulator
+
+    simulator.repair()
 
 import pytest  # noqa: E402
 
