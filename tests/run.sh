@@ -4,10 +4,12 @@
 #   2. the GPU kernels under numba's CUDA simulator, in their own pytest process,
 #      since NUMBA_ENABLE_CUDASIM must be set before numba is imported;
 #   3. numbabn.distributed under MPI with 2 ranks and with 3 (one of them empty),
-#      on host arrays and under the simulator.
+#      on host arrays and under the simulator;
+#   4. where asv is installed (the bench extra), a smoke run of the benchmarks
+#      (asv_bench/smoke.sh), which loads the kernels the tests compiled.
 # The suites spend most of their time compiling, one core each: 1 and 2 run side by
-# side (part of 1 starting when 2 ends), and the four MPI runs, two at a time, once the
-# rest of 1 has ended. The outputs are shown at the end.
+# side (part of 1 starting when 2 ends), and the four MPI runs, two at a time, then the
+# benchmarks, once the rest of 1 has ended. The outputs are shown at the end.
 set -uo pipefail
 PY=${1:-python3}
 cd "$(dirname "$0")/.."
@@ -52,5 +54,10 @@ for n in 2 3; do
   run "mpi-$n-simulator" "$MPIEXEC" -n "$n" "${SIM[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py
   wait "${PIDS[mpi-$n-host]}" "${PIDS[mpi-$n-simulator]}"
 done
-finish host simulator host-later mpi-2-host mpi-2-simulator mpi-3-host mpi-3-simulator
+BENCH=()
+if "$PY" -c "import asv" 2> /dev/null; then
+  run benchmarks bash asv_bench/smoke.sh "$PY"
+  BENCH=(benchmarks)
+fi
+finish host simulator host-later mpi-2-host mpi-2-simulator mpi-3-host mpi-3-simulator "${BENCH[@]}"
 exit $status
