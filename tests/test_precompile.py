@@ -15,11 +15,6 @@ from helpers import ON_DEVICE
 pytestmark = pytest.mark.skipif(ON_DEVICE, reason="CPU kernels")
 
 
-def test_precompile_runs_every_case_in_workers():
-    seconds = numbabn.precompile(dtypes=("float32",), processes=2, progress=False)
-    assert seconds > 0
-
-
 # Runs the precompile cases, then prints the numbabn kernels this process compiled.
 _COMPILED_BY_CASES = """
 from numba.core import event
@@ -42,13 +37,13 @@ print(sorted(compiled))
 
 
 def test_a_filled_cache_serves_a_new_process_without_compiling():
-    """After ``precompile``, a new process running its cases compiles no kernel: each
-    loads from numba's cache. (A kernel whose cache key changes from one process to the
-    next, as it does with a dispatcher in the kernel's closure, compiled on every first
-    call.)"""
+    """``precompile`` runs every case in worker processes; after it, a new process
+    running the cases compiles no kernel: each loads from numba's cache. (A kernel whose
+    cache key changes from one process to the next, as it does with a dispatcher in the
+    kernel's closure, compiled on every first call.)"""
     from numbabn import _precompile
 
-    numbabn.precompile(dtypes=("float32",), processes=2, progress=False)
+    assert numbabn.precompile(dtypes=("float32",), processes=2, progress=False) > 0
     for streamed in (False, True):
         run = subprocess.run(
             [sys.executable, "-c", _COMPILED_BY_CASES], env=_precompile.worker_env(streamed),
