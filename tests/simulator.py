@@ -33,11 +33,11 @@ def repair() -> None:
     shared = getattr(kernelapi, "FakeCUDAShared", None)
     if shared is not None:
         lock = threading.Lock()
-        static = shared.array
+        original = shared.array
 
         def array(self, shape, dtype, alignment=None):
             if shape == 0 or alignment is not None:  # dynamic or aligned: as before
-                return static(self, shape, dtype, alignment)
+                return original(self, shape, dtype, alignment)
             if isinstance(dtype, kernelapi.types.Type):
                 dtype = kernelapi.numpy_support.as_dtype(dtype)
             frame = sys._getframe(1)
