@@ -22,6 +22,7 @@ import numbabn
 from numbabn import reference as ref
 from numbabn._interop import numpy_tensor
 from numbabn._precompile import DTYPES
+from numbabn._validate import as_dtype
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
@@ -88,7 +89,7 @@ def _make_inputs(args):
     logical = tuple(int(s) for s in args.shape.split(","))
     if len(logical) < 2:
         raise SystemExit("--shape needs at least N,C")
-    dtype = np.dtype(args.dtype)
+    dtype = as_dtype(args.dtype)
     if args.layout == "nhwc":
         shape, axis = (logical[0],) + logical[2:] + (logical[1],), -1
     else:

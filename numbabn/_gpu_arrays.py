@@ -27,7 +27,7 @@ from numba import config, cuda
 
 from ._gpu_launch import launcher
 from ._gpu_reduce import BLOCK
-from ._validate import BF16, Layout, cuda_interface, describe, torch_dtype
+from ._validate import Layout, bf16, cuda_interface, describe, is_bf16, torch_dtype
 
 _SIM = bool(config.ENABLE_CUDASIM)
 _BITS = np.dtype(np.int16)
@@ -35,17 +35,17 @@ _BITS = np.dtype(np.int16)
 
 def _bits_dtype(dtype):
     """The dtype of numba's views of data of ``dtype``."""
-    return _BITS if dtype == BF16 else dtype
+    return _BITS if is_bf16(dtype) else dtype
 
 
 def _element_dtype(dtype):
     """The caller's dtype of data that numba views as ``dtype`` (``_bits_dtype``'s inverse)."""
-    return BF16 if dtype == _BITS else dtype
+    return bf16() if dtype == _BITS else dtype
 
 
 def _bits(a):
     """A numba array as the kernels take it: bfloat16 as int16 bits."""
-    return a.view(_BITS) if a.dtype == BF16 else a
+    return a.view(_BITS) if is_bf16(a.dtype) else a
 
 
 def numba_array(a):
@@ -369,7 +369,7 @@ def as_kind_of(template, arr):
 
         t = torch.as_tensor(arr, device=template.device)
         return t.view(torch.bfloat16) if bits else t
-    arr = arr.view(BF16) if bits else arr
+    arr = arr.view(bf16()) if bits else arr
     if module == "cupy":
         import cupy
 

@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._validate import BF16
+from ._validate import bf16
 
 
 def _like(value, bits: int, constant: int):
@@ -130,7 +130,7 @@ def store(typingctx, value, like):
 def sim_load(value):
     """``load`` of one NumPy scalar (int16: bfloat16 bits, which need ml_dtypes)."""
     if isinstance(value, np.int16):
-        return np.float32(value.view(BF16))
+        return np.float32(value.view(bf16(load=True)))
     return value
 
 
@@ -138,4 +138,4 @@ def sim_store(value, like):
     """``store`` into NumPy array ``like``."""
     if like.dtype != np.int16:
         return value
-    return np.asarray(value).astype(BF16).view(np.int16)[()]
+    return np.asarray(value).astype(bf16(load=True)).view(np.int16)[()]

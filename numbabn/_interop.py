@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._validate import BF16
+from ._validate import bf16, is_bf16
 
 _DLPACK_CPU = 1  # kDLCPU
 
@@ -41,8 +41,8 @@ def tensor_numpy(t: Any) -> np.ndarray:
 
     if t.requires_grad:  # (detach costs a third of the call: only where numpy() needs it)
         t = t.detach()
-    if t.dtype is torch.bfloat16 and BF16 is not None:
-        return t.view(torch.int16).numpy().view(BF16)
+    if t.dtype is torch.bfloat16 and bf16(load=True) is not None:
+        return t.view(torch.int16).numpy().view(bf16())
     return t.numpy()
 
 
@@ -50,7 +50,7 @@ def numpy_tensor(a: np.ndarray) -> Any:
     """The tensor sharing a NumPy array's memory (bfloat16 too)."""
     import torch
 
-    if a.dtype == BF16:
+    if is_bf16(a.dtype):
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 

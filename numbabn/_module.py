@@ -74,7 +74,7 @@ class BatchNorm:
         if momentum is not None:
             momentum = _validate.check_momentum(momentum)
         _validate.check_eps(eps, training=False)
-        dtype = np.dtype(dtype)
+        dtype = _validate.as_dtype(dtype)
         if dtype not in _validate.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):

@@ -11,14 +11,15 @@ returns the seconds it took.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 
-from ._validate import BF16
-
-DTYPES = ("float16", "float32", "float64") + (("bfloat16",) if BF16 is not None else ())
+DTYPES = ("float16", "float32", "float64") + (
+    ("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ()
+)
 # (shape, axis): one of each plan (see ``tests/test_reproducible.py``).
 _CASES = (
     ((4, 3, 5, 7), 1),
@@ -45,6 +46,9 @@ def run_cases(dtype: str) -> None:
 
     import numbabn
 
+    from ._validate import as_dtype
+
+    dtype = as_dtype(dtype)
     for k, (shape, axis) in enumerate(_CASES):
         rng = np.random.default_rng(k)
         x = rng.standard_normal(shape).astype(dtype)

@@ -21,24 +21,58 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _alias
 
-try:  # NumPy's bfloat16 (JAX's), an optional dependency
-    import ml_dtypes
-
-    BF16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:
-    BF16 = None
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
-    (BF16,) if BF16 is not None else ()
-)
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # The same, for membership tests on the hot path (a set lookup by hash is twice as fast
 # as comparing with each dtype; a non-native byte order hashes differently and misses).
 _FLOAT_SET = frozenset(FLOAT_DTYPES)
+_BF16: list = []  # ml_dtypes' bfloat16 once known (both tuples above then hold it too)
+
+
+def bf16(load: bool = False) -> np.dtype | None:
+    """NumPy's bfloat16 (``ml_dtypes.bfloat16``, JAX's; an optional dependency), or None.
+
+    Importing ml_dtypes takes 0.4-0.9 s, so numbabn does not: an array of bfloat16 can
+    only exist once something has imported it, and this finds it then; ``load``
+    imports it (for a dtype named by string or a torch bfloat16 tensor)."""
+    global FLOAT_DTYPES, _FLOAT_SET
+    if not _BF16:
+        module = sys.modules.get("ml_dtypes")
+        if module is None and load:
+            try:
+                import ml_dtypes as module
+            except ImportError:
+                return None
+        if module is None:
+            return None
+        _BF16.append(np.dtype(module.bfloat16))
+        FLOAT_DTYPES += (_BF16[0],)
+        _FLOAT_SET = frozenset(FLOAT_DTYPES)
+    return _BF16[0]
+
+
+def is_bf16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is bfloat16. (Not ``dtype == bf16()``: NumPy reads None as
+    float64, so that holds for float64 while ml_dtypes is not imported.)"""
+    known = bf16()
+    return known is not None and dtype == known
+
+
+def as_dtype(dtype: Any) -> np.dtype:
+    """``np.dtype(dtype)``, which also knows "bfloat16" (importing ml_dtypes for it)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        bf16(load=True)
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        bf16()
+    return dtype
+
 
 HOST = "host"
 DEVICE = "device"
@@ -127,7 +161,7 @@ _TORCH_OF: dict = {}  # and back, by NumPy dtype character
 
 
 def _torch_dtypes() -> dict:
-    if not _TORCH_DTYPES:
+    if len(_TORCH_DTYPES) < len(FLOAT_DTYPES):
         import torch
 
         for d in FLOAT_DTYPES:
@@ -138,8 +172,9 @@ def _torch_dtypes() -> dict:
 
 def torch_dtype(dtype) -> Any:
     """The PyTorch dtype of a NumPy float dtype numbabn supports."""
+    dtype = as_dtype(dtype)
     _torch_dtypes()
-    return _TORCH_OF[np.dtype(dtype).char]
+    return _TORCH_OF[dtype.char]
 
 
 def _torch_info(a: Any) -> ArrayInfo | None:
@@ -147,6 +182,8 @@ def _torch_info(a: Any) -> ArrayInfo | None:
     its attributes (a few times cheaper than building ``__cuda_array_interface__``,
     and it also serves tensors that require grad); None otherwise."""
     dtype = _torch_dtypes().get(a.dtype)
+    if dtype is None and a.dtype is sys.modules["torch"].bfloat16 and bf16(load=True):
+        dtype = _torch_dtypes().get(a.dtype)
     if dtype is None or not a.is_cuda:
         return None
     item = dtype.itemsize
@@ -185,6 +222,8 @@ def describe(a: Any, name: str) -> ArrayInfo:
 def _check_float(info: ArrayInfo, name: str) -> None:
     if info.dtype in _FLOAT_SET:
         return
+    if info.dtype.name == "bfloat16":
+        bf16()
     if info.dtype not in FLOAT_DTYPES or not info.dtype.isnative:
         hint = ""
         if info.dtype.kind == "f":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -369,3 +372,28 @@ def test_tuned_limits_take_effect_on_a_cached_geometry(monkeypatch):
     mean, var = numbabn.batch_stats(x)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
+
+
+# Every dtype's operations where ml_dtypes is not installed (an import of it fails).
+_WITHOUT_ML_DTYPES = """
+import sys
+sys.modules["ml_dtypes"] = None
+import numpy as np, numbabn, numbabn.reference as ref
+for dtype in (np.float16, np.float32, np.float64):
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 5)).astype(dtype)
+    y, mean, invstd = numbabn.batch_norm_forward(x)
+    dx, dw, db = numbabn.batch_norm_backward(x, x, mean, invstd)
+    want = ref.batch_norm_backward(x, x, mean, invstd)[0]
+    tol = 1e-12 if dtype == np.float64 else 1e-2
+    assert np.abs(y - ref.batch_norm_forward(x)[0]).max() <= tol, dtype
+    assert np.abs(dx - want).max() <= tol * (1 + np.abs(want).max()), dtype
+print("ok")
+"""
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="host arrays, in a new process")
+def test_every_dtype_without_ml_dtypes():
+    """bfloat16's dtype is None without ml_dtypes, and NumPy reads a dtype compared with
+    None as float64: float64 data was taken for bfloat16 bits there."""
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_ML_DTYPES], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .._alias import same_view
-from .._validate import BF16, Layout
+from .._validate import Layout, is_bf16
 from . import tuning
 from .plan import address
 
@@ -25,7 +25,7 @@ def kernel_array(a: np.ndarray) -> np.ndarray:
     int16 bits (``_half``)."""
     if a.dtype == _F16:
         return a.view(np.uint16)
-    return a.view(np.int16) if a.dtype == BF16 else a
+    return a.view(np.int16) if is_bf16(a.dtype) else a
 
 
 def operand(fn, a):
