@@ -38,7 +38,7 @@ _BF16: list = []  # ml_dtypes' bfloat16 once known (both tuples above then hold 
 def bf16(load: bool = False) -> np.dtype | None:
     """NumPy's bfloat16 (``ml_dtypes.bfloat16``, JAX's; an optional dependency), or None.
 
-    Importing ml_dtypes takes 0.4-0.9 s, so numbabn does not: an array of bfloat16 can
+    Importing ml_dtypes takes 0.7-0.9 s, so numbabn does not: an array of bfloat16 can
     only exist once something has imported it, and this finds it then; ``load``
     imports it (for a dtype named by string or a torch bfloat16 tensor)."""
     global FLOAT_DTYPES, _FLOAT_SET

@@ -234,7 +234,7 @@ def test_conversions_round_once_as_numpy():
 
 @HOST_ONLY
 def test_ml_dtypes_is_imported_only_for_bfloat16():
-    """Importing ml_dtypes takes 0.4-0.9 s: numbabn leaves it to whoever makes a bfloat16
+    """Importing ml_dtypes takes 0.7-0.9 s: numbabn leaves it to whoever makes a bfloat16
     array, and imports it itself only for a dtype named "bfloat16"."""
     code = (
         "import sys, numpy as np, numbabn\n"
