@@ -20,9 +20,9 @@ from numba import njit, prange
 
 import numbabn
 from numbabn import reference as ref
+from numbabn._dtypes import as_dtype
 from numbabn._interop import numpy_tensor
 from numbabn._precompile import DTYPES
-from numbabn._validate import as_dtype
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)

@@ -25,9 +25,10 @@ import math
 import numpy as np
 from numba import config, cuda
 
+from ._dtypes import bf16, is_bf16, torch_dtype
 from ._gpu_launch import launcher
 from ._gpu_reduce import BLOCK
-from ._validate import Layout, bf16, cuda_interface, describe, is_bf16, torch_dtype
+from ._validate import Layout, cuda_interface, describe
 
 _SIM = bool(config.ENABLE_CUDASIM)
 _BITS = np.dtype(np.int16)

@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._validate import bf16
+from ._dtypes import bf16
 
 
 def _like(value, bits: int, constant: int):

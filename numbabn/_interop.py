@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._validate import bf16, is_bf16
+from ._dtypes import bf16, is_bf16
 
 _DLPACK_CPU = 1  # kDLCPU
 

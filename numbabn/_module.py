@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _epilogue, _validate
+from . import _dtypes, _epilogue, _validate
 from ._dispatch import backend
 
 Array = Any
@@ -74,8 +74,8 @@ class BatchNorm:
         if momentum is not None:
             momentum = _validate.check_momentum(momentum)
         _validate.check_eps(eps, training=False)
-        dtype = _validate.as_dtype(dtype)
-        if dtype not in _validate.FLOAT_DTYPES:
+        dtype = _dtypes.as_dtype(dtype)
+        if dtype not in _dtypes.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")

@@ -46,7 +46,7 @@ def run_cases(dtype: str) -> None:
 
     import numbabn
 
-    from ._validate import as_dtype
+    from ._dtypes import as_dtype
 
     dtype = as_dtype(dtype)
     for k, (shape, axis) in enumerate(_CASES):

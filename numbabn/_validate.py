@@ -26,53 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _alias
-
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-# The same, for membership tests on the hot path (a set lookup by hash is twice as fast
-# as comparing with each dtype; a non-native byte order hashes differently and misses).
-_FLOAT_SET = frozenset(FLOAT_DTYPES)
-_BF16: list = []  # ml_dtypes' bfloat16 once known (both tuples above then hold it too)
-
-
-def bf16(load: bool = False) -> np.dtype | None:
-    """NumPy's bfloat16 (``ml_dtypes.bfloat16``, JAX's; an optional dependency), or None.
-
-    Importing ml_dtypes takes 0.7-0.9 s, so numbabn does not: an array of bfloat16 can
-    only exist once something has imported it, and this finds it then; ``load``
-    imports it (for a dtype named by string or a torch bfloat16 tensor)."""
-    global FLOAT_DTYPES, _FLOAT_SET
-    if not _BF16:
-        module = sys.modules.get("ml_dtypes")
-        if module is None and load:
-            try:
-                import ml_dtypes as module
-            except ImportError:
-                return None
-        if module is None:
-            return None
-        _BF16.append(np.dtype(module.bfloat16))
-        FLOAT_DTYPES += (_BF16[0],)
-        _FLOAT_SET = frozenset(FLOAT_DTYPES)
-    return _BF16[0]
-
-
-def is_bf16(dtype: np.dtype) -> bool:
-    """Whether ``dtype`` is bfloat16. (Not ``dtype == bf16()``: NumPy reads None as
-    float64, so that holds for float64 while ml_dtypes is not imported.)"""
-    known = bf16()
-    return known is not None and dtype == known
-
-
-def as_dtype(dtype: Any) -> np.dtype:
-    """``np.dtype(dtype)``, which also knows "bfloat16" (importing ml_dtypes for it)."""
-    if isinstance(dtype, str) and dtype == "bfloat16":
-        bf16(load=True)
-    dtype = np.dtype(dtype)
-    if dtype.name == "bfloat16":
-        bf16()
-    return dtype
-
+from . import _alias, _dtypes
+from ._dtypes import bf16
 
 HOST = "host"
 DEVICE = "device"
@@ -156,34 +111,13 @@ def is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: 
     return all(e == 1 or s == w for e, s, w in zip(shape, strides, expected))
 
 
-_TORCH_DTYPES: dict = {}  # torch dtype -> NumPy dtype, for the float dtypes numbabn takes
-_TORCH_OF: dict = {}  # and back, by NumPy dtype character
-
-
-def _torch_dtypes() -> dict:
-    if len(_TORCH_DTYPES) < len(FLOAT_DTYPES):
-        import torch
-
-        for d in FLOAT_DTYPES:
-            _TORCH_OF[d.char] = getattr(torch, d.name)
-            _TORCH_DTYPES[_TORCH_OF[d.char]] = d
-    return _TORCH_DTYPES
-
-
-def torch_dtype(dtype) -> Any:
-    """The PyTorch dtype of a NumPy float dtype numbabn supports."""
-    dtype = as_dtype(dtype)
-    _torch_dtypes()
-    return _TORCH_OF[dtype.char]
-
-
 def _torch_info(a: Any) -> ArrayInfo | None:
     """The ArrayInfo of a CUDA PyTorch tensor of a float dtype numbabn knows, read from
     its attributes (a few times cheaper than building ``__cuda_array_interface__``,
     and it also serves tensors that require grad); None otherwise."""
-    dtype = _torch_dtypes().get(a.dtype)
+    dtype = _dtypes.torch_dtypes().get(a.dtype)
     if dtype is None and a.dtype is sys.modules["torch"].bfloat16 and bf16(load=True):
-        dtype = _torch_dtypes().get(a.dtype)
+        dtype = _dtypes.torch_dtypes().get(a.dtype)
     if dtype is None or not a.is_cuda:
         return None
     item = dtype.itemsize
@@ -220,11 +154,11 @@ def describe(a: Any, name: str) -> ArrayInfo:
 
 
 def _check_float(info: ArrayInfo, name: str) -> None:
-    if info.dtype in _FLOAT_SET:
+    if info.dtype in _dtypes.FLOAT_SET:
         return
     if info.dtype.name == "bfloat16":
         bf16()
-    if info.dtype not in FLOAT_DTYPES or not info.dtype.isnative:
+    if info.dtype not in _dtypes.FLOAT_DTYPES or not info.dtype.isnative:
         hint = ""
         if info.dtype.kind == "f":
             hint = f"; convert with .astype('={info.dtype.kind}{info.dtype.itemsize}')"
@@ -289,7 +223,7 @@ def _plan(dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...], axi
 def _check_tensor(a: Any, name: str, axis: Any) -> tuple[ArrayInfo, int]:
     if (  # the common case, a NumPy array and an int axis, in as few steps as it takes
         type(a) is np.ndarray
-        and a.dtype in _FLOAT_SET
+        and a.dtype in _dtypes.FLOAT_SET
         and type(axis) is int
         and -a.ndim <= axis < a.ndim
         and a.ndim >= 2
@@ -309,7 +243,7 @@ def _vector_side(a: Any, name: str, c: int, writeable: bool = False) -> str | No
         return None
     if (  # the common case, a valid NumPy vector, without building its ArrayInfo
         type(a) is np.ndarray
-        and a.dtype in _FLOAT_SET
+        and a.dtype in _dtypes.FLOAT_SET
         and a.shape == (c,)
         and (not writeable or a.flags.writeable)
     ):
@@ -466,7 +400,7 @@ _BACKWARD_ARRAYS = ("x", "dy", "mean", "invstd", "weight")
 def batch_norm_backward_args(dy, x, mean, invstd, weight, axis, training, min_count=None) -> Checked:
     """Validate the arguments of :func:`numbabn.batch_norm_backward`."""
     xi, axis = _check_tensor(x, "x", axis)
-    if type(dy) is np.ndarray and dy.dtype in _FLOAT_SET:  # the common case
+    if type(dy) is np.ndarray and dy.dtype in _dtypes.FLOAT_SET:  # the common case
         dy_side, dy_dtype, dy_shape = HOST, dy.dtype, dy.shape
     else:
         dyi = describe(dy, "dy")

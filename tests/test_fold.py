@@ -10,7 +10,7 @@ import pytest
 
 import numbabn
 import numbabn.reference as ref
-from numbabn._validate import bf16
+from numbabn._dtypes import bf16
 
 from helpers import ON_DEVICE, to_host, to_side
 

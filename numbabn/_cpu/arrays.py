@@ -13,7 +13,8 @@ import math
 import numpy as np
 
 from .._alias import same_view
-from .._validate import Layout, is_bf16
+from .._dtypes import is_bf16
+from .._validate import Layout
 from . import tuning
 from .plan import address
 
