@@ -7,6 +7,7 @@ optional dependency), joined to the tuple and set below once it is seen.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 # as comparing with each dtype; a non-native byte order hashes differently and misses).
 FLOAT_SET = frozenset(FLOAT_DTYPES)
 _BF16: list = []  # ml_dtypes' bfloat16 once known (FLOAT_DTYPES and FLOAT_SET then hold it)
+_JOIN = threading.Lock()
 
 
 def bf16(load: bool = False) -> np.dtype | None:
@@ -25,18 +27,21 @@ def bf16(load: bool = False) -> np.dtype | None:
     only exist once something has imported it, and this finds it then; ``load``
     imports it (for a dtype named by string or a torch bfloat16 tensor)."""
     global FLOAT_DTYPES, FLOAT_SET
-    if not _BF16:
-        module = sys.modules.get("ml_dtypes")
-        if module is None and load:
-            try:
-                import ml_dtypes as module
-            except ImportError:
-                return None
-        if module is None:
+    if _BF16:
+        return _BF16[0]
+    module = sys.modules.get("ml_dtypes")
+    if module is None and load:
+        try:
+            import ml_dtypes as module
+        except ImportError:
             return None
-        _BF16.append(np.dtype(module.bfloat16))
-        FLOAT_DTYPES += (_BF16[0],)
-        FLOAT_SET = frozenset(FLOAT_DTYPES)
+    if module is None:
+        return None
+    with _JOIN:  # (two threads meeting bfloat16 at once join it once)
+        if not _BF16:
+            _BF16.append(np.dtype(module.bfloat16))
+            FLOAT_DTYPES += (_BF16[0],)
+            FLOAT_SET = frozenset(FLOAT_DTYPES)
     return _BF16[0]
 
 
