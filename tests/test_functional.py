@@ -374,15 +374,22 @@ def test_tuned_limits_take_effect_on_a_cached_geometry(monkeypatch):
     np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
 
 
-# Every dtype's operations where ml_dtypes is not installed (an import of it fails).
+# Every dtype's operations where ml_dtypes is not installed (an import of it fails), on
+# host arrays, or on device arrays (``side``: "device") under the simulator.
 _WITHOUT_ML_DTYPES = """
 import sys
 sys.modules["ml_dtypes"] = None
 import numpy as np, numbabn, numbabn.reference as ref
+if sys.argv[1] == "device":
+    from numba import cuda
+    on, off = cuda.to_device, lambda a: a.copy_to_host()
+else:
+    on = off = np.asarray
 for dtype in (np.float16, np.float32, np.float64):
     x = np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 5)).astype(dtype)
-    y, mean, invstd = numbabn.batch_norm_forward(x)
-    dx, dw, db = numbabn.batch_norm_backward(x, x, mean, invstd)
+    y, mean, invstd = numbabn.batch_norm_forward(on(x))
+    dx = numbabn.batch_norm_backward(on(x), on(x), mean, invstd)[0]
+    mean, invstd, y, dx = off(mean), off(invstd), off(y), off(dx)
     want = ref.batch_norm_backward(x, x, mean, invstd)[0]
     tol = 1e-12 if dtype == np.float64 else 1e-2
     assert np.abs(y - ref.batch_norm_forward(x)[0]).max() <= tol, dtype
@@ -391,9 +398,11 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(ON_DEVICE, reason="host arrays, in a new process")
 def test_every_dtype_without_ml_dtypes():
     """bfloat16's dtype is None without ml_dtypes, and NumPy reads a dtype compared with
-    None as float64: float64 data was taken for bfloat16 bits there."""
-    run = subprocess.run([sys.executable, "-c", _WITHOUT_ML_DTYPES], capture_output=True, text=True)
+    None as float64: float64 data was taken for bfloat16 bits there (both backends)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ML_DTYPES, "device" if ON_DEVICE else "host"],
+        capture_output=True, text=True,
+    )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
