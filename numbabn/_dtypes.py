@@ -52,14 +52,19 @@ def is_bf16(dtype: np.dtype) -> bool:
     return known is not None and dtype == known
 
 
+def taken(dtype: np.dtype) -> bool:
+    """Whether numbabn takes ``dtype``: native float16, float32, float64, or bfloat16
+    (joined to FLOAT_SET here when first met)."""
+    if dtype.name == "bfloat16":
+        bf16()
+    return dtype in FLOAT_SET and dtype.isnative
+
+
 def as_dtype(dtype: Any) -> np.dtype:
     """``np.dtype(dtype)``, which also knows "bfloat16" (importing ml_dtypes for it)."""
     if isinstance(dtype, str) and dtype == "bfloat16":
         bf16(load=True)
-    dtype = np.dtype(dtype)
-    if dtype.name == "bfloat16":
-        bf16()
-    return dtype
+    return np.dtype(dtype)
 
 
 _TORCH_DTYPES: dict = {}  # torch dtype -> NumPy dtype, for the float dtypes numbabn takes
@@ -68,6 +73,7 @@ _TORCH_OF: dict = {}  # and back, by NumPy dtype character
 
 def torch_dtypes() -> dict:
     """torch dtype -> NumPy dtype, for the float dtypes numbabn takes (bfloat16 once known)."""
+    bf16()
     if len(_TORCH_DTYPES) < len(FLOAT_DTYPES):
         import torch
 

@@ -41,8 +41,8 @@ def tensor_numpy(t: Any) -> np.ndarray:
 
     if t.requires_grad:  # (detach costs a third of the call: only where numpy() needs it)
         t = t.detach()
-    if t.dtype is torch.bfloat16 and bf16(load=True) is not None:
-        return t.view(torch.int16).numpy().view(bf16())
+    if t.dtype is torch.bfloat16 and (bfloat16 := bf16(load=True)) is not None:
+        return t.view(torch.int16).numpy().view(bfloat16)
     return t.numpy()
 
 

@@ -75,7 +75,7 @@ class BatchNorm:
             momentum = _validate.check_momentum(momentum)
         _validate.check_eps(eps, training=False)
         dtype = _dtypes.as_dtype(dtype)
-        if dtype not in _dtypes.FLOAT_DTYPES:
+        if not _dtypes.taken(dtype):
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")

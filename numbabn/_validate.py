@@ -154,11 +154,7 @@ def describe(a: Any, name: str) -> ArrayInfo:
 
 
 def _check_float(info: ArrayInfo, name: str) -> None:
-    if info.dtype in _dtypes.FLOAT_SET:
-        return
-    if info.dtype.name == "bfloat16":
-        bf16()
-    if info.dtype not in _dtypes.FLOAT_DTYPES or not info.dtype.isnative:
+    if not _dtypes.taken(info.dtype):
         hint = ""
         if info.dtype.kind == "f":
             hint = f"; convert with .astype('={info.dtype.kind}{info.dtype.itemsize}')"

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 import numbabn
+from numbabn._dtypes import as_dtype
 
 # (shape, channel axis)
 SHAPES = [
@@ -48,14 +49,6 @@ SHAPES = [
 ]
 DTYPES = ["float16", "float32", "float64"]
 ALIGNS = ["fresh", "aligned", "shifted"]  # out=None; out= at a 64-byte boundary; one item past
-
-
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def _out(shape, dtype, how):
@@ -88,7 +81,7 @@ def matrix(dtypes=DTYPES) -> dict[str, str]:
     out = {}
     for si, (shape, axis) in enumerate(SHAPES):
         for di, dtype in enumerate(dtypes):
-            dt = _dtype(dtype)
+            dt = as_dtype(dtype)
             x, dy, w, b, rm, rv = _case(shape, axis, dt, 100 * si + di)
             key = f"{'x'.join(map(str, shape))}|{axis}|{dtype}"
             rm1, rv1 = rm.copy(), rv.copy()
