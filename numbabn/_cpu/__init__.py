@@ -111,10 +111,10 @@ def _normalize(x, xv, layout, mean, var, eps, weight, bias, out, p, residual=Non
     y, yv = arrays.output(out, x, layout, residual)
     c = layout.c
     params, stats = np.empty((4, c), stats_dtype(x.dtype)), np.empty((3, c))
-    formulas.channel_params(
-        arrays.kernel_array(mean), arrays.kernel_array(var), as64(weight, c, 1.0), as64(bias, c, 0.0),
-        eps, params, stats,
-    )
+    # (running statistics widened here, exactly: one compiled channel_params serves them
+    # in every dtype and the batch statistics of training)
+    mean, var = mean.astype(np.float64, copy=False), var.astype(np.float64, copy=False)
+    formulas.channel_params(mean, var, as64(weight, c, 1.0), as64(bias, c, 0.0), eps, params, stats)
     if layout.count * c:
         _elementwise(None, xop, params, yv, layout, p)
     return arrays.finish_output(y, out), stats[2]

@@ -258,11 +258,9 @@ def norm_params(c, mean, var, weight, bias, eps, params, stats):
 
 @njit(**EXACT)
 def channel_params(mean, var, weight, bias, eps, params, stats):
-    """``norm_params`` of every channel, from float64 statistics or running ones as
-    stored (float16 as bits); float64 weight and bias."""
+    """``norm_params`` of every channel, from float64 statistics, weight and bias."""
     for c in range(mean.size):
-        m, v = np.float64(load(mean[c])), np.float64(load(var[c]))
-        norm_params(c, m, v, weight, bias, eps, params, stats)
+        norm_params(c, mean[c], var[c], weight, bias, eps, params, stats)
 
 
 @njit(**EXACT)
