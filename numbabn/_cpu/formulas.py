@@ -33,19 +33,21 @@ from numba.extending import overload
 from .._channel import IDENTITY, finite_scale, grad_input, mean_lo, normalize, relu, relu_grad
 from .._half import load, store
 
+# No kernel is called through a C function pointer (``tasks`` calls them by address),
+# so none compiles numba's cfunc wrapper (about 5% of a first call's compile time).
 # Reductions vectorize only with reassociation. Elementwise rows must not reassociate
 # (x - hi) - lo into x - (hi + lo); each row helper is compiled with its own flags.
-SUM = {"cache": True, "fastmath": {"reassoc", "contract"}}
-ELEM = {"cache": True, "fastmath": {"contract"}}
+SUM = {"cache": True, "fastmath": {"reassoc", "contract"}, "no_cfunc_wrapper": True}
+ELEM = {"cache": True, "fastmath": {"contract"}, "no_cfunc_wrapper": True}
 # A function compiled without flags of its own inherits its first caller's, and the disk
 # cache then keeps that version for every caller: so every function that is not
 # inlined states its flags. EXACT: no reassociation, no contraction.
-EXACT = {"cache": True, "fastmath": False}
+EXACT = {"cache": True, "fastmath": False, "no_cfunc_wrapper": True}
 PAR = {"parallel": True, **EXACT}
 # The overloads here compile once per signature, and LLVM inlines them (``forceinline``):
 # inlined by numba, each was typed again at every call site, a sixth of the compile time
 # of a first call. Their arithmetic has the flags of the elementwise rows that use it.
-INLINED = {"fastmath": {"contract"}, "forceinline": True}
+INLINED = {"fastmath": {"contract"}, "forceinline": True, "no_cfunc_wrapper": True}
 
 
 # --- the elementwise formulas (``_channel.normalize``, ``_channel.grad_input``) ---------
