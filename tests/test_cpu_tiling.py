@@ -25,6 +25,37 @@ if not ON_DEVICE:
     from numbabn._cpu import elementwise, pieces, plan, small, tuning
 
 
+if not ON_DEVICE:
+    from numba import njit
+
+    from numbabn._cpu import formulas
+
+    @njit
+    def _flat_and_write(a, i, v):
+        f = formulas.flat(a)
+        if f.size:
+            f[i] = v
+        return f
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 7), (4, 0), (1,)])
+def test_flat_views_the_array(shape, dtype):
+    """``formulas.flat`` (``llvm.flat_view``, the walks' flat rows):
+    the array's memory as 1-D, written through, and keeping the array alive."""
+    a = np.arange(int(np.prod(shape))).astype(dtype).reshape(shape)
+    want = a.reshape(-1).copy()
+    i = want.size // 2
+    if want.size:
+        want[i] = 9
+    f = _flat_and_write(a, i, 9)
+    assert f.shape == (a.size,) and f.dtype == a.dtype
+    np.testing.assert_array_equal(f, want)
+    np.testing.assert_array_equal(a.reshape(-1), want)
+    del a
+    np.testing.assert_array_equal(f.copy(), want)  # (the view holds the memory)
+
+
 @pytest.mark.parametrize(
     "c,l,columns",
     [(3, 1, 1026), (512, 1, 1535), (1, 1, 77), (7, 1, 7), (4, 1, 3), (5, 7, 100), (5, 7, 20),

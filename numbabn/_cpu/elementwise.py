@@ -166,7 +166,7 @@ def _mc_spans(streamed):
     def spans_task(t, g2, x2, tiled, h, w, wb, nchunk, y2):
         """Chunk ``t`` of :func:`mc_spans` (after its first ``h`` values)."""
         c_ = y2.shape[1]
-        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        gf, xf, yf = flat(g2), flat(x2), flat(y2)
         end = h + pieces.cut(t + 1, nchunk, yf.size - h)
         start = h + pieces.cut(t, nchunk, yf.size - h)
         if wb:
@@ -192,7 +192,7 @@ def _mc_spans(streamed):
         blocked, plain stores); streamed pieces start on vector boundaries of the output
         (the few values before the first are written first). ``l`` > 1: NCL planes as
         flat rows."""
-        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        gf, xf, yf = flat(g2), flat(x2), flat(y2)
         w = max(w, wb)
         tiled = pieces.tile(params, l, w + y2.shape[1] - 1)
         h = pieces.head(yf, streamed)
@@ -231,7 +231,7 @@ def band_task(task, nb, nrc, m, c_):
 def _band_task(t, g2, x2, params, l, nb, nrc, y2):
     """Band and run ``t`` of :func:`mc_bands`."""
     m, c_ = y2.shape
-    gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+    gf, xf, yf = flat(g2), flat(x2), flat(y2)
     r0, r1, c0, c1 = band_task(t, nb, nrc, m, c_)
     wp = c1 - c0
     k = columns(gf, pieces.band(params, l, c0, c1), 0, wp)
@@ -268,7 +268,7 @@ def _mc_lines(streamed):
     def lines_task(t, g2, x2, tiled, s, rows, full, nchunk, y2):
         """Chunk ``t`` of the shifted rows of :func:`mc_lines`."""
         c_ = y2.shape[1]
-        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        gf, xf, yf = flat(g2), flat(x2), flat(y2)
         per = llvm.LINE_BYTES // llvm.item_bytes(yf)
         k = columns(gf, tiled, 0, c_ + per)
         r0, r1 = pieces.rows(t, nchunk, full)
@@ -281,7 +281,7 @@ def _mc_lines(streamed):
         start on one (wrapping into the next row, constants tiled a line past the row);
         the values outside the shifted rows get plain stores."""
         m, c_ = y2.shape
-        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        gf, xf, yf = flat(g2), flat(x2), flat(y2)
         item = llvm.item_bytes(yf)
         s = llvm.line_blocks(yf)[0]
         per = llvm.LINE_BYTES // item
@@ -353,7 +353,7 @@ def _mc_planes(streamed):
     @njit(**ELEM)
     def planes_task(t, g2, x2, params, l, nchunk, y2):
         """Chunk ``t`` of :func:`mc_planes`."""
-        gf, xf, yf = flat(g2), flat(x2), y2.reshape(-1)
+        gf, xf, yf = flat(g2), flat(x2), flat(y2)
         i0, i1 = pieces.cut(t, nchunk, y2.size), pieces.cut(t + 1, nchunk, y2.size)
         _planes_inline(gf, xf, yf, params, l, i0, i1, streamed)
         if streamed:

@@ -170,8 +170,8 @@ def _consts(g, params, j):
 
 def cut(a, s):
     """A part of operand ``a`` (None and scalars as they are, tuples member by member):
-    by the length of index tuple ``s``, ``a.reshape(-1)``, ``a[r]``, ``a[i0:i1]`` or
-    ``a[n, c, i0:i1]``."""
+    by the length of index tuple ``s``, ``a.reshape(-1)`` (``llvm.flat_view``), ``a[r]``,
+    ``a[i0:i1]`` or ``a[n, c, i0:i1]``."""
 
 
 @overload(cut, jit_options=INLINED)
@@ -182,8 +182,11 @@ def _cut(a, s):
         return lambda a, s: (cut(a[0], s), cut(a[1], s))
     if isinstance(a, types.BaseTuple):
         return lambda a, s: (cut(a[0], s), cut(a[1], s), cut(a[2], s))
+    if len(s) == 0:
+        from .llvm import flat_view  # (llvm imports this module)
+
+        return lambda a, s: flat_view(a)
     return {
-        0: lambda a, s: a.reshape(-1),
         1: lambda a, s: a[s[0]],
         2: lambda a, s: a[s[0] : s[1]],
         4: lambda a, s: a[s[0], s[1], s[2] : s[3]],

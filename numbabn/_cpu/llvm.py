@@ -22,7 +22,9 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import make_array, populate_array
 
 from .._half import bf16_narrow_ir, bf16_widen_ir
 from . import formulas
@@ -89,6 +91,27 @@ def fma(typingctx, a, b, c):
         return fma_ir(builder, *args)
 
     return types.float64(types.float64, types.float64, types.float64), codegen
+
+
+@intrinsic
+def flat_view(typingctx, a):
+    """The 1-D view of C-contiguous array ``a``: ``a.reshape(-1)`` without numba's
+    reshape, whose shape check compiles a function of its own in every process (0.2 s
+    of a first call)."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+    flat_type = a.copy(ndim=1)
+
+    def codegen(context, builder, signature, args):
+        src = make_array(a)(context, builder, args[0])
+        view = make_array(flat_type)(context, builder)
+        populate_array(
+            view, data=src.data, shape=[src.nitems], strides=[src.itemsize],
+            itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent,
+        )
+        return impl_ret_borrowed(context, builder, flat_type, view._getvalue())
+
+    return flat_type(a), codegen
 
 
 @intrinsic
