@@ -51,6 +51,21 @@ def test_functions_not_inlined_state_their_fastmath_flags(module):
     assert not missing, f"no fastmath flags of their own: {missing}"
 
 
+@pytest.mark.parametrize(
+    "module", ["elementwise", "formulas", "fused", "llvm", "pieces", "reduce", "small", "tasks"]
+)
+def test_kernels_build_no_cfunc_wrapper(module):
+    """Nothing calls a kernel through a C function pointer (``tasks`` calls the native
+    function by address): numba's cfunc wrapper would only add compile time."""
+    found = _dispatchers(MODULES[module])
+    built = [
+        name for name, d in found.items()
+        if d.targetoptions.get("inline", "never") != "always"
+        and not d.targetoptions.get("no_cfunc_wrapper")
+    ]
+    assert not built, f"compile a cfunc wrapper: {built}"
+
+
 _FIRST_A_CONTRACTING_PASS = textwrap.dedent(
     """
     import numpy as np

@@ -10,7 +10,8 @@ bitwise the same results.
 
 Also the index helpers the njit traversals share with those loops: :func:`bounds` (the
 aligned whole-vector part of a row that a streamed loop may write; the caller writes the
-rest with plain stores and calls :func:`fence` once per task) and :func:`line_blocks`.
+rest with plain stores and calls :func:`fence` once per task) and :func:`line_blocks`;
+and :func:`flat_view`, the 1-D view of a C-contiguous array that their flat rows walk.
 
 Numba's on-disk cache keys a kernel on its own source file only: the test suite keys
 the cache on this package's sources (``tests/conftest.py``); by hand, delete

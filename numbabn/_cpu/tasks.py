@@ -150,13 +150,13 @@ def _call_entry(typingctx, entry, t, argp):
     return types.none(entry, t, argp), codegen
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=False, no_cfunc_wrapper=True)
 def _launcher(entry, argp, ntask):
     for t in prange(ntask):
         _call_entry(entry, np.int64(t), argp)
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, no_cfunc_wrapper=True)
 def _entry(t, argp, ref):
     _call_packed(t, argp, ref)
 
@@ -169,7 +169,7 @@ def run(go, ntask, args):
         raise TypeError("task arguments of other types than launch() was given")
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, no_cfunc_wrapper=True)
 def _each(go, ntask, *args):
     run(go, ntask, args)
 
