@@ -83,6 +83,15 @@ def torch_dtypes() -> dict:
     return _TORCH_DTYPES
 
 
+def of_torch(dtype) -> np.dtype | None:
+    """The NumPy dtype of PyTorch dtype ``dtype`` if numbabn takes it, else None;
+    ``torch.bfloat16`` imports ml_dtypes (such a tensor may be the first bfloat16 seen)."""
+    found = torch_dtypes().get(dtype)
+    if found is None and dtype is sys.modules["torch"].bfloat16 and bf16(load=True) is not None:
+        found = torch_dtypes().get(dtype)
+    return found
+
+
 def torch_dtype(dtype) -> Any:
     """The PyTorch dtype of a NumPy float dtype numbabn supports."""
     dtype = as_dtype(dtype)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._dtypes import bf16, is_bf16
+from ._dtypes import is_bf16, of_torch
 
 _DLPACK_CPU = 1  # kDLCPU
 
@@ -41,7 +41,7 @@ def tensor_numpy(t: Any) -> np.ndarray:
 
     if t.requires_grad:  # (detach costs a third of the call: only where numpy() needs it)
         t = t.detach()
-    if t.dtype is torch.bfloat16 and (bfloat16 := bf16(load=True)) is not None:
+    if t.dtype is torch.bfloat16 and (bfloat16 := of_torch(t.dtype)) is not None:
         return t.view(torch.int16).numpy().view(bfloat16)
     return t.numpy()
 

@@ -21,13 +21,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import sys
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _alias, _dtypes
-from ._dtypes import bf16
 
 HOST = "host"
 DEVICE = "device"
@@ -115,9 +113,7 @@ def _torch_info(a: Any) -> ArrayInfo | None:
     """The ArrayInfo of a CUDA PyTorch tensor of a float dtype numbabn knows, read from
     its attributes (a few times cheaper than building ``__cuda_array_interface__``,
     and it also serves tensors that require grad); None otherwise."""
-    dtype = _dtypes.torch_dtypes().get(a.dtype)
-    if dtype is None and a.dtype is sys.modules["torch"].bfloat16 and bf16(load=True):
-        dtype = _dtypes.torch_dtypes().get(a.dtype)
+    dtype = _dtypes.of_torch(a.dtype)
     if dtype is None or not a.is_cuda:
         return None
     item = dtype.itemsize

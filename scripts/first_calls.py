@@ -2,7 +2,7 @@
 statistics), an eval forward and a backward, in that order, each the first of its kind
 in a fresh process with a fresh, empty cache directory, for NCHW and channels-last
 32x64x56x56 float32 (or ``--shape``). With ``--rev``, the processes of this tree and of
-that commit alternate (its package taken from git, as ``paired_builds.py`` does), so
+that commit alternate (its package taken from git by ``paired_builds.extract``), so
 that both see the same phases of the machine. ``--top K`` also prints, per operation,
 the K compilations that took longest, each by its own time (its nested compilations
 taken out), from numba's compile events.
@@ -17,8 +17,9 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
+
+from paired_builds import extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,16 +75,6 @@ print(json.dumps(result))
 """
 
 
-def _base(rev: str) -> str:
-    """A directory holding the package at ``rev`` (to put first on PYTHONPATH)."""
-    root = tempfile.mkdtemp(prefix="numbabn-first-")
-    archive = os.path.join(root, "base.tar")
-    subprocess.run(["git", "archive", "-o", archive, rev, "numbabn"], check=True, cwd=ROOT)
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
-    return root
-
-
 def _measure(path: str, shape, channels_last: bool, top: int) -> dict:
     env = dict(os.environ, PYTHONPATH=path, NUMBA_CACHE_DIR=tempfile.mkdtemp(prefix="nb-cache-"))
     arg = json.dumps([list(shape), channels_last, top])
@@ -101,7 +92,7 @@ def main() -> None:
     p.add_argument("--shape", default="32,64,56,56", help="NCHW shape")
     args = p.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
-    builds = [("this", ROOT)] + ([(args.rev, _base(args.rev))] if args.rev else [])
+    builds = [("this", ROOT)] + ([(args.rev, extract(args.rev))] if args.rev else [])
     print("| build | layout | train | eval | backward | all three |")
     print("|---|---|---|---|---|---|")
     for _ in range(args.runs):

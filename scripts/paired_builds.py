@@ -30,13 +30,20 @@ from sweep_shapes import CASES
 MAIN = [((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1), ((8, 16, 8, 8), 1), ((2, 3, 4, 5), 1)]
 
 
-def _base(rev: str):
-    """The package at ``rev``, imported as ``numbabn_base``."""
+def extract(rev: str) -> str:
+    """A new directory holding the package at ``rev`` (``numbabn/`` in it)."""
     root = tempfile.mkdtemp(prefix="numbabn-base-")
     archive = os.path.join(root, "base.tar")
-    subprocess.run(["git", "archive", "-o", archive, rev, "numbabn"], check=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["git", "archive", "-o", archive, rev, "numbabn"], check=True, cwd=repo)
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")
+    return root
+
+
+def _base(rev: str):
+    """The package at ``rev``, imported as ``numbabn_base``."""
+    root = extract(rev)
     os.rename(os.path.join(root, "numbabn"), os.path.join(root, "numbabn_base"))
     sys.path.insert(0, root)
     import numbabn_base
